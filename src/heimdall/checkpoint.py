@@ -1,0 +1,192 @@
+"""Safe checkpoint save/load: safetensors, or ``torch.load(weights_only=True)`` and nothing else.
+
+The native format is one ``.safetensors`` file. Its header metadata holds
+``heimdall_config`` (the ModelConfig as JSON), ``training_run_id`` and ``heimdall_version``.
+Foreign ``.pt``/``.pth``/``.ckpt`` files are read with ``weights_only=True``; a pickle that
+needs code to unpickle is refused and never executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from heimdall.errors import CheckpointError
+from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig, load_exact
+
+TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
+_CHUNK = 8 * 1024 * 1024
+
+
+def heimdall_version() -> str:
+    try:
+        return version("heimdall")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def sha256_file(path: Path) -> str:
+    """Streamed sha256 of a file (never reads it whole)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A model rebuilt from a checkpoint, with where it came from."""
+
+    model: LocalizationNet
+    config: ModelConfig
+    path: Path
+    sha256: str
+    training_run_id: str | None
+
+
+def save_checkpoint(model: LocalizationNet, path: Path, training_run_id: str | None = None) -> str:
+    """Write ``model`` as one safetensors file (atomic rename); return its sha256."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint path must end in .safetensors, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "heimdall.localizationnet",
+        "heimdall_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "heimdall_version": heimdall_version(),
+        "training_run_id": training_run_id or "",
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def _unwrap(payload: Any, source: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Find the state dict inside a torch payload; accept the seed's and Lightning's layouts."""
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(payload).__name__}")
+    extra: dict[str, Any] = {}
+    if "model_state_dict" in payload:
+        state = payload["model_state_dict"]
+        extra = {k: v for k, v in payload.items() if k != "model_state_dict"}
+    elif "state_dict" in payload and isinstance(payload["state_dict"], Mapping):
+        state = payload["state_dict"]
+        extra = {k: v for k, v in payload.items() if k != "state_dict"}
+        if any(k.startswith("model.") for k in state):
+            state = {
+                k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")
+            }
+    else:
+        state = payload
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{source}: the state dict holds values that are not tensors")
+    return dict(state), extra
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Read tensors from a safetensors or torch file, safely."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                return {k: fh.get_tensor(k) for k in fh.keys()}, meta  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({exc}); the file may be truncated"
+            ) from exc
+    if path.suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or one of "
+            f"{', '.join(sorted(TORCH_SUFFIXES))}"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: the file needs arbitrary code to unpickle, which heimdall "
+            "never runs. Re-save the weights as a plain state dict or as safetensors."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({exc}); the file may be truncated"
+        ) from exc
+    return _unwrap(payload, path)
+
+
+def load_torchvision_weights(backbone: ConvNeXt, path: Path) -> None:
+    """Load a torchvision ``convnext_*`` ImageNet state-dict file into ``backbone``.
+
+    The ImageNet classifier (``classifier.2``) is dropped; every other key must match.
+    """
+    state = read_state_dict(Path(path))
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.2.")}
+    load_exact(backbone, state, source=str(path))
+
+
+def infer_backbone(state: Mapping[str, Tensor]) -> str:
+    """Name the ConvNeXt size whose widths and depths match the state dict."""
+    stem = state.get("backbone.features.0.0.weight")
+    if stem is None:
+        raise CheckpointError("cannot tell the backbone: backbone.features.0.0.weight is missing")
+    depths = tuple(
+        len({k.split(".")[3] for k in state if k.startswith(f"backbone.features.{2 * i + 1}.")})
+        for i in range(4)
+    )
+    for name, (widths, sizes) in BACKBONES.items():
+        if widths[0] == stem.shape[0] and sizes == depths:
+            return name
+    raise CheckpointError(f"no ConvNeXt size has stem width {stem.shape[0]} and depths {depths}")
+
+
+def _config_from(meta: Mapping[str, Any], state: Mapping[str, Tensor], path: Path) -> ModelConfig:
+    raw = meta.get("heimdall_config") or meta.get("config")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: model config is not valid JSON ({exc})") from exc
+    if isinstance(raw, Mapping):
+        return ModelConfig.from_dict(dict(raw))
+    return ModelConfig(backbone=infer_backbone(state))
+
+
+def load_checkpoint(path: Path, config: ModelConfig | None = None) -> LoadedCheckpoint:
+    """Rebuild a LocalizationNet (eval mode) from a checkpoint file.
+
+    ``config`` overrides what the file says; without either, the backbone size is inferred
+    from tensor shapes and the defaults apply.
+    """
+    path = Path(path)
+    state, meta = _read(path)
+    config = config or _config_from(meta, state, path)
+    model = LocalizationNet(config)
+    load_exact(model, state, source=str(path))
+    model.eval()
+    run_id = meta.get("training_run_id") or meta.get("run_id") or None
+    return LoadedCheckpoint(
+        model=model,
+        config=config,
+        path=path,
+        sha256=sha256_file(path),
+        training_run_id=str(run_id) if run_id else None,
+    )

@@ -1,0 +1,292 @@
+"""Typer command line: parse arguments, call one library function, print the result."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from heimdall.config import Settings, configure_logging, load_settings, redact_uri
+from heimdall.errors import HeimdallError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(stderr=True)
+out = Console()
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    data_dir: Path | None = typer.Option(
+        None, help="Embedded store directory [env HEIMDALL_DATA_DIR]."
+    ),
+    log_level: str = typer.Option("WARNING", help="DEBUG, INFO, WARNING or ERROR."),
+    log_json: bool = typer.Option(False, "--log-json", help="Logs as JSON lines on stderr."),
+) -> None:
+    settings = load_settings(data_dir=data_dir)
+    configure_logging(log_level, json=log_json, secrets=settings.secret_values())
+    ctx.obj = settings
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if hasattr(value, "to_dict"):
+        return _plain(value.to_dict())
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def emit(result: Any, as_json: bool, title: str) -> None:
+    """Print a result: JSON on stdout for programs, a key/value table for people."""
+    data = _plain(result)
+    if as_json:
+        out.print_json(json.dumps(data, default=str))
+        return
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in data.items() if isinstance(data, dict) else [("result", data)]:
+        shown = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+        table.add_row(key, shown)
+    out.print(table)
+
+
+@contextmanager
+def errors(as_json: bool) -> Iterator[None]:
+    """Turn HeimdallErrors into a clear message and exit code 1, never a traceback."""
+    try:
+        yield
+    except HeimdallError as exc:
+        message = redact_uri(str(exc))
+        if as_json:
+            out.print_json(json.dumps({"error": type(exc).__name__, "message": message}))
+        else:
+            console.print(f"[red]error[/red] ({type(exc).__name__}): {message}")
+        raise typer.Exit(1) from None
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    output: Path = typer.Option(None, "-o", "--output", help="Checkpoint path (.safetensors)."),
+    backbone: str = typer.Option("atto", help="ConvNeXt size: atto, femto, pico, nano, tiny, …"),
+    epochs: int = typer.Option(None, help="Training epochs."),
+    samples: int = typer.Option(None, help="Synthetic training samples."),
+    seed: int = typer.Option(0),
+    backbone_weights: Path = typer.Option(
+        None,
+        help="torchvision convnext_* ImageNet state-dict file to start from (never downloaded).",
+    ),
+    publish_after: bool = typer.Option(
+        False, "--publish", help="Publish the checkpoint after training."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train LocalizationNet on synthetic RF data and save the best checkpoint."""
+    from heimdall.train import TrainConfig
+    from heimdall.train import train as run_training
+
+    settings = _settings(ctx)
+    overrides = {
+        k: v for k, v in {"epochs": epochs, "train_samples": samples}.items() if v is not None
+    }
+    output = (
+        output
+        or settings.resolved_data_dir / "checkpoints" / f"localization-{backbone}.safetensors"
+    )
+    with errors(as_json):
+        config = TrainConfig(
+            backbone=backbone, seed=seed, backbone_weights=backbone_weights, **overrides
+        )
+        with progress_bar() as bar:
+            task = bar.add_task("training", total=config.epochs, info="")
+
+            def on_epoch(epoch: int, total: int, loss: float, km: float) -> None:
+                bar.update(task, completed=epoch, info=f"loss {loss:.3f}  val median {km:.1f} km")
+
+            result = run_training(
+                config,
+                output,
+                tracking_uri=settings.resolved_tracking_uri,
+                experiment_name=settings.experiment_name,
+                progress=on_epoch,
+            )
+        emit(result, as_json, "training")
+        if publish_after:
+            _publish(ctx, result.checkpoint, as_json=as_json)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .ckpt)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Target .onnx path."),
+    opset: int = typer.Option(None, help="ONNX opset (default chosen by measurement)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export a checkpoint to ONNX (atomic, deterministic, provenance in the file)."""
+    from heimdall.export import export_checkpoint
+
+    with errors(as_json):
+        options = {"opset_version": opset} if opset is not None else {}
+        emit(export_checkpoint(checkpoint, output, **options), as_json, "export")
+
+
+@app.command()
+def validate(model: Path = typer.Argument(..., help="ONNX file."), as_json: bool = JsonOpt) -> None:
+    """Check an ONNX file: checker, IO contract, symbolic batch axis, external data."""
+    from heimdall.validate import validate_onnx_model
+
+    with errors(as_json):
+        emit(validate_onnx_model(model), as_json, "validation")
+
+
+def parity_table(result: dict[str, Any]) -> Table:
+    table = Table(title="parity PyTorch vs ONNX Runtime")
+    for col in ("output", "batch", "max abs", "max rel", "MAE", "worst input"):
+        table.add_column(col)
+    for d in result["diffs"]:
+        table.add_row(
+            d["output"],
+            str(d["batch_size"]),
+            f"{d['max_abs']:.2e}",
+            f"{d['max_rel']:.2e}",
+            f"{d['mae']:.2e}",
+            d["worst_input"],
+        )
+    return table
+
+
+@app.command()
+def verify(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    checkpoint: Path = typer.Option(..., help="The checkpoint it was exported from."),
+    batch_sizes: str = typer.Option("1,2,3,8,64", help="Comma-separated batch sizes."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Compare ONNX Runtime with PyTorch; exit 1 when a gate fails."""
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.verify import verify_parity
+
+    with errors(as_json):
+        sizes = _int_list(batch_sizes)
+        result = verify_parity(model, load_checkpoint(checkpoint).model, sizes)
+        data = _plain(result)
+        if as_json:
+            emit(data, True, "parity")
+            return
+        out.print(parity_table(data))
+        task = data["task"]
+        if task:
+            out.print(
+                f"held-out task check: mean distance {task['mean_distance_m']:.3g} m, "
+                f"median error change {task['median_error_change_km']:+.3g} km"
+            )
+        out.print("[green]parity passed[/green]")
+
+
+def _int_list(text: str) -> list[int]:
+    from heimdall.errors import InputError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def upload(
+    ctx: typer.Context,
+    model: Path = typer.Argument(..., help="ONNX file (its .data sidecar goes with it)."),
+    bucket: str = typer.Option(None, help="Bucket [env HEIMDALL_BUCKET, default heimdall-models]."),
+    key: str = typer.Option(
+        None, help="Object key (default models/localization/v<UTC time>.onnx)."
+    ),
+    create_bucket: bool = typer.Option(False, "--create-bucket", help="Create a missing bucket."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Upload an ONNX model to the object store, verified by reading it back."""
+    from heimdall.storage import open_store, upload_model
+
+    settings = _settings(ctx)
+    with errors(as_json), progress_bar() as bar:
+        task = bar.add_task("uploading", total=None, info="")
+
+        def on_bytes(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, info=f"{done / 2**20:.1f} MiB")
+
+        result = upload_model(
+            model,
+            open_store(settings),
+            bucket or settings.bucket,
+            key,
+            create_bucket=create_bucket,
+            progress=on_bytes,
+        )
+    emit(result, as_json, "upload")
+
+
+@app.command()
+def predict(
+    ctx: typer.Context,
+    model_uri: str = typer.Argument(..., help="models:/NAME@alias, s3://…, file:// or a path."),
+    features: Path = typer.Argument(..., help=".npy array of shape (B, 3, 128, 32) float32."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Predict positions and uncertainties for a saved feature batch."""
+    from heimdall.inference import predict_file
+
+    with errors(as_json):
+        result = predict_file(model_uri, features, settings=_settings(ctx))
+        data = _plain(result)
+        if as_json:
+            emit(data, True, "prediction")
+            return
+        table = Table(title=f"predictions ({model_uri})")
+        for col in ("#", "lat", "lon", "σx", "σy"):
+            table.add_column(col)
+        for i, (pos, unc) in enumerate(zip(data["positions"], data["uncertainties"], strict=True)):
+            table.add_row(
+                str(i), f"{pos[0]:.4f}", f"{pos[1]:.4f}", f"{unc[0]:.3f}", f"{unc[1]:.3f}"
+            )
+        out.print(table)
+
+
+def _publish(ctx: typer.Context, checkpoint: Path, as_json: bool, **options: Any) -> None:
+    raise NotImplementedError  # replaced when the pipeline lands
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,196 @@
+"""Settings from the environment (the only module that reads it) and logging set-up.
+
+Environment names follow the original design: ``MLFLOW_TRACKING_URI``,
+``MLFLOW_S3_ENDPOINT_URL``, ``MLFLOW_S3_ACCESS_KEY_ID``, ``MLFLOW_S3_SECRET_ACCESS_KEY``,
+``MLFLOW_EXPERIMENT_NAME``, the standard ``AWS_*`` names as fallbacks, and ``HEIMDALL_*``
+for our own. With nothing set, everything lives under one local data directory:
+a SQLite MLflow store and a directory-backed object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BUCKET = "heimdall-models"
+DEFAULT_MODEL_NAME = "heimdall-localization-onnx"
+DEFAULT_EXPERIMENT = "heimdall-localization"
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
+
+
+def redact_uri(uri: str) -> str:
+    """Drop any ``user:password@`` part of a URI so it can be logged or shown."""
+    return _USERINFO.sub(r"\g<scheme>***@", uri)
+
+
+class Settings(BaseSettings):
+    """Everything heimdall reads from the environment, with embedded defaults."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(
+        default=Path(".heimdall"), validation_alias=AliasChoices("HEIMDALL_DATA_DIR")
+    )
+    tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
+    )
+    registry_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_REGISTRY_URI")
+    )
+    experiment_name: str = Field(
+        default=DEFAULT_EXPERIMENT, validation_alias=AliasChoices("MLFLOW_EXPERIMENT_NAME")
+    )
+    artifact_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_ARTIFACT_URI")
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HEIMDALL_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
+    )
+    s3_access_key_id: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    )
+    s3_region: str = Field(
+        default="us-east-1", validation_alias=AliasChoices("HEIMDALL_S3_REGION", "AWS_REGION")
+    )
+    bucket: str = Field(default=DEFAULT_BUCKET, validation_alias=AliasChoices("HEIMDALL_BUCKET"))
+    model_name: str = Field(
+        default=DEFAULT_MODEL_NAME, validation_alias=AliasChoices("HEIMDALL_MODEL_NAME")
+    )
+    log_level: str = Field(default="INFO", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
+    log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{self.resolved_data_dir / 'mlflow.db'}"
+
+    @property
+    def resolved_artifact_uri(self) -> str:
+        if self.artifact_uri:
+            return self.artifact_uri
+        return (self.resolved_data_dir / "mlartifacts").as_uri()
+
+    @property
+    def uses_s3(self) -> bool:
+        return self.s3_endpoint_url is not None
+
+    @property
+    def object_store_uri(self) -> str:
+        """Where model bytes go: ``s3://bucket`` with an endpoint, else a local directory."""
+        if self.uses_s3:
+            return f"s3://{self.bucket}"
+        return (self.resolved_data_dir / "objects" / self.bucket).as_uri()
+
+    def secret_values(self) -> list[str]:
+        """Secret strings that must never appear in any output."""
+        values = [s.get_secret_value() for s in (self.s3_secret_access_key,) if s is not None]
+        for uri in (self.tracking_uri, self.registry_uri):
+            match = re.match(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^/@\s:]*:([^/@\s]+)@", uri or "")
+            if match:
+                values.append(match.group(1))
+        return [v for v in values if v]
+
+    def mlflow_s3_env(self) -> dict[str, str]:
+        """Environment MLflow's own S3 client needs to read and write ``s3://`` artifacts."""
+        env: dict[str, str] = {}
+        if self.s3_endpoint_url:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        if self.s3_access_key_id is not None:
+            env["AWS_ACCESS_KEY_ID"] = self.s3_access_key_id.get_secret_value()
+        if self.s3_secret_access_key is not None:
+            env["AWS_SECRET_ACCESS_KEY"] = self.s3_secret_access_key.get_secret_value()
+        if self.uses_s3:
+            env["AWS_DEFAULT_REGION"] = self.s3_region
+        return env
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; keyword arguments win over it."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _scrubber(secrets: Iterable[str]) -> Any:
+    hidden = [s for s in secrets if s]
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            value = redact_uri(value)
+            for secret in hidden:
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, Mapping):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(scrub(v) for v in value)
+        return value
+
+    return scrub
+
+
+class _ScrubFilter(logging.Filter):
+    """Scrub secrets from stdlib log records (MLflow, boto and friends log through it)."""
+
+    def __init__(self, scrub: Any) -> None:
+        super().__init__()
+        self.scrub = scrub
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.scrub(record.getMessage())
+        record.args = None
+        return True
+
+
+def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
+    """Set up structlog: console or JSON lines on stderr, secrets and URI passwords scrubbed."""
+    scrub = _scrubber(secrets)
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
+    # MLflow and alembic log their own INFO chatter through stdlib logging; keep it to warnings
+    # unless the user asked for DEBUG.
+    for name in ("mlflow", "alembic", "botocore", "urllib3"):
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
+        )
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.filters = [f for f in handler.filters if not isinstance(f, _ScrubFilter)]
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    for handler in root.handlers:
+        handler.addFilter(_ScrubFilter(scrub))
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            lambda _, __, event_dict: {k: scrub(v) for k, v in event_dict.items()},
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,39 @@
+"""One error hierarchy: every failure a user can meet is a HeimdallError subclass."""
+
+from __future__ import annotations
+
+
+class HeimdallError(Exception):
+    """Base class for all errors raised by heimdall."""
+
+
+class ConfigError(HeimdallError):
+    """Settings are missing or inconsistent."""
+
+
+class InputError(HeimdallError, ValueError):
+    """An argument or an input array does not match what the function expects."""
+
+
+class CheckpointError(HeimdallError):
+    """A checkpoint cannot be read, is unsafe, or does not fit the model."""
+
+
+class ExportError(HeimdallError):
+    """PyTorch → ONNX export failed."""
+
+
+class ValidationError(HeimdallError):
+    """An ONNX file is malformed or does not match LocalizationNet's contract."""
+
+
+class VerificationError(HeimdallError):
+    """ONNX outputs disagree with PyTorch beyond the configured gates."""
+
+
+class StorageError(HeimdallError):
+    """The object store refused, lost or altered an object."""
+
+
+class RegistryError(HeimdallError):
+    """The MLflow tracking server or model registry failed."""

@@ -1,0 +1,230 @@
+"""Load a published LocalizationNet by URI and predict positions with onnxruntime.
+
+``LocalizationModel.load`` accepts ``models:/NAME@alias`` or ``models:/NAME/VERSION`` (resolved
+through the MLflow registry), an ``s3://`` or ``file://`` URI, or a local path; each may name an
+``.onnx`` file or an MLflow model directory (the one holding ``MLmodel`` and ``model.onnx``).
+Registered bytes are checked against the version's ``sha256`` tag before a session is built.
+
+Inputs must be ``(B, 3, 128, 32)``, finite and floating point. float32 is used as is; other
+floating dtypes (float64 is what numpy and JSON give by default) are converted to float32, the
+same cast MLflow's ONNX flavor applies. Integer, boolean or object arrays are refused.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from heimdall import registry
+from heimdall.checkpoint import sha256_file
+from heimdall.config import Settings, load_settings, redact_uri
+from heimdall.errors import InputError, RegistryError
+from heimdall.model import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
+from heimdall.storage import download_model, open_store
+
+log = structlog.get_logger(__name__)
+
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Positions ``(B, 2)`` as [lat, lon] in degrees and uncertainties ``(B, 2)`` as [σx, σy]."""
+
+    positions: np.ndarray
+    uncertainties: np.ndarray
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "positions": self.positions.tolist(),
+            "uncertainties": self.uncertainties.tolist(),
+        }
+
+
+def check_features(features: object) -> np.ndarray:
+    """Return ``features`` as a float32 ``(B, 3, 128, 32)`` array or raise InputError."""
+    expected = f"expected a float array of shape (B, {', '.join(map(str, INPUT_SHAPE))})"
+    if not isinstance(features, np.ndarray):
+        raise InputError(f"{expected}, got {type(features).__name__}")
+    if features.ndim != 4 or tuple(features.shape[1:]) != INPUT_SHAPE:
+        hint = "; add a batch axis with x[None]" if tuple(features.shape) == INPUT_SHAPE else ""
+        raise InputError(f"{expected}, got shape {tuple(features.shape)}{hint}")
+    if features.shape[0] == 0:
+        raise InputError(f"{expected}, got an empty batch")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise InputError(f"{expected}, got dtype {features.dtype}")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        array = np.ascontiguousarray(features, dtype=np.float32)
+    if not np.isfinite(array).all():
+        bad = np.unique(np.argwhere(~np.isfinite(array))[:, 0])
+        raise InputError(
+            f"features hold NaN or infinite values (or values beyond float32's range) in "
+            f"sample(s) {bad[:10].tolist()}{' …' if len(bad) > 10 else ''}"
+        )
+    return array
+
+
+def select_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Requested providers this onnxruntime build offers, with CPU always last as the fallback."""
+    available = set(ort.get_available_providers())
+    wanted = list(requested or [CPU])
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        log.warning("inference.providers_unavailable", missing=missing, available=sorted(available))
+    chosen = [p for p in wanted if p in available and p != CPU]
+    return [*chosen, CPU]
+
+
+class LocalizationModel:
+    """An onnxruntime session over a published LocalizationNet, with input checks."""
+
+    def __init__(
+        self, session: ort.InferenceSession, *, uri: str, sha256: str, version: str | None = None
+    ) -> None:
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != ([INPUT_NAME], list(OUTPUT_NAMES)):
+            raise InputError(
+                f"{redact_uri(uri)} is not a LocalizationNet export: its IO is "
+                f"{names[0]} → {names[1]}, expected [{INPUT_NAME!r}] → {list(OUTPUT_NAMES)}"
+            )
+        self.session = session
+        self.uri = uri
+        self.sha256 = sha256
+        self.version = version
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    @classmethod
+    def load(
+        cls,
+        uri: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        settings: Settings | None = None,
+    ) -> LocalizationModel:
+        """Fetch the ONNX bytes ``uri`` names, check them, and open a session (CPU by default).
+
+        ``providers=["CUDAExecutionProvider"]`` uses CUDA where this onnxruntime build has it
+        and falls back to CPU (with a warning) where it does not.
+        """
+        settings = settings or load_settings()
+        text = str(uri)
+        with tempfile.TemporaryDirectory(prefix="heimdall-load-") as tmp:
+            local, expected, version = _fetch(text, Path(tmp), settings)
+            sha256 = sha256_file(local)
+            if expected is not None and sha256 != expected:
+                raise RegistryError(
+                    f"{redact_uri(text)}: the stored model has sha256 {sha256} but {expected} "
+                    "was recorded for it; the bytes were altered after registration or upload. "
+                    "Do not serve it; register the model again."
+                )
+            chosen = select_providers(providers)
+            try:
+                session = ort.InferenceSession(str(local), providers=chosen)
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise InputError(
+                    f"{redact_uri(text)}: onnxruntime cannot load the model ({exc})"
+                ) from exc
+        model = cls(session, uri=text, sha256=sha256, version=version)
+        log.info(
+            "inference.model_loaded",
+            uri=redact_uri(text),
+            sha256=sha256,
+            version=version,
+            providers=model.providers,
+        )
+        return model
+
+    def predict(self, features: np.ndarray) -> Prediction:
+        """Positions and uncertainties for a ``(B, 3, 128, 32)`` batch."""
+        array = check_features(features)
+        positions, uncertainties = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+        return Prediction(positions=np.asarray(positions), uncertainties=np.asarray(uncertainties))
+
+
+def load_features(path: Path | str) -> np.ndarray:
+    """Read a ``.npy`` file of features without executing pickled objects; check its shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"features file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(
+            f"{path}: not a readable .npy array ({exc}); save features with numpy.save"
+        ) from exc
+    try:
+        return check_features(array)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def predict_file(
+    model_uri: str,
+    features_path: Path | str,
+    *,
+    providers: Sequence[str] | None = None,
+    settings: Settings | None = None,
+) -> Prediction:
+    """Load ``model_uri`` and predict on the features saved in ``features_path`` (``.npy``)."""
+    features = load_features(features_path)
+    return LocalizationModel.load(model_uri, providers=providers, settings=settings).predict(
+        features
+    )
+
+
+def _fetch(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | None, str | None]:
+    """A local ``.onnx`` for ``uri``, the sha256 its bytes must have (if known), its version."""
+    if uri.startswith("models:/"):
+        version = registry.resolve_model_uri(uri, settings=settings)
+        local, _ = _local_model(version.source, tmp, settings)
+        return local, version.sha256, version.version
+    local, recorded = _local_model(uri, tmp, settings)
+    return local, recorded, None
+
+
+def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | None]:
+    """A local ``.onnx`` for a path, ``file://`` or ``s3://`` URI of a file or an MLflow model
+    directory, and the sha256 the store recorded for it when it has not been checked yet."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
+        path = path / registry.MODEL_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise InputError(f"no ONNX model at {uri}")
+        return path, None
+    if parsed.scheme != "s3":
+        raise InputError(
+            f"cannot load {redact_uri(uri)!r}: use models:/NAME@alias, models:/NAME/VERSION, "
+            "an s3:// or file:// URI, or a local path"
+        )
+    store = open_store(settings)
+    bucket, key = store.locate(uri)
+    if store.head(bucket, key) is not None:
+        return download_model(store, uri, tmp), None  # checked against its recorded sha256
+    key = f"{key.rstrip('/')}/{registry.MODEL_FILE}"
+    info = store.head(bucket, key)
+    if info is None:
+        raise InputError(
+            f"no ONNX model at {redact_uri(uri)} (neither an object nor a model directory)"
+        )
+    folder = key.rpartition("/")[0]
+    for name in registry.external_data(info.metadata).values():
+        data = store.get(bucket, f"{folder}/{name}", tmp / name)
+        recorded = store.head(bucket, f"{folder}/{name}")
+        expected = recorded.metadata.get("sha256") if recorded is not None else None
+        if expected is not None and sha256_file(data) != expected:
+            raise RegistryError(
+                f"{store.uri(bucket, f'{folder}/{name}')} does not match its recorded sha256 "
+                f"{expected}; the stored bytes were altered"
+            )
+    return store.get(bucket, key, tmp / registry.MODEL_FILE), info.metadata.get("sha256")

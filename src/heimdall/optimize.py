@@ -1,0 +1,522 @@
+"""Faster variants of an exported LocalizationNet, and the ONNX Runtime settings that run it best.
+
+Variants are new ONNX files next to the fp32 export, float32 IO kept, each gated against the
+PyTorch model by ``verify.verify_parity`` before anyone may publish it:
+
+- ``int8``: static QDQ quantization (uint8 activations, int8 per-channel weights) calibrated
+  on synthetic RF samples from ``heimdall.data.generate``.
+- ``fp16``: weights and activations in float16, for GPUs; the ops that compute the outputs
+  from the head's last Gemm stay float32 so degrees are not rounded to fp16's 0.03° step.
+
+``RECOMMENDED_SESSION_SETTINGS`` is what ``benchmarks/bench_inference.py --tune`` measured best
+on the reference machine; loaders should build their sessions with ``session_options()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import onnxruntime as ort
+import structlog
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from heimdall.checkpoint import sha256_file
+from heimdall.data import generate
+from heimdall.errors import ExportError, InputError
+from heimdall.model import INPUT_NAME, LocalizationNet
+from heimdall.verify import Gates, ParityResult, verify_parity
+
+log = structlog.get_logger(__name__)
+
+OptimizationLevel = Literal["disable", "basic", "extended", "all"]
+Variant = Literal["int8", "fp16"]
+VARIANTS: tuple[Variant, ...] = ("int8", "fp16")
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Preferred order when present; CPU is always the fallback.
+PROVIDER_PREFERENCE = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CPUExecutionProvider",
+)
+METADATA_KEY_SESSION = "heimdall.ort_session"
+METADATA_KEY_VARIANT = "heimdall.variant"
+METADATA_KEY_SOURCE = "heimdall.variant_source_sha256"
+METADATA_KEY_RECIPE = "heimdall.variant_recipe"
+# Not train.py's seeds (seed, seed + 1_000_003) nor verify's held-out seed: calibration data
+# must not be the data the gate judges the variant on.
+CALIBRATION_SEED = 2_000_029
+DEFAULT_CALIBRATION = 256
+_CALIBRATION_BATCH = 16
+# Ops whose fp32 → fp16 conversion would round the outputs (positions are ~45° where fp16's
+# step is 0.03°, i.e. kilometres): kept float32 when they sit between the head and an output.
+_OUTPUT_TAIL_OPS = {"Add", "Mul", "Sub", "Div", "Clip", "Softplus", "Where", "Greater"}
+# The held-out set a variant is judged on. On 256 samples the median error of a trained atto
+# moved +1.2 % for fp16 and +2.3 % for an int8 variant that moves it +0.1 % on 2048 samples:
+# the median of a few hundred samples is too noisy for a 2 % gate (benchmarks/README.md).
+VARIANT_TASK_SAMPLES = 2048
+# Localization error may grow at most 2 % (issue 7); elementwise parity is reported, not gated.
+VARIANT_GATES = Gates(
+    mae=None, max_abs=None, max_rel=None, mean_distance_m=None, median_error_increase_rel=0.02
+)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """ONNX Runtime session options as data: JSON-able, storable in ONNX metadata.
+
+    ``intra_op_threads=0`` lets ONNX Runtime use one thread per physical core.
+    ``allow_spinning`` lets idle workers busy-wait for the next op of a run;
+    ``stop_spinning_after_run`` (``session.force_spinning_stop``) puts them to sleep when the
+    run ends: without it, one worker per thread keeps a core busy between runs.
+    """
+
+    graph_optimization_level: OptimizationLevel = "all"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    parallel_execution: bool = False
+    allow_spinning: bool = True
+    stop_spinning_after_run: bool = True
+    enable_mem_pattern: bool = True
+    enable_cpu_mem_arena: bool = True
+    denormal_as_zero: bool = False
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization_level not in _LEVELS:
+            raise InputError(
+                f"unknown graph optimization level {self.graph_optimization_level!r}; "
+                f"choose one of {', '.join(_LEVELS)}"
+            )
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise InputError("thread counts must be >= 0 (0 means ONNX Runtime's default)")
+
+    def to_session_options(self, threads: int | None = None) -> ort.SessionOptions:
+        """A fresh ``ort.SessionOptions``; ``threads`` overrides ``intra_op_threads``."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _LEVELS[self.graph_optimization_level]
+        options.intra_op_num_threads = self.intra_op_threads if threads is None else threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL
+            if self.parallel_execution
+            else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        options.enable_mem_pattern = self.enable_mem_pattern
+        options.enable_cpu_mem_arena = self.enable_cpu_mem_arena
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
+        )
+        options.add_session_config_entry(
+            "session.inter_op.allow_spinning", "1" if self.allow_spinning else "0"
+        )
+        options.add_session_config_entry(
+            "session.force_spinning_stop", "1" if self.stop_spinning_after_run else "0"
+        )
+        options.add_session_config_entry(
+            "session.set_denormal_as_zero", "1" if self.denormal_as_zero else "0"
+        )
+        return options
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {METADATA_KEY_SESSION: json.dumps(self.to_dict(), sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str]) -> SessionSettings | None:
+        """The settings stored in an ONNX file's ``metadata_props``, or None when absent."""
+        raw = props.get(METADATA_KEY_SESSION)
+        if raw is None:
+            return None
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise InputError(
+                f"{METADATA_KEY_SESSION} metadata is not valid settings: {exc}"
+            ) from exc
+
+
+# Measured with benchmarks/bench_inference.py --tune (tiny, fp32, batch 1, 2-core AMD EPYC;
+# latency relative to this, see benchmarks/README.md): "extended" 1.5-1.9× and "basic"
+# 1.6-2.0× (no NCHWc kernels for the 7×7 depthwise convs); no spinning 1.2-1.4×; parallel
+# execution 2.0-2.2× (the graph is a chain); memory pattern, arena, denormals as zero and
+# spinning between runs within noise. Stopping the spin after a run frees the core a worker
+# would keep busy for ~40 ms after every request.
+RECOMMENDED_SESSION_SETTINGS = SessionSettings()
+
+# The candidates --tune measures; each differs from the recommendation in one setting
+# (parallel execution comes with the inter-op threads it needs).
+SESSION_CANDIDATES: dict[str, SessionSettings] = {
+    "recommended": RECOMMENDED_SESSION_SETTINGS,
+    "extended": dataclasses.replace(
+        RECOMMENDED_SESSION_SETTINGS, graph_optimization_level="extended"
+    ),
+    "basic": dataclasses.replace(RECOMMENDED_SESSION_SETTINGS, graph_optimization_level="basic"),
+    "no-spinning": dataclasses.replace(RECOMMENDED_SESSION_SETTINGS, allow_spinning=False),
+    "spin-between-runs": dataclasses.replace(
+        RECOMMENDED_SESSION_SETTINGS, stop_spinning_after_run=False
+    ),
+    "no-mem-pattern": dataclasses.replace(RECOMMENDED_SESSION_SETTINGS, enable_mem_pattern=False),
+    "no-arena": dataclasses.replace(RECOMMENDED_SESSION_SETTINGS, enable_cpu_mem_arena=False),
+    "parallel": dataclasses.replace(
+        RECOMMENDED_SESSION_SETTINGS, parallel_execution=True, inter_op_threads=2
+    ),
+    "denormal-as-zero": dataclasses.replace(RECOMMENDED_SESSION_SETTINGS, denormal_as_zero=True),
+}
+
+
+def session_options(
+    threads: int | None = None, settings: SessionSettings = RECOMMENDED_SESSION_SETTINGS
+) -> ort.SessionOptions:
+    """Session options to serve LocalizationNet with (the measured recommendation by default)."""
+    return settings.to_session_options(threads=threads)
+
+
+def preferred_providers(available: Sequence[str] | None = None) -> list[str]:
+    """Installed execution providers in preference order: TensorRT, CUDA, OpenVINO, then CPU."""
+    present = set(ort.get_available_providers() if available is None else available)
+    return [p for p in PROVIDER_PREFERENCE if p in present or p == "CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """A variant file and whether it passed its gates; a failed variant must not be published."""
+
+    variant: str
+    path: Path
+    source: Path
+    passed: bool
+    reason: str
+    sha256: str
+    size_bytes: int
+    seconds: float
+    recipe: dict[str, object]
+    parity: ParityResult | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "variant": self.variant,
+            "path": str(self.path),
+            "source": str(self.source),
+            "passed": self.passed,
+            "reason": self.reason,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "seconds": self.seconds,
+            "recipe": self.recipe,
+            "parity": self.parity.to_dict() if self.parity else None,
+        }
+
+
+class _RFCalibration(CalibrationDataReader):  # type: ignore[misc]
+    """Synthetic RF feature batches for the calibrator, generated once and replayed."""
+
+    def __init__(self, samples: int, seed: int) -> None:
+        features, _ = generate(samples, seed=seed)
+        self._batches = [
+            features[i : i + _CALIBRATION_BATCH] for i in range(0, samples, _CALIBRATION_BATCH)
+        ]
+        self._iter: Iterator[object] = iter(self._batches)
+
+    def get_next(self) -> dict[str, object] | None:
+        batch = next(self._iter, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+
+def quantize_int8(
+    onnx_path: Path | str,
+    output_path: Path | str,
+    *,
+    calibration: int = DEFAULT_CALIBRATION,
+    seed: int = CALIBRATION_SEED,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    scope: Literal["blocks", "all"] = "blocks",
+    method: Literal["minmax", "percentile", "entropy"] = "minmax",
+) -> Path:
+    """Write a static QDQ int8 copy of ``onnx_path`` calibrated on ``calibration`` RF samples.
+
+    Activations are uint8 and weights int8, the combination ONNX Runtime's x86 kernels run
+    fastest; ``reduce_range`` (7-bit weights) avoids the ``vpmaddubsw`` saturation of CPUs
+    without VNNI at some accuracy cost. ``scope="blocks"`` quantizes the ConvNeXt blocks only
+    (depthwise convs and the MLP MatMuls: almost all FLOPs and weights) and keeps the stem,
+    downsampling convs and heads float32, which measurably protects accuracy (see
+    benchmarks/README.md); ``"all"`` quantizes every Conv, MatMul and Gemm.
+    """
+    source, output = _paths(onnx_path, output_path)
+    if calibration < 1:
+        raise InputError(f"calibration needs at least 1 sample, got {calibration}")
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if method not in methods:
+        raise InputError(f"unknown calibration method {method!r}; choose one of {list(methods)}")
+    if scope not in ("blocks", "all"):
+        raise InputError(f"unknown quantization scope {scope!r}; choose 'blocks' or 'all'")
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        staged = Path(tmp) / output.name
+        try:
+            quant_pre_process(str(source), str(prepared))
+            nodes = _quantizable(onnx.load(str(prepared)).graph, scope)
+            quantize_static(
+                str(prepared),
+                str(staged),
+                _RFCalibration(calibration, seed),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=sorted({op for op, _ in nodes}),
+                nodes_to_quantize=[name for _, name in nodes],
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+            )
+        except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+            raise ExportError(f"int8 quantization of {source} failed: {exc}") from exc
+        recipe = {
+            "format": "QDQ",
+            "activations": "uint8",
+            "weights": "int8",
+            "per_channel": per_channel,
+            "reduce_range": reduce_range,
+            "scope": scope,
+            "quantized_nodes": len(nodes),
+            "calibration_samples": calibration,
+            "calibration_seed": seed,
+            "calibration_method": method,
+        }
+        _stamp(staged, source, "int8", recipe)
+        staged.replace(output)
+    log.info("int8_variant_written", source=str(source), path=str(output), **recipe)
+    return output
+
+
+def convert_fp16(onnx_path: Path | str, output_path: Path | str) -> Path:
+    """Write a float16 copy of ``onnx_path`` with float32 inputs and outputs (for GPUs).
+
+    The chain of elementwise ops between the last matrix op and each output stays float32.
+    """
+    source, output = _paths(onnx_path, output_path)
+    model = onnx.load(str(source))
+    kept = _output_tail(model.graph)
+    try:
+        converted = convert_float_to_float16(
+            model, keep_io_types=True, node_block_list=sorted(kept)
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ExportError(f"fp16 conversion of {source} failed: {exc}") from exc
+    _sort_topologically(converted.graph)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        staged = Path(tmp) / output.name
+        onnx.save_model(converted, str(staged))
+        recipe = {"keep_io_types": True, "float32_nodes": sorted(kept)}
+        _stamp(staged, source, "fp16", recipe)
+        staged.replace(output)
+    log.info("fp16_variant_written", source=str(source), path=str(output), float32_nodes=len(kept))
+    return output
+
+
+def save_optimized(
+    onnx_path: Path | str, output_path: Path | str, *, level: OptimizationLevel = "basic"
+) -> Path:
+    """Save ONNX Runtime's graph optimizations of ``onnx_path`` at ``level`` to ``output_path``.
+
+    ``basic`` keeps standard ONNX ops only, so the result passes the ONNX checker; ``extended``
+    adds com.microsoft fused ops (ONNX Runtime only); ``all`` adds NCHWc layouts that are
+    specific to this CPU. Loading a saved model skips those passes at session start only:
+    kernels, hence latency, are the same (see benchmarks/README.md).
+    """
+    source, output = _paths(onnx_path, output_path)
+    settings = SessionSettings(graph_optimization_level=level)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        staged = Path(tmp) / output.name
+        options = settings.to_session_options()
+        options.optimized_model_filepath = str(staged)
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ExportError(f"ONNX Runtime cannot optimize {source}: {exc}") from exc
+        _stamp(staged, source, f"optimized-{level}", {"graph_optimization_level": level})
+        staged.replace(output)
+    log.info("optimized_model_written", source=str(source), path=str(output), level=level)
+    return output
+
+
+def verify_variant(
+    variant_path: Path | str,
+    model: LocalizationNet,
+    *,
+    variant: str,
+    source: Path | str,
+    gates: Gates = VARIANT_GATES,
+    batch_sizes: Sequence[int] = (1, 8),
+    task_samples: int = VARIANT_TASK_SAMPLES,
+    seconds: float = 0.0,
+) -> VariantResult:
+    """Gate ``variant_path`` against ``model`` (the fp32 PyTorch reference) on the held-out set."""
+    path = Path(variant_path)
+    parity = verify_parity(
+        path, model, batch_sizes, gates=gates, task_samples=task_samples, raise_on_failure=False
+    )
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    result = VariantResult(
+        variant=variant,
+        path=path,
+        source=Path(source),
+        passed=parity.passed,
+        reason="passed its gates" if parity.passed else "; ".join(parity.failures),
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        seconds=round(seconds, 3),
+        recipe=json.loads(props.get(METADATA_KEY_RECIPE, "{}")),
+        parity=parity,
+    )
+    log.info("variant_verified", variant=variant, path=str(path), passed=result.passed)
+    return result
+
+
+def build_variant(
+    variant: Variant,
+    onnx_path: Path | str,
+    output_path: Path | str,
+    model: LocalizationNet,
+    *,
+    calibration: int = DEFAULT_CALIBRATION,
+    seed: int = CALIBRATION_SEED,
+    gates: Gates = VARIANT_GATES,
+    task_samples: int = VARIANT_TASK_SAMPLES,
+) -> VariantResult:
+    """Make the ``int8`` or ``fp16`` variant of ``onnx_path`` and gate it against ``model``.
+
+    A variant that fails its gates comes back with ``passed=False`` and the reason; its file
+    is kept for inspection, never to be published.
+    """
+    started = time.perf_counter()
+    if variant == "int8":
+        path = quantize_int8(onnx_path, output_path, calibration=calibration, seed=seed)
+    elif variant == "fp16":
+        path = convert_fp16(onnx_path, output_path)
+    else:
+        raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return verify_variant(
+        path,
+        model,
+        variant=variant,
+        source=onnx_path,
+        gates=gates,
+        task_samples=task_samples,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _paths(onnx_path: Path | str, output_path: Path | str) -> tuple[Path, Path]:
+    source, output = Path(onnx_path), Path(output_path)
+    if not source.is_file():
+        raise InputError(f"ONNX file not found: {source}")
+    if output.suffix != ".onnx":
+        raise InputError(f"output path must end in .onnx, got {output.name}")
+    if output.resolve() == source.resolve():
+        raise InputError(f"output {output} would overwrite its source; pick another name")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return source, output
+
+
+def _stamp(path: Path, source: Path, variant: str, recipe: Mapping[str, object]) -> None:
+    """Carry the source's metadata over and record what this variant is and came from."""
+    model = onnx.load(str(path))
+    props = {
+        p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props
+    }
+    props.update(
+        {
+            METADATA_KEY_VARIANT: variant,
+            METADATA_KEY_SOURCE: sha256_file(source),
+            METADATA_KEY_RECIPE: json.dumps(recipe, sort_keys=True),
+            **RECOMMENDED_SESSION_SETTINGS.to_metadata(),
+        }
+    )
+    del model.metadata_props[:]
+    for key in sorted(props):
+        model.metadata_props.add(key=key, value=props[key])
+    onnx.save_model(model, str(path))
+
+
+def _quantizable(graph: onnx.GraphProto, scope: str) -> list[tuple[str, str]]:
+    """(op type, name) of the nodes to quantize: MatMuls and depthwise Convs, or all matrix ops."""
+    chosen = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        in_blocks = node.op_type == "MatMul" or (node.op_type == "Conv" and group > 1)
+        if scope == "all" or in_blocks:
+            chosen.append((node.op_type, node.name))
+    if any(not name for _, name in chosen):
+        raise ExportError("the graph has unnamed Conv/MatMul/Gemm nodes; cannot select them")
+    return chosen
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so each follows the producers of its inputs.
+
+    The fp16 converter appends its input casts at the end, which the ONNX checker rejects.
+    """
+    ready = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
+    pending = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        blocked = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                blocked.append(node)
+        if len(blocked) == len(pending):
+            raise ExportError(f"the graph has a cycle or a dangling input at {blocked[0].name!r}")
+        pending = blocked
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _output_tail(graph: onnx.GraphProto) -> set[str]:
+    """Names of the elementwise nodes between the last matrix op and each graph output."""
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {t.name for t in graph.initializer}
+    kept: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.op_type not in _OUTPUT_TAIL_OPS or node.name in kept:
+            continue
+        kept.add(node.name)
+        stack.extend(i for i in node.input if i and i not in initializers)
+    return kept

@@ -1,0 +1,174 @@
+"""Train LocalizationNet on synthetic RF data with a Gaussian negative log-likelihood loss."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+
+from heimdall.checkpoint import load_torchvision_weights, save_checkpoint
+from heimdall.data import RFScenario, generate, haversine_km
+from heimdall.errors import InputError
+from heimdall.model import LocalizationNet, ModelConfig
+
+log = structlog.get_logger(__name__)
+
+# Called after each epoch with (epoch, epochs, train_loss, val_median_km).
+Progress = Callable[[int, int, float, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = "atto"
+    train_samples: int = 3072
+    val_samples: int = 512
+    epochs: int = 6
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    threads: int | None = None
+    backbone_weights: Path | None = None  # torchvision convnext_* ImageNet state dict, by path
+
+    def __post_init__(self) -> None:
+        for name in ("train_samples", "val_samples", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1")
+        if self.learning_rate <= 0:
+            raise InputError("learning_rate must be positive")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    checkpoint_sha256: str
+    run_id: str | None
+    median_error_km: float
+    baseline_median_error_km: float
+    seconds: float
+    epochs: int
+
+
+def evaluate_km(
+    model: LocalizationNet, x: np.ndarray, y: np.ndarray, batch: int = 256
+) -> np.ndarray:
+    """Per-sample localization error in km of ``model`` on features ``x`` with labels ``y``."""
+    model.eval()
+    preds = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            preds.append(model(torch.from_numpy(x[i : i + batch]))[0].numpy())
+    return haversine_km(np.concatenate(preds).astype(np.float64), y.astype(np.float64))
+
+
+def train(
+    config: TrainConfig,
+    output: Path,
+    scenario: RFScenario | None = None,
+    tracking_uri: str | None = None,
+    experiment_name: str = "heimdall-localization",
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train, keep the epoch with the lowest validation median error, save it to ``output``.
+
+    With ``tracking_uri`` set, params and per-epoch metrics go to an MLflow run whose id is
+    written into the checkpoint.
+    """
+    scenario = scenario or RFScenario()
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    x_train, y_train = generate(config.train_samples, seed=config.seed, scenario=scenario)
+    x_val, y_val = generate(config.val_samples, seed=config.seed + 1_000_003, scenario=scenario)
+    center, scale = np.asarray(scenario.center), np.asarray(scenario.scale)
+    t_train = torch.from_numpy(((y_train - center) / scale).astype(np.float32))
+    x_train_t = torch.from_numpy(x_train)
+    baseline = float(np.median(haversine_km(np.broadcast_to(center, y_val.shape), y_val)))
+
+    model = LocalizationNet(
+        ModelConfig(backbone=config.backbone, center=scenario.center, scale=scenario.scale)
+    )
+    if config.backbone_weights is not None:
+        load_torchvision_weights(model.backbone, config.backbone_weights)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    steps = config.epochs * ((config.train_samples + config.batch_size - 1) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=steps
+    )
+    loss_fn = nn.GaussianNLLLoss()
+
+    run_id = None
+    mlflow = None
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment_name)
+        run_id = mlflow.start_run(run_name=f"train-{config.backbone}").info.run_id
+        mlflow.log_params({**asdict(config), "baseline_median_km": round(baseline, 3)})
+
+    best_km, best_state = float("inf"), None
+    generator = torch.Generator().manual_seed(config.seed)
+    try:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = torch.randperm(len(x_train_t), generator=generator)
+            total, count = 0.0, 0
+            for i in range(0, len(order), config.batch_size):
+                idx = order[i : i + config.batch_size]
+                if len(idx) < 2:  # BatchNorm needs two samples
+                    continue
+                pos, sigma = model.forward_normalized(x_train_t[idx])
+                loss = loss_fn(pos, t_train[idx], sigma**2)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            median_km = float(np.median(evaluate_km(model, x_val, y_val)))
+            train_loss = total / max(count, 1)
+            log.info(
+                "epoch",
+                epoch=epoch,
+                train_loss=round(train_loss, 4),
+                val_median_km=round(median_km, 2),
+            )
+            if mlflow is not None:
+                mlflow.log_metrics(
+                    {"train_loss": train_loss, "val_median_km": median_km}, step=epoch
+                )
+            if median_km < best_km:
+                best_km = median_km
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if progress:
+                progress(epoch, config.epochs, train_loss, median_km)
+        assert best_state is not None
+        model.load_state_dict(best_state)
+        model.eval()
+        sha = save_checkpoint(model, output, training_run_id=run_id)
+        seconds = time.perf_counter() - start
+        if mlflow is not None:
+            mlflow.log_metrics({"best_val_median_km": best_km, "train_seconds": seconds})
+            mlflow.set_tags({"checkpoint_sha256": sha, "backbone": config.backbone})
+    finally:
+        if mlflow is not None:
+            mlflow.end_run()
+    return TrainResult(
+        checkpoint=Path(output),
+        checkpoint_sha256=sha,
+        run_id=run_id,
+        median_error_km=best_km,
+        baseline_median_error_km=baseline,
+        seconds=seconds,
+        epochs=config.epochs,
+    )

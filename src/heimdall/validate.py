@@ -1,0 +1,301 @@
+"""Structural checks of an ONNX file against LocalizationNet's contract, and its metadata record."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import onnx
+import structlog
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from heimdall.checkpoint import heimdall_version, sha256_file
+from heimdall.errors import ValidationError
+from heimdall.model import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, LocalizationNet
+
+log = structlog.get_logger(__name__)
+
+BATCH_AXIS = "batch_size"
+METADATA_SCHEMA_VERSION = 1
+CONTRACT: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    INPUT_NAME: ("float32", (BATCH_AXIS, *INPUT_SHAPE)),
+    **{name: ("float32", (BATCH_AXIS, 2)) for name in OUTPUT_NAMES},
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: dims are ints, or the symbol's name when symbolic."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """What a valid ONNX file holds, as far as serving it is concerned."""
+
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset_version: int
+    ir_version: int
+    producer_name: str
+    producer_version: str
+    file_size_bytes: int
+    external_data_files: tuple[Path, ...]
+    total_size_bytes: int
+    metadata_props: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "opset_version": self.opset_version,
+            "ir_version": self.ir_version,
+            "producer_name": self.producer_name,
+            "producer_version": self.producer_version,
+            "file_size_bytes": self.file_size_bytes,
+            "external_data_files": [str(p) for p in self.external_data_files],
+            "total_size_bytes": self.total_size_bytes,
+            "metadata_props": dict(self.metadata_props),
+        }
+
+
+class SupportsToDict(Protocol):
+    def to_dict(self) -> dict[str, object]: ...
+
+
+def validate_onnx_model(path: Path | str) -> ValidationResult:
+    """Check ``path`` fully (checker, shape inference, external data, IO contract) or raise."""
+    path = Path(path)
+    proto = _load_structure(path)
+    data_files = check_external_data(path, proto)
+    try:
+        # On the path, not the proto: works past 2 GB and checks the data files too.
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, check_type=True, strict_mode=True, data_prop=True
+        )
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ValidationError(f"{path}: the ONNX checker rejected the model: {exc}") from exc
+    graph_inputs = _graph_inputs(proto.graph)
+    inputs = tuple(_spec(v) for v in graph_inputs)
+    outputs = tuple(_spec(v) for v in proto.graph.output)
+    _check_contract(path, inputs, outputs, tuple(_spec(v) for v in inferred.graph.output))
+    result = ValidationResult(
+        path=path,
+        inputs=inputs,
+        outputs=outputs,
+        opset_version=_default_opset(proto),
+        ir_version=proto.ir_version,
+        producer_name=proto.producer_name,
+        producer_version=proto.producer_version,
+        file_size_bytes=path.stat().st_size,
+        external_data_files=data_files,
+        total_size_bytes=sum(p.stat().st_size for p in (path, *data_files)),
+        metadata_props={p.key: p.value for p in proto.metadata_props},
+    )
+    log.info(
+        "onnx_validated", path=str(path), opset=result.opset_version, data_files=len(data_files)
+    )
+    return result
+
+
+def check_external_data(path: Path | str, proto: onnx.ModelProto | None = None) -> tuple[Path, ...]:
+    """Refuse unsafe external data locations before any byte of them is read; list the files.
+
+    A location must be relative, free of ``..``, and resolve (symlinks included) to a file
+    inside the model's folder, large enough for every tensor's offset and length.
+    """
+    path = Path(path)
+    proto = proto if proto is not None else _load_structure(path)
+    folder = path.resolve().parent
+    files: dict[Path, int] = {}
+    for tensor in _tensors(proto.graph):
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        location = info.location
+        where = f"{path}: tensor {tensor.name!r} has external data at {location!r}"
+        if not location or Path(location).is_absolute() or location.startswith(("/", "\\")):
+            raise ValidationError(f"{where}: locations must be relative to the model's folder")
+        if ".." in Path(location.replace("\\", "/")).parts:
+            raise ValidationError(f"{where}: locations must not contain '..'")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise ValidationError(f"{where}: it resolves outside the model's folder to {target}")
+        if not target.is_file():
+            raise ValidationError(f"{where}: the data file is missing; copy it next to the model")
+        end = (info.offset or 0) + (info.length or 0)
+        size = files.setdefault(path.parent / location, target.stat().st_size)
+        if end > size:
+            raise ValidationError(
+                f"{where}: needs bytes up to {end} but the file has {size}; it is truncated"
+            )
+    return tuple(sorted(files))
+
+
+def get_model_metadata(
+    onnx_path: Path | str,
+    model: LocalizationNet,
+    run_id: str | None,
+    checkpoint_sha256: str | None = None,
+    parity: SupportsToDict | Mapping[str, object] | None = None,
+    timings: SupportsToDict | Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """A JSON-serialisable record of a validated ONNX file and the model it came from."""
+    result = validate_onnx_model(onnx_path)
+    params = model.get_params_count()
+    files = [result.path, *result.external_data_files]
+    return {
+        "schema_version": METADATA_SCHEMA_VERSION,
+        "heimdall_version": heimdall_version(),
+        "model_type": type(model).__name__,
+        "backbone": model.config.backbone,
+        "model_config": model.config.to_dict(),
+        "inputs": [t.to_dict() for t in result.inputs],
+        "outputs": [t.to_dict() for t in result.outputs],
+        "opset_version": result.opset_version,
+        "ir_version": result.ir_version,
+        "producer": f"{result.producer_name} {result.producer_version}".strip(),
+        "file_size_bytes": result.file_size_bytes,
+        "total_size_bytes": result.total_size_bytes,
+        "sha256": sha256_file(result.path),
+        "files": [
+            {"name": p.name, "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files
+        ],
+        "parameters": {
+            "total": params.total,
+            "trainable": params.trainable,
+            "frozen": params.frozen,
+        },
+        "run_id": run_id,
+        "checkpoint_sha256": checkpoint_sha256,
+        "parity": _as_dict(parity),
+        "timings": _as_dict(timings),
+    }
+
+
+def _as_dict(value: SupportsToDict | Mapping[str, object] | None) -> dict[str, object] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value.to_dict()
+
+
+def _load_structure(path: Path) -> onnx.ModelProto:
+    """The model proto without its external data: cheap, and reads nothing but the file."""
+    if not path.is_file():
+        raise ValidationError(f"ONNX file not found: {path}")
+    advice = "Export it again or re-download it and compare its sha256."
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as exc:
+        raise ValidationError(
+            f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc}); it is truncated "
+            f"or corrupt. {advice}"
+        ) from exc
+    if not proto.HasField("graph"):
+        raise ValidationError(
+            f"{path}: holds no graph; it is empty, truncated or corrupt. {advice}"
+        )
+    return proto
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor in the graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    # Old exporters list initializers as inputs too; those are weights, not inputs.
+    weights = {t.name for t in graph.initializer}
+    return [v for v in graph.input if v.name not in weights]
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, ValueError, TypeError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    shape = tuple(
+        d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else "?"
+        for d in tensor.shape.dim
+    )
+    return TensorSpec(name=value.name, dtype=_dtype_name(tensor.elem_type), shape=shape)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ValidationError("the model imports no default (ai.onnx) opset")
+    return versions[0]
+
+
+def _check_contract(
+    path: Path,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    inferred: tuple[TensorSpec, ...],
+) -> None:
+    """Raise one ValidationError naming every way the IO differs from LocalizationNet's."""
+    problems = []
+    names = ([t.name for t in inputs], [t.name for t in outputs])
+    if names != ([INPUT_NAME], list(OUTPUT_NAMES)):
+        expected = f"[{INPUT_NAME!r}] → {list(OUTPUT_NAMES)}"
+        problems.append(f"IO names are {names[0]} → {names[1]}, expected {expected}")
+    for spec in (*inputs, *outputs):
+        if spec.name not in CONTRACT:
+            continue
+        dtype, shape = CONTRACT[spec.name]
+        if spec.dtype != dtype:
+            problems.append(f"{spec.name!r} has dtype {spec.dtype}, expected {dtype}")
+        if not spec.shape or not isinstance(spec.shape[0], str) or spec.shape[0] == "?":
+            problems.append(
+                f"{spec.name!r} has no symbolic batch axis (shape {_fmt(spec.shape)}); re-export "
+                f"with a symbolic {BATCH_AXIS!r} axis"
+            )
+        elif spec.shape != shape:
+            problems.append(f"{spec.name!r} has shape {_fmt(spec.shape)}, expected {_fmt(shape)}")
+    declared = {spec.name: spec.shape[:1] for spec in outputs}
+    for spec in inferred:
+        batch = spec.shape[0] if spec.shape else None
+        if declared.get(spec.name) == (BATCH_AXIS,) and isinstance(batch, int):
+            problems.append(
+                f"{spec.name!r} is declared with a symbolic batch axis but the graph computes "
+                f"batch {batch}: the exporter specialized it inside the graph"
+            )
+    if problems:
+        raise ValidationError(
+            f"{path} does not match LocalizationNet's contract: " + "; ".join(problems)
+        )
+
+
+def _fmt(shape: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"

@@ -1,0 +1,199 @@
+"""benchmark(): structure and sanity of the numbers, never their speed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from heimdall import bench
+from heimdall.errors import InputError
+from heimdall.export import export_to_onnx
+from heimdall.model import INPUT_SHAPE, LocalizationNet, ModelConfig
+from heimdall.optimize import SessionSettings
+
+ROUNDS = 5  # odd, so a median of per-round ratios is exactly the reciprocal of the reverse one
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalizationNet:
+    torch.manual_seed(0)
+    return LocalizationNet(ModelConfig(backbone="atto")).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model: LocalizationNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "atto.onnx"
+    export_to_onnx(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(model: LocalizationNet, onnx_path: Path) -> bench.BenchmarkResult:
+    return bench.benchmark(
+        model,
+        {"fp32": onnx_path, "fp32-extended": onnx_path},
+        batch_sizes=(1, 2),
+        threads=1,
+        budget_s=0.01,
+        settings={
+            "fp32": SessionSettings(),
+            "fp32-extended": SessionSettings(graph_optimization_level="extended"),
+        },
+        min_iterations=ROUNDS,
+        max_iterations=ROUNDS,
+        peak=False,
+    )
+
+
+def test_benchmark_times_every_engine_at_every_batch_size(result: bench.BenchmarkResult) -> None:
+    pairs = {(t.engine, t.batch_size) for t in result.timings}
+    assert pairs == {(e, b) for e in ("pytorch", "fp32", "fp32-extended") for b in (1, 2)}
+    assert all(t.iterations == ROUNDS for t in result.timings)
+    assert [e.name for e in result.engines] == ["pytorch", "fp32", "fp32-extended"]
+    assert result.engines[1].settings == SessionSettings().to_dict()
+
+
+def test_benchmark_percentiles_are_positive_and_ordered(result: bench.BenchmarkResult) -> None:
+    for t in result.timings:
+        assert 0 < t.min_ms <= t.p50_ms <= t.p90_ms <= t.p99_ms
+        assert t.min_ms <= t.mean_ms and t.stdev_ms >= 0
+
+
+def test_benchmark_throughput_and_gflops_follow_from_latency(
+    result: bench.BenchmarkResult,
+) -> None:
+    for t in result.timings:
+        assert t.throughput == pytest.approx(t.batch_size / (t.mean_ms / 1e3))
+        expected = result.flops_per_sample * t.batch_size / (t.p50_ms / 1e3) / 1e9
+        assert t.gflops == pytest.approx(expected)
+
+
+def test_benchmark_pairwise_ratios_are_reciprocal(result: bench.BenchmarkResult) -> None:
+    for batch in (1, 2):
+        torch_t = result.timing("pytorch", batch)
+        onnx_t = result.timing("fp32", batch)
+        assert onnx_t.ratios["pytorch"] == pytest.approx(1 / torch_t.ratios["fp32"])
+        assert onnx_t.speedup_vs_pytorch == pytest.approx(1 / onnx_t.ratios["pytorch"])
+        assert torch_t.speedup_vs_pytorch is None
+        assert set(onnx_t.ratios) == {"pytorch", "fp32-extended"}
+
+
+def test_benchmark_uses_one_thread_count_and_restores_torch(
+    model: LocalizationNet, onnx_path: Path
+) -> None:
+    before = torch.get_num_threads()
+    result = bench.benchmark(
+        model, onnx_path, batch_sizes=(1,), threads=1, budget_s=0.01, peak=False
+    )
+    assert result.threads == 1 and result.environment.threads == 1
+    assert result.engines[1].settings is not None
+    assert torch.get_num_threads() == before
+    assert result.engines[1].name == "onnx"
+
+
+def test_benchmark_result_is_json_serialisable(result: bench.BenchmarkResult) -> None:
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["backbone"] == "atto"
+    assert data["timings"][1]["speedup_vs_pytorch"] > 0
+    assert data["environment"]["versions"]["onnxruntime"]
+
+
+def test_markdown_table_has_one_row_per_timing(result: bench.BenchmarkResult) -> None:
+    lines = result.to_markdown().splitlines()
+    assert len(lines) == 2 + len(result.timings)
+    assert len({line.count("|") for line in lines}) == 1
+
+
+def test_count_flops_matches_conv_and_linear_macs(model: LocalizationNet) -> None:
+    macs = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            macs += output.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            macs += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.inference_mode():
+        model(torch.zeros(1, *INPUT_SHAPE))
+    for handle in handles:
+        handle.remove()
+    assert bench.count_flops(model) == 2 * macs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_sizes": ()}, "batch sizes"),
+        ({"batch_sizes": (0,)}, "batch sizes"),
+        ({"budget_s": 0}, "budget_s"),
+        ({"min_iterations": 3, "max_iterations": 2}, "min_iterations"),
+    ],
+)
+def test_benchmark_rejects_bad_arguments(
+    model: LocalizationNet, onnx_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        bench.benchmark(model, onnx_path, peak=False, **kwargs)  # type: ignore[arg-type]
+
+
+def test_benchmark_rejects_missing_file_and_reserved_name(
+    model: LocalizationNet, onnx_path: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InputError, match="not found"):
+        bench.benchmark(model, tmp_path / "missing.onnx", peak=False)
+    with pytest.raises(InputError, match="PyTorch engine"):
+        bench.benchmark(model, {"pytorch": onnx_path}, peak=False)
+
+
+def test_benchmark_refuses_different_thread_counts(model: LocalizationNet, onnx_path: Path) -> None:
+    settings = {"a": SessionSettings(intra_op_threads=1), "b": SessionSettings(intra_op_threads=2)}
+    with pytest.raises(InputError, match="same count"):
+        bench.benchmark(model, {"a": onnx_path, "b": onnx_path}, settings=settings, peak=False)
+
+
+def test_fingerprint_names_cpu_versions_and_providers() -> None:
+    env = bench.fingerprint(threads=1)
+    assert env.physical_cores >= 1 and env.logical_cpus >= env.physical_cores
+    assert set(env.isa_flags) <= set(bench.ISA_FLAGS)
+    assert env.versions["torch"] == torch.__version__
+    assert "CPUExecutionProvider" in env.ort_providers
+    assert len(env.load_average) == 3
+
+
+def test_estimate_peak_reports_positive_rates() -> None:
+    peak = bench.estimate_peak(threads=1, repeats=1, gemm_size=256)
+    assert peak.measured_gflops > 0 and peak.memory_read_gbps > 0
+    assert peak.cores == 1 and peak.gemm_size == 256
+    if peak.theoretical_gflops is not None:
+        assert peak.clock_mhz and peak.flops_per_cycle_per_core
+        expected = peak.clock_mhz * peak.flops_per_cycle_per_core / 1e3
+        assert peak.theoretical_gflops == pytest.approx(expected)
+
+
+def test_tune_session_times_every_candidate_and_picks_the_lowest_p50(onnx_path: Path) -> None:
+    candidates = {
+        "all": SessionSettings(),
+        "no-spinning": SessionSettings(allow_spinning=False),
+    }
+    tuning = bench.tune_session(onnx_path, candidates, threads=1, budget_s=0.01)
+    assert {t.engine for t in tuning.timings} == set(candidates)
+    assert tuning.best == min(tuning.timings, key=lambda t: t.p50_ms).engine
+    assert set(tuning.load_seconds) == set(candidates)
+    assert len(tuning.to_markdown().splitlines()) == 2 + len(candidates)
+    json.dumps(tuning.to_dict())
+
+
+def test_profile_ops_splits_depthwise_convs_and_shares_sum_to_one(onnx_path: Path) -> None:
+    ops = bench.profile_ops(onnx_path, runs=1, threads=1)
+    labels = {op.op for op in ops}
+    assert "Conv depthwise 7x7" in labels and "MatMul" in labels
+    assert sum(op.share for op in ops) == pytest.approx(1.0)
+    assert [op.ms_per_run for op in ops] == sorted((op.ms_per_run for op in ops), reverse=True)

@@ -1,0 +1,301 @@
+"""Tests for heimdall.config: settings from the environment, URI redaction, scrubbed logging."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import pytest
+import structlog
+from pydantic import SecretStr
+
+from heimdall.config import Settings, configure_logging, load_settings, redact_uri
+
+ENV_NAMES = (
+    "HEIMDALL_DATA_DIR",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_ARTIFACT_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "HEIMDALL_S3_ENDPOINT_URL",
+    "MLFLOW_S3_ACCESS_KEY_ID",
+    "AWS_ACCESS_KEY_ID",
+    "MLFLOW_S3_SECRET_ACCESS_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "HEIMDALL_S3_REGION",
+    "AWS_REGION",
+    "HEIMDALL_BUCKET",
+    "HEIMDALL_MODEL_NAME",
+    "HEIMDALL_LOG_LEVEL",
+    "HEIMDALL_LOG_JSON",
+)
+
+SECRET = "s3cr3t-Value-42"
+URI_PASSWORD = "pw-in-uri-9f"
+DB_URI = f"postgresql://mlflow:{URI_PASSWORD}@db.internal:5432/mlflow"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Start every test from an empty heimdall/MLflow/AWS environment in a scratch directory."""
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def restore_structlog() -> Iterator[None]:
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+def uri_path(uri: str) -> Path:
+    """Filesystem path of a ``file://`` or ``sqlite:///`` URI."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return Path(url2pathname(urlparse(uri).path))
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "attribute"),
+    [
+        ("MLFLOW_TRACKING_URI", "http://mlflow.example:5000", "tracking_uri"),
+        ("MLFLOW_REGISTRY_URI", "http://registry.example:5000", "registry_uri"),
+        ("MLFLOW_EXPERIMENT_NAME", "rf-experiment", "experiment_name"),
+        ("MLFLOW_S3_ENDPOINT_URL", "http://seaweed.example:8333", "s3_endpoint_url"),
+        ("HEIMDALL_S3_ENDPOINT_URL", "http://minio.example:9000", "s3_endpoint_url"),
+        ("HEIMDALL_BUCKET", "other-bucket", "bucket"),
+        ("HEIMDALL_MODEL_NAME", "other-model", "model_name"),
+    ],
+)
+def test_setting_is_read_from_its_environment_name(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, attribute: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    assert getattr(Settings(), attribute) == value
+
+
+def test_data_dir_is_read_from_heimdall_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HEIMDALL_DATA_DIR", str(tmp_path / "data"))
+    assert Settings().resolved_data_dir == (tmp_path / "data").resolve()
+
+
+@pytest.mark.parametrize(
+    ("env", "attribute"),
+    [
+        ("MLFLOW_S3_ACCESS_KEY_ID", "s3_access_key_id"),
+        ("AWS_ACCESS_KEY_ID", "s3_access_key_id"),
+        ("MLFLOW_S3_SECRET_ACCESS_KEY", "s3_secret_access_key"),
+        ("AWS_SECRET_ACCESS_KEY", "s3_secret_access_key"),
+    ],
+)
+def test_s3_credentials_are_read_as_secrets(
+    monkeypatch: pytest.MonkeyPatch, env: str, attribute: str
+) -> None:
+    monkeypatch.setenv(env, SECRET)
+    value = getattr(Settings(), attribute)
+    assert isinstance(value, SecretStr)
+    assert value.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize(
+    ("mlflow_env", "aws_env", "attribute"),
+    [
+        ("MLFLOW_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID", "s3_access_key_id"),
+        ("MLFLOW_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY", "s3_secret_access_key"),
+    ],
+)
+def test_mlflow_s3_credentials_win_over_aws_fallbacks(
+    monkeypatch: pytest.MonkeyPatch, mlflow_env: str, aws_env: str, attribute: str
+) -> None:
+    monkeypatch.setenv(aws_env, "from-aws")
+    monkeypatch.setenv(mlflow_env, "from-mlflow")
+    assert getattr(Settings(), attribute).get_secret_value() == "from-mlflow"
+
+
+def test_embedded_defaults_live_under_the_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HEIMDALL_DATA_DIR", str(tmp_path / "data"))
+    settings = Settings()
+    data_dir = (tmp_path / "data").resolve()
+    assert settings.resolved_tracking_uri.startswith("sqlite:///")
+    assert uri_path(settings.resolved_tracking_uri).is_relative_to(data_dir)
+    assert settings.object_store_uri.startswith("file://")
+    assert uri_path(settings.object_store_uri).is_relative_to(data_dir)
+    assert uri_path(settings.resolved_artifact_uri).is_relative_to(data_dir)
+    assert not settings.uses_s3
+
+
+def test_default_data_dir_is_relative_to_the_working_directory(tmp_path: Path) -> None:
+    assert Settings().resolved_data_dir.is_relative_to(tmp_path.resolve())
+
+
+def test_explicit_tracking_uri_replaces_the_embedded_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert Settings().resolved_tracking_uri == "http://mlflow.example:5000"
+
+
+def test_an_s3_endpoint_switches_the_object_store_to_s3(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://seaweed.example:8333")
+    monkeypatch.setenv("HEIMDALL_BUCKET", "models")
+    settings = Settings()
+    assert settings.uses_s3
+    assert settings.object_store_uri == "s3://models"
+
+
+def test_mlflow_s3_env_hands_credentials_to_mlflows_s3_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://seaweed.example:8333")
+    monkeypatch.setenv("MLFLOW_S3_ACCESS_KEY_ID", "key-id")
+    monkeypatch.setenv("MLFLOW_S3_SECRET_ACCESS_KEY", SECRET)
+    env = Settings().mlflow_s3_env()
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweed.example:8333"
+    assert env["AWS_ACCESS_KEY_ID"] == "key-id"
+    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET
+
+
+def test_load_settings_overrides_win_over_the_environment_and_none_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    settings = load_settings(tracking_uri="http://override:5000", experiment_name=None)
+    assert settings.tracking_uri == "http://override:5000"
+    assert settings.experiment_name == "from-env"
+
+
+RENDERINGS: list[Callable[[Settings], str]] = [repr, str, lambda s: s.model_dump_json()]
+RENDERING_IDS = ["repr", "str", "model_dump_json"]
+
+
+@pytest.mark.parametrize("render", RENDERINGS, ids=RENDERING_IDS)
+def test_settings_renderings_hide_s3_credentials(
+    monkeypatch: pytest.MonkeyPatch, render: Callable[[Settings], str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ACCESS_KEY_ID", "key-id-" + SECRET)
+    monkeypatch.setenv("MLFLOW_S3_SECRET_ACCESS_KEY", SECRET)
+    assert SECRET not in render(Settings())
+
+
+@pytest.mark.parametrize("render", RENDERINGS, ids=RENDERING_IDS)
+def test_settings_renderings_hide_the_tracking_uri_password(
+    monkeypatch: pytest.MonkeyPatch, render: Callable[[Settings], str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
+    assert URI_PASSWORD not in render(Settings())
+
+
+def test_secret_values_lists_the_secret_key_and_uri_passwords(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_S3_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "postgresql://reg:reg-pass-1@db/registry")
+    assert set(Settings().secret_values()) == {SECRET, URI_PASSWORD, "reg-pass-1"}
+
+
+@pytest.mark.parametrize(
+    ("uri", "userinfo", "kept"),
+    [
+        (DB_URI, f"mlflow:{URI_PASSWORD}", "db.internal:5432/mlflow"),
+        ("https://alice:tok3n@mlflow.example/api", "alice:tok3n", "mlflow.example/api"),
+        ("http://:only-pass@host:5000", ":only-pass", "host:5000"),
+    ],
+)
+def test_redact_uri_removes_user_and_password(uri: str, userinfo: str, kept: str) -> None:
+    redacted = redact_uri(uri)
+    assert userinfo not in redacted
+    assert userinfo.split(":")[-1] not in redacted
+    assert redacted.startswith(uri.split("://")[0] + "://")
+    assert redacted.endswith(kept)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["http://localhost:5000", "sqlite:////tmp/mlflow.db", "s3://bucket/key", "file:///tmp/x"],
+)
+def test_redact_uri_leaves_uris_without_credentials_unchanged(uri: str) -> None:
+    assert redact_uri(uri) == uri
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_debug_log_line_has_secret_and_uri_password_scrubbed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("DEBUG", secrets=[SECRET])
+    structlog.get_logger("test").debug(
+        "connecting",
+        uri=DB_URI,
+        note=f"using key {SECRET}",
+        nested={"keys": [SECRET]},
+    )
+    err = capsys.readouterr().err
+    assert "connecting" in err
+    assert "db.internal:5432/mlflow" in err
+    assert SECRET not in err
+    assert URI_PASSWORD not in err
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_json_log_line_is_parseable_and_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG", json=True, secrets=[SECRET])
+    structlog.get_logger("test").debug("connecting", uri=DB_URI, note=SECRET)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["event"] == "connecting"
+    assert line["level"] == "debug"
+    assert URI_PASSWORD not in line["uri"]
+    assert SECRET not in line["note"]
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_log_level_filters_lower_events(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    log = structlog.get_logger("test")
+    log.debug("hidden-debug-event")
+    log.info("shown-info-event")
+    err = capsys.readouterr().err
+    assert "hidden-debug-event" not in err
+    assert "shown-info-event" in err
+
+
+def test_unknown_log_level_is_rejected() -> None:
+    with pytest.raises(ValueError, match="CHATTY"):
+        configure_logging("CHATTY")
+
+
+@pytest.mark.usefixtures("restore_structlog")
+@pytest.mark.parametrize("json_lines", [False, True], ids=["console", "json"])
+def test_secret_inside_a_logged_exception_is_scrubbed(
+    capsys: pytest.CaptureFixture[str], json_lines: bool
+) -> None:
+    configure_logging("DEBUG", json=json_lines, secrets=[SECRET])
+    error = RuntimeError(f"cannot reach {DB_URI} with key {SECRET}")
+    structlog.get_logger("test").error("upload failed", error=error)
+    err = capsys.readouterr().err
+    assert "upload failed" in err
+    assert SECRET not in err
+    assert URI_PASSWORD not in err
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_secret_inside_a_logged_traceback_is_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG", secrets=[SECRET])
+    try:
+        raise RuntimeError(f"cannot reach {DB_URI} with key {SECRET}")
+    except RuntimeError:
+        structlog.get_logger("test").exception("upload failed")
+    err = capsys.readouterr().err
+    assert "upload failed" in err
+    assert SECRET not in err
+    assert URI_PASSWORD not in err

@@ -1,0 +1,166 @@
+"""Loading a LocalizationNet ONNX file by path and predicting with input checks (no servers)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from heimdall.config import Settings
+from heimdall.data import generate
+from heimdall.errors import InputError
+from heimdall.export import ExportResult
+from heimdall.inference import (
+    CPU,
+    LocalizationModel,
+    Prediction,
+    check_features,
+    predict_file,
+    select_providers,
+)
+
+
+@pytest.fixture(scope="module")
+def features() -> np.ndarray:
+    return generate(3, seed=5)[0]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, tracking_uri=None, s3_endpoint_url=None)
+
+
+def test_predict_matches_onnxruntime_on_the_same_file(
+    atto_onnx: ExportResult, features: np.ndarray, settings: Settings
+) -> None:
+    session = ort.InferenceSession(str(atto_onnx.path), providers=[CPU])
+    positions, uncertainties = session.run(None, {"mel_spectrogram": features})
+
+    model = LocalizationModel.load(atto_onnx.path, settings=settings)
+    prediction = model.predict(features)
+
+    assert model.providers == [CPU]
+    assert model.sha256 == atto_onnx.sha256
+    np.testing.assert_array_equal(prediction.positions, positions)
+    np.testing.assert_array_equal(prediction.uncertainties, uncertainties)
+
+
+def test_float64_features_are_converted_to_float32(
+    atto_onnx: ExportResult, features: np.ndarray, settings: Settings
+) -> None:
+    model = LocalizationModel.load(atto_onnx.path, settings=settings)
+
+    as64 = model.predict(features.astype(np.float64))
+
+    np.testing.assert_array_equal(as64.positions, model.predict(features).positions)
+
+
+def test_an_mlflow_model_directory_loads_through_its_model_onnx(
+    atto_onnx: ExportResult, tmp_path: Path, features: np.ndarray, settings: Settings
+) -> None:
+    folder = tmp_path / "mlflow-model"
+    folder.mkdir()
+    shutil.copy(atto_onnx.path, folder / "model.onnx")
+
+    model = LocalizationModel.load(folder.as_uri(), settings=settings)
+
+    assert model.predict(features).positions.shape == (3, 2)
+
+
+def test_a_model_with_other_inputs_and_outputs_is_refused(
+    tmp_path: Path, settings: Settings
+) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+    )
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    with pytest.raises(InputError, match="not a LocalizationNet export"):
+        LocalizationModel.load(path, settings=settings)
+
+
+def test_missing_model_and_unknown_scheme_are_clear_errors(
+    tmp_path: Path, settings: Settings
+) -> None:
+    with pytest.raises(InputError, match="no ONNX model at"):
+        LocalizationModel.load(tmp_path / "absent.onnx", settings=settings)
+    with pytest.raises(InputError, match="models:/NAME@alias"):
+        LocalizationModel.load("gs://bucket/model.onnx", settings=settings)
+
+
+def test_unavailable_providers_fall_back_to_cpu() -> None:
+    chosen = select_providers(["NoSuchExecutionProvider"])
+
+    assert chosen == [CPU]
+    assert select_providers(None) == [CPU]
+    assert select_providers(["CUDAExecutionProvider"])[-1] == CPU
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((3, 128, 32), np.float32), r"got shape \(3, 128, 32\); add a batch axis"),
+        (np.zeros((2, 3, 128, 16), np.float32), r"got shape \(2, 3, 128, 16\)"),
+        (np.zeros((0, 3, 128, 32), np.float32), "empty batch"),
+        (np.zeros((1, 3, 128, 32), np.int64), "got dtype int64"),
+        ([[0.0]], "got list"),
+    ],
+)
+def test_features_of_the_wrong_kind_are_refused(array: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        check_features(array)
+
+
+def test_non_finite_features_are_refused_naming_the_samples() -> None:
+    array = np.zeros((4, 3, 128, 32), np.float64)
+    array[1, 0, 0, 0] = np.nan
+    array[3, 2, 5, 5] = 1e300  # finite as float64, infinite as float32
+
+    with pytest.raises(InputError, match=r"sample\(s\) \[1, 3\]"):
+        check_features(array)
+
+
+def test_predict_file_on_a_wrong_shape_file_names_the_file_and_shape(
+    atto_onnx: ExportResult, tmp_path: Path, settings: Settings
+) -> None:
+    path = tmp_path / "features.npy"
+    np.save(path, np.zeros((2, 3, 64, 32), np.float32))
+
+    with pytest.raises(InputError, match=r"features\.npy: .*got shape \(2, 3, 64, 32\)"):
+        predict_file(str(atto_onnx.path), path, settings=settings)
+
+
+def test_predict_file_refuses_pickled_and_missing_files(
+    atto_onnx: ExportResult, tmp_path: Path, settings: Settings
+) -> None:
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+
+    with pytest.raises(InputError, match=r"not a readable \.npy array"):
+        predict_file(str(atto_onnx.path), pickled, settings=settings)
+    with pytest.raises(InputError, match="features file not found"):
+        predict_file(str(atto_onnx.path), tmp_path / "absent.npy", settings=settings)
+
+
+def test_predict_file_gives_json_ready_predictions(
+    atto_onnx: ExportResult, tmp_path: Path, features: np.ndarray, settings: Settings
+) -> None:
+    path = tmp_path / "features.npy"
+    np.save(path, features)
+
+    prediction = predict_file(str(atto_onnx.path), path, settings=settings)
+
+    assert isinstance(prediction, Prediction)
+    data = json.loads(json.dumps(prediction.to_dict()))
+    assert np.asarray(data["positions"]).shape == (3, 2)
+    assert np.asarray(data["uncertainties"]).shape == (3, 2)

@@ -1,0 +1,191 @@
+"""Session settings, int8 / fp16 variants and their gates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from heimdall import optimize
+from heimdall.data import generate
+from heimdall.errors import InputError
+from heimdall.export import export_to_onnx
+from heimdall.model import INPUT_NAME, LocalizationNet, ModelConfig
+from heimdall.validate import validate_onnx_model
+
+TASK_SAMPLES = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalizationNet:
+    torch.manual_seed(0)
+    return LocalizationNet(ModelConfig(backbone="atto")).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model: LocalizationNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("optimize") / "atto.onnx"
+    export_to_onnx(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8(model: LocalizationNet, onnx_path: Path) -> optimize.VariantResult:
+    return optimize.build_variant(
+        "int8",
+        onnx_path,
+        onnx_path.with_name("atto.int8.onnx"),
+        model,
+        calibration=16,
+        task_samples=TASK_SAMPLES,
+    )
+
+
+@pytest.fixture(scope="module")
+def fp16(model: LocalizationNet, onnx_path: Path) -> optimize.VariantResult:
+    return optimize.build_variant(
+        "fp16", onnx_path, onnx_path.with_name("atto.fp16.onnx"), model, task_samples=TASK_SAMPLES
+    )
+
+
+def _props(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def test_session_settings_round_trip_through_metadata() -> None:
+    settings = optimize.SessionSettings(graph_optimization_level="extended", allow_spinning=False)
+    assert optimize.SessionSettings.from_metadata(settings.to_metadata()) == settings
+    assert optimize.SessionSettings.from_metadata({}) is None
+
+
+def test_session_settings_reject_unknown_level_and_bad_metadata() -> None:
+    with pytest.raises(InputError, match="optimization level"):
+        optimize.SessionSettings(graph_optimization_level="max")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="not valid settings"):
+        optimize.SessionSettings.from_metadata({optimize.METADATA_KEY_SESSION: '{"x": 1}'})
+
+
+def test_session_options_apply_every_setting() -> None:
+    settings = optimize.SessionSettings(
+        graph_optimization_level="extended", allow_spinning=False, enable_mem_pattern=False
+    )
+    options = optimize.session_options(threads=3, settings=settings)
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert options.intra_op_num_threads == 3
+    assert options.enable_mem_pattern is False
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_session_candidates_differ_from_the_recommendation_in_one_way() -> None:
+    recommended = optimize.RECOMMENDED_SESSION_SETTINGS.to_dict()
+    for name, candidate in optimize.SESSION_CANDIDATES.items():
+        changed = {k for k, v in candidate.to_dict().items() if recommended[k] != v}
+        assert (name == "recommended") == (not changed)
+
+
+def test_preferred_providers_put_gpus_first_and_cpu_last() -> None:
+    available = ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider"]
+    assert optimize.preferred_providers(available) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert optimize.preferred_providers([]) == ["CPUExecutionProvider"]
+
+
+def test_int8_variant_passes_its_gate_and_keeps_the_contract(
+    int8: optimize.VariantResult,
+) -> None:
+    assert int8.passed, int8.reason
+    assert int8.parity is not None and int8.parity.task is not None
+    assert int8.parity.task.samples == TASK_SAMPLES
+    validate_onnx_model(int8.path)
+    json.dumps(int8.to_dict())
+
+
+def test_int8_variant_is_static_qdq_and_smaller(
+    int8: optimize.VariantResult, onnx_path: Path
+) -> None:
+    ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "DynamicQuantizeLinear" not in ops
+    assert int8.size_bytes < onnx_path.stat().st_size / 2
+    assert int8.recipe["calibration_samples"] == 16
+
+
+def test_variants_record_what_they_are_and_their_source(
+    int8: optimize.VariantResult, fp16: optimize.VariantResult, onnx_path: Path
+) -> None:
+    source = _props(onnx_path)
+    for variant in (int8, fp16):
+        props = _props(variant.path)
+        assert props[optimize.METADATA_KEY_VARIANT] == variant.variant
+        assert props[optimize.METADATA_KEY_SOURCE] == optimize.sha256_file(onnx_path)
+        assert optimize.SessionSettings.from_metadata(props) is not None
+        assert all(props[k] == v for k, v in source.items())
+
+
+def test_fp16_variant_keeps_float32_io_and_output_tail(
+    fp16: optimize.VariantResult, onnx_path: Path
+) -> None:
+    assert fp16.passed, fp16.reason
+    validate_onnx_model(fp16.path)
+    graph = onnx.load(str(fp16.path)).graph
+    halves = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves, "weights should be float16"
+    assert fp16.recipe["float32_nodes"], "the ops computing the outputs should stay float32"
+    x, _ = generate(2, seed=1)
+    out32 = ort.InferenceSession(str(onnx_path)).run(None, {INPUT_NAME: x})
+    out16 = ort.InferenceSession(str(fp16.path)).run(None, {INPUT_NAME: x})
+    assert all(o.dtype == np.float32 for o in out16)
+    np.testing.assert_allclose(out16[0], out32[0], atol=0.05)
+
+
+def test_variant_failing_its_gate_comes_back_not_passed(
+    int8: optimize.VariantResult, model: LocalizationNet
+) -> None:
+    impossible = dataclasses.replace(optimize.VARIANT_GATES, max_abs=0.0)
+    result = optimize.verify_variant(
+        int8.path,
+        model,
+        variant="int8",
+        source=int8.source,
+        gates=impossible,
+        batch_sizes=(1,),
+        task_samples=0,
+    )
+    assert not result.passed
+    assert "max abs diff" in result.reason
+
+
+def test_build_variant_rejects_unknown_variant(model: LocalizationNet, onnx_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown variant"):
+        optimize.build_variant("int4", onnx_path, onnx_path.with_name("x.onnx"), model)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["atto.onnx", "atto.int8.bin"])
+def test_quantize_refuses_bad_output_paths(onnx_path: Path, name: str) -> None:
+    with pytest.raises(InputError):
+        optimize.quantize_int8(onnx_path, onnx_path.with_name(name))
+
+
+def test_quantize_refuses_zero_calibration_samples(onnx_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="calibration"):
+        optimize.quantize_int8(onnx_path, tmp_path / "q.onnx", calibration=0)
+
+
+def test_save_optimized_basic_passes_the_checker_and_agrees(
+    onnx_path: Path, tmp_path: Path
+) -> None:
+    path = optimize.save_optimized(onnx_path, tmp_path / "opt.onnx", level="basic")
+    validate_onnx_model(path)
+    assert _props(path)[optimize.METADATA_KEY_VARIANT] == "optimized-basic"
+    x, _ = generate(2, seed=2)
+    ref = ort.InferenceSession(str(onnx_path)).run(None, {INPUT_NAME: x})
+    got = ort.InferenceSession(str(path)).run(None, {INPUT_NAME: x})
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4)

@@ -1,0 +1,234 @@
+"""Registry behaviour that needs no MLflow server: argument checks, byte checks, history replay."""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from heimdall import registry
+from heimdall.config import Settings
+from heimdall.errors import InputError, RegistryError
+from heimdall.export import ExportResult
+from heimdall.registry import AliasEvent
+from heimdall.storage import LocalStore, upload_model
+from tests.fixtures.process import free_port
+
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, tracking_uri=None, s3_endpoint_url=None)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "objects")
+
+
+def mlflow_untouched(settings: Settings) -> bool:
+    return not (settings.resolved_data_dir / "mlflow.db").exists()
+
+
+def test_the_model_directory_sits_next_to_the_upload() -> None:
+    assert registry.model_dir_uri("s3://b/models/localization/v1.onnx") == (
+        "s3://b/models/localization/v1"
+    )
+    with pytest.raises(InputError, match=r"uploaded \.onnx object"):
+        registry.model_dir_uri("s3://b/models/localization/v1")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sha256": "xyz"}, "sha256 must be 64 lowercase hex"),
+        ({"sha256": SHA, "alias": "latest"}, "invalid alias"),
+        ({"sha256": SHA, "alias": "v3"}, "invalid alias"),
+        ({"sha256": SHA, "stage": "Shipping"}, "unknown stage"),
+        ({"sha256": SHA, "name": "a/b"}, "invalid registered model name"),
+        ({"sha256": SHA, "name": "it's"}, "invalid registered model name"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_io(
+    options: dict[str, str], message: str, settings: Settings, store: LocalStore
+) -> None:
+    with pytest.raises(InputError, match=message):
+        registry.register_model(
+            "file:///nowhere/v1.onnx", settings=settings, store=store, **options
+        )
+    assert mlflow_untouched(settings)
+
+
+def test_a_missing_upload_is_never_registered(settings: Settings, store: LocalStore) -> None:
+    store.create_bucket("heimdall-models")
+    uri = store.uri("heimdall-models", "models/localization/v1.onnx")
+
+    with pytest.raises(RegistryError, match="does not exist; upload the model"):
+        registry.register_model(uri, sha256=SHA, settings=settings, store=store)
+    assert mlflow_untouched(settings)
+
+
+def test_an_upload_without_any_sha256_to_check_against_is_never_registered(
+    settings: Settings, store: LocalStore
+) -> None:
+    store.create_bucket("heimdall-models")
+    store.put_bytes("heimdall-models", "models/localization/v1.onnx", b"bytes of unknown origin")
+    uri = store.uri("heimdall-models", "models/localization/v1.onnx")
+
+    with pytest.raises(RegistryError, match="has no recorded sha256"):
+        registry.register_with_mlflow("m", uri, {}, settings=settings, store=store)
+    assert mlflow_untouched(settings)
+
+
+def test_bytes_other_than_the_expected_sha256_are_never_registered(
+    atto_onnx: ExportResult, settings: Settings, store: LocalStore
+) -> None:
+    uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
+
+    with pytest.raises(RegistryError, match="holds other bytes"):
+        registry.register_model(uri, sha256=SHA, settings=settings, store=store)
+    assert mlflow_untouched(settings)
+    bucket, key = store.locate(registry.model_dir_uri(uri))
+    assert store.list_objects(bucket, key + "/") == []
+
+
+def test_stored_sha256_streams_the_object_or_says_none(
+    atto_onnx: ExportResult, store: LocalStore
+) -> None:
+    uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
+
+    assert registry.stored_sha256(store, uri) == atto_onnx.sha256
+    assert registry.stored_sha256(store, uri.replace(".onnx", "-absent.onnx")) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("runs:/abc/model", "not a registry URI"),
+        ("models:/name", "not a registry URI"),
+        ("models:/name/two", "not a registry URI"),
+        ("models:/@staging", "not a registry URI"),
+    ],
+)
+def test_resolve_refuses_uris_that_name_no_version(uri: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        registry.resolve_model_uri(uri)
+
+
+def event(action: str, version: str) -> AliasEvent:
+    return AliasEvent(version=version, action=action, at="2026-01-01T00:00:00+00:00")
+
+
+def test_alias_history_replays_as_a_stack_of_holders() -> None:
+    history = (
+        event("promote", "1"),
+        event("promote", "2"),
+        event("promote", "3"),
+        event("rollback", "2"),
+        event("promote", "4"),
+    )
+
+    assert registry._holders(history) == ["1", "2", "4"]
+    assert registry._holders((*history, event("rollback", "2"), event("rollback", "1"))) == ["1"]
+
+
+def test_a_rollback_to_a_version_not_on_the_stack_still_ends_on_it() -> None:
+    """History edited by hand or cut at its limit must not leave a stack that lies."""
+    assert registry._holders((event("promote", "5"), event("rollback", "2"))) == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"parity": {"passed": True}}, "passed"),
+        ({"parity": {"passed": False}}, "failed"),
+        ({"parity": None}, "missing"),
+        ({}, "missing"),
+    ],
+)
+def test_verification_is_read_from_the_parity_record(
+    metadata: dict[str, object], expected: str
+) -> None:
+    assert registry._verification(metadata) == expected
+
+
+def test_the_environment_overlay_is_restored_after_the_outermost_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HEIMDALL_TEST_KEEP", "before")
+    monkeypatch.delenv("HEIMDALL_TEST_NEW", raising=False)
+    overlay = registry._Environment()
+
+    with overlay.applied({"HEIMDALL_TEST_KEEP": "during", "HEIMDALL_TEST_NEW": "x"}):
+        with overlay.applied({"HEIMDALL_TEST_KEEP": "ignored"}):
+            assert os.environ["HEIMDALL_TEST_KEEP"] == "during"
+        assert os.environ["HEIMDALL_TEST_NEW"] == "x"
+
+    assert os.environ["HEIMDALL_TEST_KEEP"] == "before"
+    assert "HEIMDALL_TEST_NEW" not in os.environ
+
+
+def test_a_locked_sqlite_database_is_retried_and_other_errors_are_not() -> None:
+    calls = []
+
+    def locked_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "done"
+
+    def broken() -> None:
+        calls.append(1)
+        raise MlflowException("something else")
+
+    assert registry._call(locked_twice) == "done"
+    calls.clear()
+    with pytest.raises(MlflowException, match="something else"):
+        registry._call(broken)
+    assert len(calls) == 1
+
+
+def test_failures_never_show_the_tracking_password() -> None:
+    settings = Settings(
+        tracking_uri="http://user:hunter2@mlflow.example:5000",
+        s3_secret_access_key="s3-secret",
+    )
+    error = MlflowException(
+        "API request to http://user:hunter2@mlflow.example:5000/api failed: Max retries exceeded"
+        " (s3-secret)"
+    )
+
+    text = registry._explain(settings, "register", error, retries="3")
+
+    assert "hunter2" not in text and "s3-secret" not in text
+    assert "did not answer" in text
+
+
+def test_a_bare_postgresql_uri_uses_psycopg2_when_psycopg3_is_absent() -> None:
+    uri = registry._store_uri("postgresql://u@h:5432/db")
+
+    if find_spec("psycopg") is None:
+        assert uri == "postgresql+psycopg2://u@h:5432/db"
+    else:
+        assert uri == "postgresql://u@h:5432/db"
+    assert registry._store_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_an_unreachable_database_fails_in_seconds_without_its_password(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, tracking_uri=f"postgresql://u:pg-pw@127.0.0.1:{free_port()}/mlflow"
+    )
+    started = time.monotonic()
+
+    with pytest.raises(RegistryError, match="refuses connections") as failure:
+        registry.list_models(settings=settings)
+
+    assert time.monotonic() - started < 10
+    assert "pg-pw" not in str(failure.value)

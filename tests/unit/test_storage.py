@@ -1,0 +1,426 @@
+"""Storage semantics on the local-directory backend: no server needed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from heimdall.config import Settings
+from heimdall.errors import InputError, StorageError
+from heimdall.storage import (
+    LocalStore,
+    ObjectExistsError,
+    S3Store,
+    download_model,
+    open_store,
+    upload_model,
+    upload_to_minio,
+)
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+KEY = "models/localization/v20250102_030405.onnx"
+BUCKET = "heimdall-models"
+
+
+def at(moment: datetime) -> Callable[[], datetime]:
+    return lambda: moment
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> Path:
+    path.write_bytes(np.random.default_rng(seed).bytes(size))
+    return path
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "objects")
+
+
+@pytest.fixture
+def bucket(store: LocalStore) -> str:
+    store.create_bucket(BUCKET)
+    return BUCKET
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return write_random(tmp_path / "model.onnx", 3 * 1024 * 1024 + 17)
+
+
+class CorruptingStore(LocalStore):
+    """Answers every write with success but stores one byte altered (seaweedfs#6548's shape)."""
+
+    def put_file(self, bucket: str, key: str, path: Path, **kwargs: Any) -> None:
+        super().put_file(bucket, key, path, **kwargs)
+        stored = self.root / bucket / key
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+
+
+class FailingModelStore(LocalStore):
+    """Stores external-data files, then fails on the model file itself."""
+
+    def put_file(self, bucket: str, key: str, path: Path, **kwargs: Any) -> None:
+        if key.endswith(".onnx"):
+            raise StorageError(f"simulated failure storing {key}")
+        super().put_file(bucket, key, path, **kwargs)
+
+
+class BlindStore(LocalStore):
+    """Never sees ``hidden``, as if another writer created it right after we looked."""
+
+    hidden = KEY
+
+    def head(self, bucket: str, key: str) -> Any:
+        return None if key == self.hidden else super().head(bucket, key)
+
+
+def test_upload_stores_the_bytes_with_metadata_under_the_default_key(
+    store: LocalStore, bucket: str, model: Path, tmp_path: Path
+) -> None:
+    result = upload_model(model, store, bucket, clock=at(NOW))
+
+    assert (result.key, result.reused) == (KEY, False)
+    assert result.uri == store.uri(bucket, KEY) == (tmp_path / "objects" / bucket / KEY).as_uri()
+    assert result.sha256 == sha256_of(model.read_bytes())
+    info = store.head(bucket, KEY)
+    assert info is not None
+    assert info.content_type == "application/octet-stream"
+    assert dict(info.metadata) == {
+        "export-date": "2025-01-02T03:04:05+00:00",
+        "model-type": "LocalizationNet",
+        "format": "onnx",
+        "file-size": str(model.stat().st_size),
+        "sha256": result.sha256,
+    }
+    downloaded = download_model(store, result.uri, tmp_path / "down")
+    assert downloaded.name == "v20250102_030405.onnx"
+    assert downloaded.read_bytes() == model.read_bytes()
+
+
+def test_result_serializes_to_a_plain_dict(store: LocalStore, bucket: str, model: Path) -> None:
+    result = upload_model(model, store, bucket, clock=at(NOW))
+
+    as_dict = result.to_dict()
+    assert as_dict["uri"] == result.uri
+    assert as_dict["files"] == [
+        {"name": "model.onnx", "key": KEY, "sha256": result.sha256, "size": result.size}
+    ]
+
+
+def test_missing_bucket_is_an_error_that_names_create_bucket(
+    store: LocalStore, model: Path
+) -> None:
+    with pytest.raises(StorageError, match="--create-bucket"):
+        upload_model(model, store, "absent-bucket", clock=at(NOW))
+
+    assert not store.bucket_exists("absent-bucket")
+
+
+def test_missing_bucket_is_created_when_asked(store: LocalStore, model: Path) -> None:
+    result = upload_model(model, store, "new-bucket", create_bucket=True, clock=at(NOW))
+
+    assert store.bucket_exists("new-bucket")
+    assert store.exists("new-bucket", result.key)
+
+
+def test_same_bytes_again_return_the_existing_uri_without_writing(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    first = upload_model(model, store, bucket, clock=at(NOW))
+    stored = (store.root / bucket / first.key).stat()
+    objects = store.list_objects(bucket)
+
+    again = upload_model(model, store, bucket, clock=at(NOW + timedelta(days=1)))
+
+    assert (again.uri, again.reused) == (first.uri, True)
+    assert store.list_objects(bucket) == objects
+    after = (store.root / bucket / first.key).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)
+
+
+def test_two_uploads_in_one_second_get_distinct_keys(
+    store: LocalStore, bucket: str, tmp_path: Path
+) -> None:
+    a = write_random(tmp_path / "a.onnx", 1000, seed=1)
+    b = write_random(tmp_path / "b.onnx", 1000, seed=2)
+
+    first = upload_model(a, store, bucket, clock=at(NOW))
+    second = upload_model(b, store, bucket, clock=at(NOW))
+
+    assert first.key == KEY
+    assert second.key == "models/localization/v20250102_030405-1.onnx"
+    assert store.read_bytes(bucket, first.key) == a.read_bytes()
+    assert store.read_bytes(bucket, second.key) == b.read_bytes()
+
+
+def test_a_key_taken_after_the_check_is_not_overwritten(tmp_path: Path, model: Path) -> None:
+    store = BlindStore(tmp_path / "objects")
+    store.create_bucket(BUCKET)
+    store.put_bytes(BUCKET, KEY, b"someone else's model")
+
+    result = upload_model(model, store, BUCKET, clock=at(NOW))
+
+    assert result.key == "models/localization/v20250102_030405-1.onnx"
+    assert LocalStore(store.root).read_bytes(BUCKET, KEY) == b"someone else's model"
+
+
+def test_explicit_key_holding_other_bytes_is_refused(
+    store: LocalStore, bucket: str, model: Path, tmp_path: Path
+) -> None:
+    other = write_random(tmp_path / "other.onnx", 1000, seed=3)
+    upload_model(other, store, bucket, "custom/model.onnx")
+
+    with pytest.raises(StorageError, match="already holds a different object"):
+        upload_model(model, store, bucket, "custom/model.onnx")
+
+    assert store.read_bytes(bucket, "custom/model.onnx") == other.read_bytes()
+
+
+def test_explicit_key_holding_the_same_bytes_is_reused(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    first = upload_model(model, store, bucket, "custom/model.onnx")
+    again = upload_model(model, store, bucket, "custom/model.onnx")
+
+    assert (first.reused, again.reused, again.uri) == (False, True, first.uri)
+
+
+def test_altered_stored_bytes_are_detected_and_removed(tmp_path: Path, model: Path) -> None:
+    store = CorruptingStore(tmp_path / "objects")
+    store.create_bucket(BUCKET)
+
+    with pytest.raises(StorageError, match=r"do not match model\.onnx") as caught:
+        upload_model(model, store, BUCKET, clock=at(NOW))
+
+    assert "the uploaded objects were removed" in str(caught.value)
+    assert store.list_objects(BUCKET) == []
+
+
+def _onnx_with_external_data(directory: Path) -> tuple[Path, np.ndarray]:
+    weights = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    path = directory / "model.onnx"
+    onnx.save_model(
+        helper.make_model(graph),
+        path,
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    return path, weights
+
+
+def test_external_data_is_stored_and_restored_as_one_loadable_unit(
+    store: LocalStore, bucket: str, tmp_path: Path
+) -> None:
+    (tmp_path / "export").mkdir()
+    path, weights = _onnx_with_external_data(tmp_path / "export")
+
+    result = upload_model(path, store, bucket, clock=at(NOW))
+
+    assert [f.key for f in result.files] == [KEY, f"{KEY}.data"]
+    info = store.head(bucket, KEY)
+    assert info is not None
+    assert info.metadata["external-data"] == '{".data": "model.onnx.data"}'
+    downloaded = download_model(store, result.uri, tmp_path / "down")
+    assert sorted(p.name for p in downloaded.parent.iterdir()) == [
+        "model.onnx.data",
+        "v20250102_030405.onnx",
+    ]
+    loaded = onnx.load(str(downloaded))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weights)
+
+
+def test_failed_model_upload_removes_its_external_data(tmp_path: Path) -> None:
+    store = FailingModelStore(tmp_path / "objects")
+    store.create_bucket(BUCKET)
+    model = write_random(tmp_path / "model.onnx", 1000)
+    write_random(tmp_path / "model.onnx.data", 5000, seed=1)
+
+    with pytest.raises(StorageError, match="simulated failure"):
+        upload_model(model, store, BUCKET, clock=at(NOW))
+
+    assert store.list_objects(BUCKET) == []
+
+
+def test_progress_counts_every_file_up_to_the_total(
+    store: LocalStore, bucket: str, tmp_path: Path
+) -> None:
+    model = write_random(tmp_path / "model.onnx", 9 * 1024 * 1024)
+    write_random(tmp_path / "model.onnx.data", 20 * 1024 * 1024, seed=1)
+    calls: list[tuple[int, int]] = []
+
+    upload_model(model, store, bucket, clock=at(NOW), progress=lambda d, t: calls.append((d, t)))
+
+    total = 29 * 1024 * 1024
+    assert calls[-1] == (total, total)
+    assert all(t == total for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_conditional_write_never_overwrites(store: LocalStore, bucket: str) -> None:
+    store.put_bytes(bucket, "k/one", b"first")
+
+    with pytest.raises(ObjectExistsError):
+        store.put_bytes(bucket, "k/one", b"second")
+
+    assert store.read_bytes(bucket, "k/one") == b"first"
+    store.put_bytes(bucket, "k/one", b"second", if_absent=False)
+    assert store.read_bytes(bucket, "k/one") == b"second"
+
+
+def test_copy_keeps_metadata_and_refuses_to_overwrite(store: LocalStore, bucket: str) -> None:
+    store.put_bytes(bucket, "a", b"bytes", metadata={"sha256": "x"}, content_type="text/plain")
+    store.put_bytes(bucket, "taken", b"other")
+
+    store.copy(bucket, "a", "b")
+
+    copied = store.head(bucket, "b")
+    assert copied is not None
+    assert (dict(copied.metadata), copied.content_type) == ({"sha256": "x"}, "text/plain")
+    with pytest.raises(ObjectExistsError):
+        store.copy(bucket, "a", "taken")
+    assert store.read_bytes(bucket, "taken") == b"other"
+
+
+def test_delete_removes_object_and_metadata_and_tolerates_missing(
+    store: LocalStore, bucket: str
+) -> None:
+    store.put_bytes(bucket, "a/b", b"x", metadata={"k": "v"})
+
+    store.delete(bucket, "a/b")
+    store.delete(bucket, "a/b")
+
+    assert store.head(bucket, "a/b") is None
+    store.put_bytes(bucket, "a/b", b"y")
+    info = store.head(bucket, "a/b")
+    assert info is not None and dict(info.metadata) == {}
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", "", "a\\b"])
+def test_keys_that_could_escape_or_alias_are_refused(
+    store: LocalStore, bucket: str, key: str
+) -> None:
+    with pytest.raises(InputError, match="invalid object key"):
+        store.put_bytes(bucket, key, b"x")
+
+
+@pytest.mark.parametrize("name", ["Upper", "a", "under_score", "../x", "a..b"])
+def test_invalid_bucket_names_are_refused(store: LocalStore, name: str) -> None:
+    with pytest.raises(InputError, match="invalid bucket name"):
+        store.create_bucket(name)
+
+
+def test_invalid_metadata_is_refused_before_anything_is_stored(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    with pytest.raises(InputError, match="invalid metadata"):
+        upload_model(model, store, bucket, metadata={"Run ID": "x"})
+
+    assert store.list_objects(bucket) == []
+
+
+def test_missing_model_and_misplaced_external_data_are_input_errors(
+    store: LocalStore, bucket: str, model: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    stray = write_random(elsewhere / "weights.bin", 10)
+
+    with pytest.raises(InputError, match="does not exist"):
+        upload_model(tmp_path / "nope.onnx", store, bucket)
+    with pytest.raises(InputError, match="must sit next to"):
+        upload_model(model, store, bucket, extra_files=[stray])
+
+
+def test_uri_and_locate_round_trip(store: LocalStore) -> None:
+    uri = store.uri(BUCKET, "models/a b.onnx")
+
+    assert store.locate(uri) == (BUCKET, "models/a b.onnx")
+    with pytest.raises(InputError):
+        store.locate("file:///somewhere/else/k")
+
+
+def test_stale_staged_files_are_cleaned_but_fresh_ones_kept(store: LocalStore, bucket: str) -> None:
+    staging = store.root / ".tmp" / bucket
+    staging.mkdir(parents=True)
+    (staging / "old").write_bytes(b"x")
+    (staging / "new").write_bytes(b"x")
+    hour_ago = (NOW - timedelta(hours=2)).timestamp()
+    os.utime(staging / "old", (hour_ago, hour_ago))
+
+    removed = store.abort_incomplete(bucket, "", older_than=timedelta(hours=1), now=NOW)
+
+    assert removed == 1
+    assert [p.name for p in staging.iterdir()] == ["new"]
+
+
+def test_settings_without_endpoint_open_the_local_store_of_object_store_uri(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+
+    store = open_store(settings)
+
+    assert isinstance(store, LocalStore)
+    assert store.uri(settings.bucket, "k") == f"{settings.object_store_uri}/k"
+
+
+def test_settings_with_endpoint_open_an_s3_store_whose_repr_hides_the_secret() -> None:
+    settings = Settings(
+        s3_endpoint_url="http://127.0.0.1:9",
+        s3_access_key_id="id",
+        s3_secret_access_key="very-secret-value",
+    )
+
+    store = open_store(settings)
+
+    assert isinstance(store, S3Store)
+    assert "very-secret-value" not in repr(store)
+    assert "very-secret-value" not in repr(vars(store))
+
+
+def test_s3_client_sends_checksums_only_when_required() -> None:
+    # Deliberate (seaweedfs#6548): see the comment in S3Store.__init__.
+    config = S3Store("http://127.0.0.1:9")._client.meta.config
+
+    assert config.request_checksum_calculation == "when_required"
+    assert config.response_checksum_validation == "when_required"
+
+
+def test_open_store_accepts_directories_and_file_uris_only(tmp_path: Path) -> None:
+    assert isinstance(open_store(tmp_path), LocalStore)
+    assert open_store(tmp_path.as_uri()).root == tmp_path.resolve()  # type: ignore[attr-defined]
+    with pytest.raises(InputError, match="needs settings"):
+        open_store("s3://bucket")
+
+
+def test_upload_to_minio_uses_settings_and_returns_the_uri(tmp_path: Path, model: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    open_store(settings).create_bucket(settings.bucket)
+
+    uri = upload_to_minio(model, settings=settings)
+
+    assert uri.startswith(f"{settings.object_store_uri}/models/localization/v")
+    assert uri.endswith(".onnx")
