@@ -100,6 +100,7 @@ class Timing:
     throughput: float
     gflops: float
     ratios: dict[str, float]
+    samples_ms: tuple[float, ...] = ()  # every timed call, in run order (for plots)
 
     @property
     def speedup_vs_pytorch(self) -> float | None:
@@ -517,6 +518,7 @@ def _stats(
         ratios={
             other: float(np.median(seconds / arrays[other])) for other in arrays if other != name
         },
+        samples_ms=tuple(round(float(s) * 1e3, 4) for s in seconds),
     )
 
 

@@ -145,8 +145,8 @@ def train(
                 progress=on_epoch,
             )
         emit(result, as_json, "training")
-        if publish_after:
-            _publish(ctx, result.checkpoint, as_json=as_json)
+    if publish_after:
+        _publish(ctx, result.checkpoint, as_json=as_json)
 
 
 @app.command("export")
@@ -284,8 +284,267 @@ def predict(
         out.print(table)
 
 
-def _publish(ctx: typer.Context, checkpoint: Path, as_json: bool, **options: Any) -> None:
-    raise NotImplementedError  # replaced when the pipeline lands
+class StepDisplay:
+    """Per-step progress lines for publish (and a byte bar while uploading)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, Any] = {}
+        self.upload: Any = None
+
+    def step(self, name: str, status: str, detail: str) -> None:
+        if status == "start":
+            self.tasks[name] = self.bar.add_task(name, total=None, info="")
+            return
+        mark = {"ok": "[green]✓[/green]", "reused": "[cyan]=[/cyan]", "skipped": "·"}
+        self.bar.update(self.tasks[name], total=1, completed=1, info=detail, visible=False)
+        console.print(f"{mark.get(status, '[red]✗[/red]')} {name:<10} {detail}")
+
+    def bytes(self, done: int, total: int) -> None:
+        if self.upload is None:
+            self.upload = self.bar.add_task("sending", total=total, info="")
+        self.bar.update(
+            self.upload,
+            completed=done,
+            total=total,
+            info=f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB",
+        )
+
+
+def _publish(
+    ctx: typer.Context,
+    checkpoint: Path,
+    as_json: bool,
+    *,
+    name: str | None = None,
+    alias: str = "staging",
+    stage: str | None = None,
+    variants: str = "fp32",
+    create_bucket: bool | None = None,
+    output_dir: Path | None = None,
+    bench: bool = True,
+) -> None:
+    from heimdall.pipeline import publish as run_publish
+
+    with errors(as_json), progress_bar() as bar:
+        display = StepDisplay(bar)
+        result = run_publish(
+            checkpoint,
+            settings=_settings(ctx),
+            name=name,
+            alias=alias or None,
+            stage=stage,
+            variants=variants.split(","),
+            create_bucket=create_bucket,
+            output_dir=output_dir,
+            bench=bench,
+            progress=None if as_json else display.step,
+            upload_progress=None if as_json else display.bytes,
+        )
+    emit(result, as_json, "published")
+    if not as_json and result.report is not None:
+        out.print(f"report: {result.report.html}")
+
+
+@app.command()
+def publish(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .ckpt)."),
+    name: str = typer.Option(None, help="Registered model name [env HEIMDALL_MODEL_NAME]."),
+    alias: str = typer.Option("staging", help="Alias to point at the new version ('' for none)."),
+    stage: str = typer.Option(None, help="Also set MLflow's legacy stage, e.g. Staging."),
+    variants: str = typer.Option("fp32", help="Comma-separated: fp32, int8, fp16."),
+    create_bucket: bool = typer.Option(
+        None, "--create-bucket/--no-create-bucket", help="Create a missing bucket."
+    ),
+    output_dir: Path = typer.Option(None, help="Where the ONNX files and report go."),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Time PyTorch vs ONNX Runtime."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export, verify, benchmark, upload and register a checkpoint (re-runs are idempotent)."""
+    _publish(
+        ctx,
+        checkpoint,
+        as_json,
+        name=name,
+        alias=alias,
+        stage=stage,
+        variants=variants,
+        create_bucket=create_bucket,
+        output_dir=output_dir,
+        bench=bench,
+    )
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    backbone: str = typer.Option("atto", help="ConvNeXt size of the demo model."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train a demo model, publish it, load it back by alias and predict held-out samples."""
+    from heimdall.pipeline import run_demo
+    from heimdall.train import TrainConfig
+
+    settings = _settings(ctx)
+    with errors(as_json), progress_bar() as bar:
+        display = StepDisplay(bar)
+        task = bar.add_task("training", total=None, info="")
+
+        def on_epoch(epoch: int, total: int, loss: float, km: float) -> None:
+            bar.update(task, completed=epoch, total=total, info=f"val median {km:.1f} km")
+            if epoch == total:
+                bar.update(task, visible=False)
+                console.print(
+                    f"[green]✓[/green] {'train':<10} {total} epochs, val median {km:.1f} km"
+                )
+
+        result = run_demo(
+            settings=settings,
+            config=TrainConfig(backbone=backbone),
+            train_progress=None if as_json else on_epoch,
+            progress=None if as_json else display.step,
+            upload_progress=None if as_json else display.bytes,
+        )
+    emit(result.to_dict() if as_json else result.summary(), as_json, "heimdall demo")
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Registered model name."),
+    version: str = typer.Argument(..., help="Version number to promote."),
+    to: str = typer.Option("production", "--to", help="Alias to move."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Move an alias to a version if its gates pass (READY, verified, bytes unchanged)."""
+    from heimdall.registry import promote as run_promote
+
+    with errors(as_json):
+        emit(run_promote(name, version, to=to, settings=_settings(ctx)), as_json, "promote")
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Registered model name."),
+    alias: str = typer.Option("production", help="Alias to return to its previous holder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Return an alias to the version that held it before."""
+    from heimdall.registry import rollback as run_rollback
+
+    with errors(as_json):
+        emit(run_rollback(name, alias=alias, settings=_settings(ctx)), as_json, "rollback")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Inspect registered models.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
+    """Registered models with their aliases and latest version."""
+    from heimdall.registry import list_models
+
+    with errors(as_json):
+        models = [m.to_dict() for m in list_models(settings=_settings(ctx))]
+        if as_json:
+            emit(models, True, "models")
+            return
+        table = Table(title="registered models")
+        columns = list(models[0]) if models else ["name"]
+        for col in columns:
+            table.add_column(col)
+        for row in models:
+            table.add_row(*(_cell(row[c]) for c in columns))
+        out.print(table)
+
+
+def _cell(value: Any) -> str:
+    return json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+
+
+@models_app.command("show")
+def models_show(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Registered model name."),
+    version: str = typer.Option(None, help="One version instead of the model."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """A model's versions, aliases and alias history (or one version's details)."""
+    from heimdall.registry import show_model
+
+    with errors(as_json):
+        emit(show_model(name, version=version, settings=_settings(ctx)), as_json, name)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    checkpoint: Path = typer.Option(..., help="The checkpoint it was exported from."),
+    batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+    budget: float = typer.Option(10.0, help="Seconds per batch size."),
+    threads: int = typer.Option(None, help="Threads for both runtimes (default: cores)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Time PyTorch eager vs ONNX Runtime on the same inputs in one process."""
+    from heimdall.bench import benchmark
+    from heimdall.checkpoint import load_checkpoint
+
+    with errors(as_json):
+        result = benchmark(
+            load_checkpoint(checkpoint).model,
+            {"fp32": model},
+            batch_sizes=_int_list(batch_sizes),
+            budget_s=budget,
+            threads=threads,
+        )
+        if as_json:
+            emit(result, True, "benchmark")
+            return
+        out.print(result.to_markdown())
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="fp32 ONNX file."),
+    checkpoint: Path = typer.Option(..., help="The checkpoint it was exported from."),
+    int8: bool = typer.Option(False, "--int8", help="Static QDQ int8, calibrated on RF data."),
+    fp16: bool = typer.Option(False, "--fp16", help="float16 weights (for GPUs), float32 IO."),
+    calibration: int = typer.Option(256, help="Calibration samples for --int8."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build int8/fp16 variants and gate them; exit 1 if any fails its gate."""
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.errors import InputError, VerificationError
+    from heimdall.optimize import Variant, build_variant
+
+    with errors(as_json):
+        chosen: list[Variant] = []
+        if int8:
+            chosen.append("int8")
+        if fp16:
+            chosen.append("fp16")
+        if not chosen:
+            raise InputError("choose at least one of --int8 and --fp16")
+        reference = load_checkpoint(checkpoint).model
+        results = [
+            build_variant(
+                v,
+                model,
+                model.with_name(f"{model.stem}.{v}.onnx"),
+                reference,
+                calibration=calibration,
+            )
+            for v in chosen
+        ]
+        emit({r.variant: r for r in results}, as_json, "variants")
+        failed = [r for r in results if not r.passed]
+        if failed:
+            raise VerificationError(
+                "; ".join(f"{r.variant} failed its gate: {r.reason}" for r in failed)
+            )
 
 
 if __name__ == "__main__":

@@ -37,3 +37,25 @@ class StorageError(HeimdallError):
 
 class RegistryError(HeimdallError):
     """The MLflow tracking server or model registry failed."""
+
+
+class PublishError(HeimdallError):
+    """A publish step failed; says which, why, and what already exists (re-running finishes)."""
+
+    def __init__(
+        self,
+        step: str,
+        reason: str,
+        existing: dict[str, str] | None = None,
+        steps: list[dict[str, object]] | None = None,
+    ) -> None:
+        self.step = step
+        self.reason = reason
+        self.existing = dict(existing or {})
+        self.steps = list(steps or [])
+        done = "; ".join(f"{k}: {v}" for k, v in self.existing.items()) or "nothing"
+        super().__init__(
+            f"publish failed at step {step!r}: {reason}. Already done: {done}. Fix the cause "
+            "and run the same command again: stored bytes and registered versions are found "
+            "by sha256 and reused, never duplicated"
+        )

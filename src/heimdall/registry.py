@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -221,6 +221,7 @@ def register_model(
     stage: str | None = None,
     run_id: str | None = None,
     description: str | None = None,
+    tags: Mapping[str, str] | None = None,
     settings: Settings | None = None,
     store: ObjectStore | None = None,
 ) -> RegisteredVersion:
@@ -253,6 +254,7 @@ def register_model(
         "onnx_uri": onnx_uri,
         "verification": _verification(meta),
         **staged.facts,
+        **(tags or {}),
     }
     text = description or _describe(staged.facts, sha256)
     action = f"register {staged.source} as a version of {name!r}"
@@ -404,6 +406,41 @@ def rollback(
         "registry.rolled_back", name=name, alias=alias, version=target.version, previous=current
     )
     return AliasChange(name, alias, target.version, current, "rollback", gates)
+
+
+def set_alias(
+    name: str, version: str | int, alias: str = DEFAULT_ALIAS, *, settings: Settings | None = None
+) -> AliasChange:
+    """Point ``alias`` at ``version`` (a version heimdall registered, so already verified).
+
+    For ``production`` use :func:`promote`, which re-checks the gates first.
+    """
+    _check_name(name)
+    _check_alias(alias)
+    settings = settings or load_settings()
+    with _mlflow(settings, f"set alias {alias!r} of {name} to version {version}") as client:
+        target = _version(client, name, str(version))
+        if target.verification != "passed":
+            raise RegistryError(
+                f"{name} version {target.version} has verification {target.verification!r}; "
+                f"only verified versions get an alias"
+            )
+        current = _aliases(_call(client.get_registered_model, name)).get(alias)
+        if current == target.version:
+            return AliasChange(name, alias, target.version, current, "unchanged")
+        _move_alias(client, name, alias, target.version, "register")
+    log.info("registry.alias_set", name=name, alias=alias, version=target.version)
+    return AliasChange(name, alias, target.version, current, "register")
+
+
+def log_run_files(
+    run_id: str, paths: Sequence[Path], artifact_path: str, *, settings: Settings | None = None
+) -> None:
+    """Attach local files (e.g. a publish report) to an MLflow run as artifacts."""
+    settings = settings or load_settings()
+    with _mlflow(settings, f"log {len(paths)} file(s) to run {run_id}") as client:
+        for path in paths:
+            _call(client.log_artifact, run_id, str(path), artifact_path)
 
 
 def list_models(*, settings: Settings | None = None) -> list[ModelSummary]:

@@ -1,0 +1,711 @@
+"""One-command publish: checkpoint → verified ONNX → object store → MLflow registry, with a report.
+
+Steps, each timed and named in any failure: load → export → validate → verify → variants →
+benchmark → heldout → upload → metadata → register → alias → report. Nothing is uploaded before
+parity passes, and a registry version is only created for bytes that storage read back and
+checked. Every step is safe to repeat: the export is deterministic, storage finds bytes it
+already holds by sha256, and the registry is searched by sha256 before a version is created, so
+re-running after any failure finishes the job without a second upload or a duplicate version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import structlog
+
+from heimdall.bench import PYTORCH, BenchmarkResult, benchmark
+from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
+from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings, redact_uri
+from heimdall.data import generate, haversine_km
+from heimdall.errors import HeimdallError, InputError, PublishError
+from heimdall.export import export_to_onnx
+from heimdall.inference import LocalizationModel
+from heimdall.model import LocalizationNet
+from heimdall.optimize import VARIANTS, Variant, VariantResult, build_variant
+from heimdall.registry import (
+    DEFAULT_ALIAS,
+    RegisteredVersion,
+    find_version_by_sha256,
+    log_run_files,
+    register_model,
+    set_alias,
+)
+from heimdall.report import ReportPaths, write_report
+from heimdall.storage import ObjectStore, UploadResult, open_store, upload_model
+from heimdall.train import TrainConfig, TrainResult, train
+from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
+from heimdall.verify import HELDOUT_SEED, ParityResult, verify_parity
+
+log = structlog.get_logger(__name__)
+
+FP32 = "fp32"
+BENCH_BATCH_SIZES = (1, 8, 32)
+VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
+HELDOUT_SAMPLES = 256
+DEMO_SEED = HELDOUT_SEED + 1  # demo predictions use samples no gate and no training run has seen
+
+# Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
+# "failed".
+StepProgress = Callable[[str, str, str], None]
+BytesProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of a publish run and how long it took."""
+
+    name: str
+    status: str  # ok | reused | skipped | failed
+    seconds: float
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "step": self.name,
+            "status": self.status,
+            "seconds": self.seconds,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """One variant's verified bytes in the object store and its registry version."""
+
+    variant: str
+    onnx_path: Path
+    upload: UploadResult
+    version: RegisteredVersion
+    reused_version: bool
+    alias: str | None
+    metadata: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "variant": self.variant,
+            "onnx_path": str(self.onnx_path),
+            "uri": self.upload.uri,
+            "sha256": self.upload.sha256,
+            "size_bytes": self.upload.size,
+            "uploaded": not self.upload.reused,
+            "version": self.version.version,
+            "model_uri": self.version.uri,
+            "reused_version": self.reused_version,
+            "alias": self.alias,
+            "run_id": self.version.run_id,
+        }
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """ONNX Runtime predictions on a held-out synthetic set, for the report and the demo."""
+
+    samples: int
+    seed: int
+    version: str | None
+    median_error_km: float
+    p90_error_km: float
+    true: list[list[float]] = field(repr=False)
+    predicted: list[list[float]] = field(repr=False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "samples": self.samples,
+            "seed": self.seed,
+            "version": self.version,
+            "median_error_km": self.median_error_km,
+            "p90_error_km": self.p90_error_km,
+            "true": self.true,
+            "predicted": self.predicted,
+        }
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """Everything a publish run made and measured; ``published[0]`` is the fp32 model."""
+
+    name: str
+    checkpoint_sha256: str
+    published: tuple[PublishedModel, ...]
+    validation: ValidationResult
+    parity: ParityResult
+    variants: tuple[VariantResult, ...]
+    benchmark: BenchmarkResult | None
+    heldout: HeldOut
+    steps: tuple[StepRecord, ...]
+    report: ReportPaths | None
+
+    @property
+    def primary(self) -> PublishedModel:
+        return self.published[0]
+
+    def speedup(self, batch_size: int = 1) -> float | None:
+        """ONNX Runtime fp32 vs PyTorch eager at ``batch_size`` (above 1: ONNX is faster)."""
+        if self.benchmark is None:
+            return None
+        return self.benchmark.timing(FP32, batch_size).speedup_vs_pytorch
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "success": True,
+            "name": self.name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "published": [p.to_dict() for p in self.published],
+            "parity_passed": self.parity.passed,
+            "speedup_batch1": self.speedup(1),
+            "heldout_median_error_km": self.heldout.median_error_km,
+            "variants": [v.to_dict() for v in self.variants],
+            "steps": [s.to_dict() for s in self.steps],
+            "report": str(self.report.html) if self.report else None,
+        }
+
+
+class _Run:
+    """Times steps, reports progress, and turns a failing step into a PublishError."""
+
+    def __init__(self, progress: StepProgress | None) -> None:
+        self.progress = progress
+        self.records: list[StepRecord] = []
+        self.existing: dict[str, str] = {}  # what a failure leaves behind, for the message
+        self.status = "ok"
+        self.detail = ""
+
+    def _emit(self, name: str, status: str, detail: str) -> None:
+        if self.progress is not None:
+            self.progress(name, status, detail)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[_Run]:
+        self.status, self.detail = "ok", ""
+        self._emit(name, "start", "")
+        started = time.perf_counter()
+        try:
+            yield self
+        except (HeimdallError, OSError) as exc:
+            seconds = round(time.perf_counter() - started, 3)
+            reason = redact_uri(str(exc))
+            self.records.append(StepRecord(name, "failed", seconds, reason))
+            self._emit(name, "failed", reason)
+            log.error("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
+            raise PublishError(
+                name, reason, dict(self.existing), [r.to_dict() for r in self.records]
+            ) from exc
+        seconds = round(time.perf_counter() - started, 3)
+        self.records.append(StepRecord(name, self.status, seconds, self.detail))
+        self._emit(name, self.status, self.detail)
+        log.info("publish.step", step=name, status=self.status, seconds=seconds)
+
+    def note(self, detail: str, status: str = "ok") -> None:
+        self.detail, self.status = detail, status
+
+
+def publish(
+    source: Path | str | LoadedCheckpoint | LocalizationNet,
+    *,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
+    name: str | None = None,
+    alias: str | None = DEFAULT_ALIAS,
+    stage: str | None = None,
+    variants: Sequence[str] = (FP32,),
+    output_dir: Path | str | None = None,
+    create_bucket: bool | None = None,
+    run_id: str | None = None,
+    bench: bool = True,
+    bench_budget_s: float = 2.0,
+    verify_batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES,
+    progress: StepProgress | None = None,
+    upload_progress: BytesProgress | None = None,
+) -> PublishResult:
+    """Export, verify, benchmark, upload and register a LocalizationNet checkpoint.
+
+    ``source`` is a checkpoint path (or a loaded one, or a model). ``variants`` lists what to
+    publish: ``fp32`` always, plus ``int8``/``fp16``, each registered as its own version (tag
+    ``variant``, alias ``<alias>-<variant>``) only when it passes its gates. ``create_bucket``
+    defaults to True for the local store and False for S3. Raises PublishError naming the
+    failed step and what already exists; re-running finishes the job.
+    """
+    settings = settings or load_settings()
+    name = name or settings.model_name
+    wanted = _check_variants(variants)
+    if bench_budget_s <= 0:
+        raise InputError(f"bench_budget_s must be positive, got {bench_budget_s}")
+    run = _Run(progress)
+
+    with run.step("load"):
+        loaded = _load(source)
+        model = loaded.model
+        run.note(f"{model.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
+    training_run = run_id or loaded.training_run_id
+    out = Path(output_dir) if output_dir else _default_output_dir(settings, loaded)
+
+    with run.step("export"):
+        exported = export_to_onnx(
+            model,
+            out / "model.onnx",
+            checkpoint_sha256=loaded.sha256,
+            training_run_id=training_run,
+        )
+        run.existing["onnx_file"] = str(exported.path)
+        run.note(
+            f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB, opset "
+            f"{exported.opset_version})"
+        )
+    with run.step("validate"):
+        validation = validate_onnx_model(exported.path)
+        run.note(
+            f"IR {validation.ir_version}, opset {validation.opset_version}, batch axis symbolic"
+        )
+    with run.step("verify"):
+        parity = verify_parity(exported.path, model, verify_batch_sizes)
+        worst = max(d.max_abs for d in parity.diffs)
+        task = parity.task
+        run.note(
+            f"max abs {worst:.1e}"
+            + (f", held-out mean distance {task.mean_distance_m:.2g} m" if task else "")
+        )
+
+    variant_results: list[VariantResult] = []
+    with run.step("variants"):
+        for variant in wanted[1:]:
+            built = build_variant(
+                _as_variant(variant), exported.path, out / f"model.{variant}.onnx", model
+            )
+            variant_results.append(built)
+        passing = [v for v in variant_results if v.passed]
+        if not variant_results:
+            run.note("fp32 only", "skipped")
+        else:
+            run.note("; ".join(f"{v.variant}: {v.reason}" for v in variant_results))
+
+    timings: BenchmarkResult | None = None
+    with run.step("benchmark"):
+        if bench:
+            files = {FP32: exported.path, **{v.variant: v.path for v in passing}}
+            timings = benchmark(
+                model, files, batch_sizes=BENCH_BATCH_SIZES, budget_s=bench_budget_s, peak=False
+            )
+            speedup = timings.timing(FP32, 1).speedup_vs_pytorch
+            run.note(f"batch 1: ONNX Runtime {speedup:.2f}× PyTorch eager")
+        else:
+            run.note("not asked for", "skipped")
+
+    with run.step("heldout"):
+        heldout = evaluate_heldout(exported.path, settings=settings)
+        run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
+
+    store = store or open_store(settings)
+    make_bucket = (not settings.uses_s3) if create_bucket is None else create_bucket
+    to_publish = [(FP32, exported.path, parity)] + [(v.variant, v.path, v.parity) for v in passing]
+    published = [
+        _publish_one(
+            run,
+            variant,
+            path,
+            variant_parity,
+            model=model,
+            loaded=loaded,
+            training_run=training_run,
+            timings=timings,
+            settings=settings,
+            store=store,
+            name=name,
+            alias=alias,
+            stage=stage if variant == FP32 else None,
+            create_bucket=make_bucket,
+            upload_progress=upload_progress,
+        )
+        for variant, path, variant_parity in to_publish
+    ]
+
+    partial = PublishResult(
+        name=name,
+        checkpoint_sha256=loaded.sha256,
+        published=tuple(published),
+        validation=validation,
+        parity=parity,
+        variants=tuple(variant_results),
+        benchmark=timings,
+        heldout=heldout,
+        steps=(),
+        report=None,
+    )
+    with run.step("report"):
+        document = report_document(partial, run.records)
+        paths = write_report(document, out)
+        run_for_report = partial.primary.version.run_id
+        if run_for_report:
+            log_run_files(run_for_report, [paths.json, paths.html], "report", settings=settings)
+        run.note(str(paths.html))
+    result = PublishResult(
+        **{**partial.__dict__, "steps": tuple(run.records), "report": paths},
+    )
+    log.info(
+        "publish.done",
+        name=name,
+        version=result.primary.version.version,
+        sha256=result.primary.upload.sha256,
+        uri=result.primary.upload.uri,
+    )
+    return result
+
+
+def _publish_one(
+    run: _Run,
+    variant: str,
+    path: Path,
+    parity: ParityResult | None,
+    *,
+    model: LocalizationNet,
+    loaded: LoadedCheckpoint,
+    training_run: str | None,
+    timings: BenchmarkResult | None,
+    settings: Settings,
+    store: ObjectStore,
+    name: str,
+    alias: str | None,
+    stage: str | None,
+    create_bucket: bool,
+    upload_progress: BytesProgress | None,
+) -> PublishedModel:
+    """Upload (verified), describe, register and alias one variant's ONNX file."""
+    label = "" if variant == FP32 else f"[{variant}]"
+    with run.step(f"upload{label}"):
+        uploaded = upload_model(
+            path,
+            store,
+            settings.bucket,
+            create_bucket=create_bucket,
+            progress=upload_progress,
+            metadata={"variant": variant},
+        )
+        run.existing[f"uploaded{label}"] = uploaded.uri
+        run.note(
+            f"{uploaded.uri} (already stored, not sent again)" if uploaded.reused else uploaded.uri,
+            "reused" if uploaded.reused else "ok",
+        )
+    with run.step(f"metadata{label}"):
+        metadata = get_model_metadata(
+            path,
+            model,
+            training_run,
+            checkpoint_sha256=loaded.sha256,
+            parity=parity,
+            timings=_timing_summary(timings, variant),
+        )
+        metadata.update({"variant": variant, "s3_uri": uploaded.uri})
+        run.note(f"sha256 {metadata['sha256']}")
+    with run.step(f"register{label}"):
+        existing = find_version_by_sha256(name, uploaded.sha256, settings=settings)
+        if existing is not None:
+            version, reused = existing, True
+            run.note(f"{name} version {version.version} already holds these bytes", "reused")
+        else:
+            version = register_model(
+                uploaded.uri,
+                sha256=uploaded.sha256,
+                name=name,
+                metadata=metadata,
+                alias=None,
+                stage=stage,
+                run_id=training_run,
+                tags={"variant": variant},
+                settings=settings,
+                store=store,
+            )
+            reused = False
+            run.note(f"{name} version {version.version}")
+        run.existing[f"version{label}"] = f"{name} version {version.version}"
+    target = None if alias is None else alias if variant == FP32 else f"{alias}-{variant}"
+    with run.step(f"alias{label}"):
+        if target is None:
+            run.note("no alias asked for", "skipped")
+        else:
+            change = set_alias(name, version.version, target, settings=settings)
+            run.note(
+                f"{name}@{target} → version {change.version}",
+                "reused" if change.action == "unchanged" else "ok",
+            )
+    return PublishedModel(
+        variant=variant,
+        onnx_path=path,
+        upload=uploaded,
+        version=version,
+        reused_version=reused,
+        alias=target,
+        metadata=metadata,
+    )
+
+
+def evaluate_heldout(
+    onnx_uri: Path | str,
+    *,
+    samples: int = HELDOUT_SAMPLES,
+    seed: int = HELDOUT_SEED,
+    settings: Settings | None = None,
+) -> HeldOut:
+    """Localization error of a model (path or URI) on a held-out synthetic set, via ORT."""
+    if samples < 1:
+        raise InputError(f"samples must be at least 1, got {samples}")
+    served = LocalizationModel.load(onnx_uri, settings=settings)
+    features, labels = generate(samples, seed=seed)
+    positions = served.predict(features).positions
+    errors = haversine_km(positions.astype(np.float64), labels.astype(np.float64))
+    return HeldOut(
+        samples=samples,
+        seed=seed,
+        version=served.version,
+        median_error_km=round(float(np.median(errors)), 3),
+        p90_error_km=round(float(np.percentile(errors, 90)), 3),
+        true=np.round(labels, 4).tolist(),
+        predicted=np.round(positions, 4).tolist(),
+    )
+
+
+def report_document(result: PublishResult, steps: Sequence[StepRecord]) -> dict[str, Any]:
+    """The report's content: model card, steps, parity, latency, throughput, held-out set."""
+    primary = result.primary
+    meta = primary.metadata
+    card = {
+        "name": result.name,
+        "version": primary.version.version,
+        "model_uri": primary.version.uri,
+        "stored_at": primary.upload.uri,
+        "sha256": primary.upload.sha256,
+        "size_bytes": primary.upload.size,
+        "backbone": meta.get("backbone"),
+        "parameters": meta.get("parameters"),
+        "inputs": meta.get("inputs"),
+        "outputs": meta.get("outputs"),
+        "opset": meta.get("opset_version"),
+        "producer": meta.get("producer"),
+        "checkpoint_sha256": result.checkpoint_sha256,
+        "training_run_id": meta.get("run_id"),
+        "lineage_run_id": primary.version.run_id,
+        "variants": [p.variant for p in result.published],
+    }
+    document: dict[str, Any] = {
+        "success": True,
+        "model_card": card,
+        "steps": [s.to_dict() for s in steps],
+        "parity": [d.to_dict() for d in result.parity.diffs],
+        "parity_task": result.parity.task.to_dict() if result.parity.task else None,
+        "variants": [v.to_dict() for v in result.variants],
+        "heldout": result.heldout.to_dict(),
+    }
+    if result.benchmark is not None:
+        bench = result.benchmark
+        document["latency_ms"] = {t.engine: {} for t in bench.timings}
+        document["throughput"] = {t.engine: {} for t in bench.timings}
+        for t in bench.timings:
+            document["latency_ms"][t.engine][str(t.batch_size)] = list(t.samples_ms)
+            document["throughput"][t.engine][str(t.batch_size)] = t.throughput
+        document["benchmark"] = [
+            {
+                "engine": t.engine,
+                "batch": t.batch_size,
+                "p50_ms": t.p50_ms,
+                "p90_ms": t.p90_ms,
+                "p99_ms": t.p99_ms,
+                "samples_per_s": t.throughput,
+                "speedup_vs_pytorch": t.speedup_vs_pytorch,
+            }
+            for t in bench.timings
+        ]
+        document["environment"] = bench.to_dict()["environment"]
+    return document
+
+
+def _timing_summary(timings: BenchmarkResult | None, variant: str) -> dict[str, object] | None:
+    """p50 latencies of this variant and PyTorch, per batch size, for the metadata record."""
+    if timings is None:
+        return None
+    rows = [t for t in timings.timings if t.engine in (variant, PYTORCH)]
+    return {
+        "threads": timings.threads,
+        "p50_ms": {f"{t.engine}@{t.batch_size}": round(t.p50_ms, 3) for t in rows},
+        "speedup_vs_pytorch": {
+            str(t.batch_size): t.speedup_vs_pytorch for t in rows if t.engine == variant
+        },
+    }
+
+
+def _load(source: Path | str | LoadedCheckpoint | LocalizationNet) -> LoadedCheckpoint:
+    if isinstance(source, LoadedCheckpoint):
+        return source
+    if isinstance(source, LocalizationNet):
+        # An in-memory model's "checkpoint" is its weights, hashed as safetensors bytes.
+        weights = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
+        digest = hashlib.sha256(safetensors.torch.save(weights)).hexdigest()
+        return LoadedCheckpoint(source, source.config, Path("(in memory)"), digest, None)
+    if isinstance(source, str | Path):
+        return load_checkpoint(Path(source))
+    raise InputError(
+        f"publish needs a checkpoint path or a LocalizationNet, got {type(source).__name__}"
+    )
+
+
+def _default_output_dir(settings: Settings, loaded: LoadedCheckpoint) -> Path:
+    # One folder per checkpoint: a re-run rewrites the same (deterministic) files.
+    return settings.resolved_data_dir / "exports" / loaded.sha256[:16]
+
+
+def _check_variants(variants: Sequence[str]) -> list[str]:
+    names = [v.strip().lower() for v in variants if v.strip()]
+    unknown = [v for v in names if v != FP32 and v not in VARIANTS]
+    if unknown:
+        raise InputError(f"unknown variant(s) {unknown}; choose from {FP32}, {', '.join(VARIANTS)}")
+    return [FP32, *dict.fromkeys(v for v in names if v != FP32)]
+
+
+def _as_variant(name: str) -> Variant:
+    for variant in VARIANTS:
+        if variant == name:
+            return variant
+    raise InputError(f"unknown variant {name!r}; choose from {FP32}, {', '.join(VARIANTS)}")
+
+
+# --- the original API ------------------------------------------------------------------------
+
+
+def export_and_register_model(
+    pytorch_model: LocalizationNet,
+    run_id: str | None,
+    s3_client: ObjectStore | None = None,
+    mlflow_tracker: Settings | None = None,
+    output_dir: Path = Path("/tmp/onnx_exports"),
+    model_name: str = DEFAULT_MODEL_NAME,
+) -> dict[str, Any]:
+    """The original workflow's shape: a dict with ``success`` and ``error``, never a raise.
+
+    ``s3_client`` is the object store (default: from settings) and ``mlflow_tracker`` the
+    settings naming the tracking server (default: from the environment).
+    """
+    try:
+        result = publish(
+            pytorch_model,
+            settings=mlflow_tracker,
+            store=s3_client,
+            name=model_name,
+            stage="Staging",
+            output_dir=output_dir,
+            run_id=run_id,
+        )
+    except PublishError as exc:
+        return {
+            "success": False,
+            "s3_uri": exc.existing.get("uploaded"),
+            "model_info": None,
+            "metadata": None,
+            "inference_metrics": None,
+            "registration": None,
+            "error": str(exc),
+            "failed_step": exc.step,
+            "steps": exc.steps,
+        }
+    primary = result.primary
+    return {
+        "success": True,
+        "s3_uri": primary.upload.uri,
+        "model_info": result.validation.to_dict(),
+        "metadata": dict(primary.metadata),
+        "inference_metrics": {
+            "parity": result.parity.to_dict(),
+            "timings": _timing_summary(result.benchmark, FP32),
+        },
+        "registration": {
+            **primary.version.to_dict(),
+            "model_name": primary.version.name,
+            "model_version": primary.version.version,
+        },
+        "error": None,
+        "failed_step": None,
+        "steps": [s.to_dict() for s in result.steps],
+    }
+
+
+# --- the demo --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What ``heimdall demo`` did, end to end."""
+
+    training: TrainResult
+    publish: PublishResult
+    served_uri: str
+    served_version: str | None
+    served_median_error_km: float
+    served_samples: int
+    seconds: float
+
+    def summary(self) -> dict[str, object]:
+        primary = self.publish.primary
+        worst = max(d.max_abs for d in self.publish.parity.diffs)
+        return {
+            "model": self.served_uri,
+            "version": self.served_version,
+            "stored_at": primary.upload.uri,
+            "sha256": primary.upload.sha256,
+            "parity": f"passed (max abs diff {worst:.1e})",
+            "speedup_batch1": self.publish.speedup(1),
+            "median_error_km": self.served_median_error_km,
+            "baseline_median_error_km": self.training.baseline_median_error_km,
+            "report": str(self.publish.report.html) if self.publish.report else None,
+            "seconds": round(self.seconds, 1),
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        return {"summary": self.summary(), "publish": self.publish.to_dict()}
+
+
+def run_demo(
+    *,
+    settings: Settings | None = None,
+    config: TrainConfig | None = None,
+    alias: str = DEFAULT_ALIAS,
+    samples: int = HELDOUT_SAMPLES,
+    train_progress: Callable[[int, int, float, float], None] | None = None,
+    progress: StepProgress | None = None,
+    upload_progress: BytesProgress | None = None,
+) -> DemoResult:
+    """Train the demo model, publish it, load it back by alias and predict held-out samples."""
+    started = time.perf_counter()
+    settings = settings or load_settings()
+    config = config or TrainConfig()
+    checkpoint = settings.resolved_data_dir / "checkpoints" / f"demo-{config.backbone}.safetensors"
+    trained = train(
+        config,
+        checkpoint,
+        tracking_uri=settings.resolved_tracking_uri,
+        experiment_name=settings.experiment_name,
+        progress=train_progress,
+    )
+    published = publish(
+        trained.checkpoint,
+        settings=settings,
+        alias=alias,
+        create_bucket=True,
+        progress=progress,
+        upload_progress=upload_progress,
+    )
+    uri = f"models:/{published.name}@{alias}"
+    served = evaluate_heldout(uri, samples=samples, seed=DEMO_SEED, settings=settings)
+    return DemoResult(
+        training=trained,
+        publish=published,
+        served_uri=uri,
+        served_version=served.version,
+        served_median_error_km=served.median_error_km,
+        served_samples=served.samples,
+        seconds=time.perf_counter() - started,
+    )
