@@ -12,11 +12,12 @@ import hashlib
 import json
 import pickle
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -167,20 +168,60 @@ def _config_from(meta: Mapping[str, Any], state: Mapping[str, Tensor], path: Pat
             raise CheckpointError(f"{path}: model config is not valid JSON ({exc})") from exc
     if isinstance(raw, Mapping):
         return ModelConfig.from_dict(dict(raw))
-    return ModelConfig(backbone=infer_backbone(state))
+    # The region normalization lives in the state dict too; the defaults would silently move
+    # every prediction to another region.
+    defaults = ModelConfig(backbone=infer_backbone(state))
+    return replace(
+        defaults,
+        center=_stored_pair(state, "coord_center", defaults.center),
+        scale=_stored_pair(state, "coord_scale", defaults.scale),
+    )
+
+
+def _stored_pair(
+    state: Mapping[str, Tensor], key: str, default: tuple[float, float]
+) -> tuple[float, float]:
+    """The state dict's ``key`` buffer, or ``default`` for load_exact to report its absence."""
+    buffer = state.get(key)
+    if buffer is None or tuple(buffer.shape) != (2,):
+        return default
+    return _as_floats(buffer)
+
+
+def _as_floats(buffer: Tensor) -> tuple[float, float]:
+    """A float32 pair as the shortest decimals that give it back (45.07, not 45.0699996948)."""
+    first, second = (
+        float(np.format_float_positional(np.float32(v))) for v in buffer.detach().cpu().tolist()
+    )
+    return first, second
+
+
+def _check_normalization(model: LocalizationNet, path: Path) -> None:
+    """Refuse a config whose region normalization is not the one stored in the weights."""
+    for field, buffer in (("center", model.coord_center), ("scale", model.coord_scale)):
+        configured = getattr(model.config, field)
+        if not torch.equal(buffer, torch.tensor(configured, dtype=buffer.dtype)):
+            stored = _as_floats(buffer)
+            raise CheckpointError(
+                f"{path}: the config's {field} {configured} differs from the checkpoint's "
+                f"coord_{field} {stored}; pass a config with {field}={stored}, or none"
+            )
 
 
 def load_checkpoint(path: Path, config: ModelConfig | None = None) -> LoadedCheckpoint:
     """Rebuild a LocalizationNet (eval mode) from a checkpoint file.
 
-    ``config`` overrides what the file says; without either, the backbone size is inferred
-    from tensor shapes and the defaults apply.
+    ``config`` overrides the config the file records, but its region normalization must match
+    the ``coord_center`` and ``coord_scale`` buffers in the weights. Without either, the
+    backbone size is inferred from tensor shapes, the normalization is read from those
+    buffers, and the defaults apply to the rest.
     """
     path = Path(path)
     state, meta = _read(path)
     config = config or _config_from(meta, state, path)
     model = LocalizationNet(config)
     load_exact(model, state, source=str(path))
+    _check_normalization(model, path)
     model.eval()
     run_id = meta.get("training_run_id") or meta.get("run_id") or None
     return LoadedCheckpoint(

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from structlog.dev import plain_traceback
 
 DEFAULT_BUCKET = "heimdall-models"
 DEFAULT_MODEL_NAME = "heimdall-localization-onnx"
@@ -27,9 +29,25 @@ DEFAULT_EXPERIMENT = "heimdall-localization"
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
 
 
+# Fields that may carry ``user:password@``; what Settings shows of them is redacted.
+_URI_FIELDS = ("tracking_uri", "registry_uri", "artifact_uri", "s3_endpoint_url")
+
+
 def redact_uri(uri: str) -> str:
     """Drop any ``user:password@`` part of a URI so it can be logged or shown."""
     return _USERINFO.sub(r"\g<scheme>***@", uri)
+
+
+def _sqlalchemy_uri(uri: str) -> str:
+    """``postgresql://`` as ``postgresql+psycopg2://`` when only psycopg2 is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` (the original design's tracking URI) to the
+    psycopg 3 driver; the dev extra installs psycopg2.
+    """
+    bare = uri.startswith("postgresql://")
+    if bare and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + uri.removeprefix("postgresql://")
+    return uri
 
 
 class Settings(BaseSettings):
@@ -74,15 +92,38 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() both come from here; SecretStr fields already hide themselves.
+        for name, value in super().__repr_args__():
+            if name in _URI_FIELDS and isinstance(value, str):
+                value = redact_uri(value)
+            yield name, value
+
+    @field_serializer(*_URI_FIELDS, when_used="json")
+    def _redact_in_json(self, value: str | None) -> str | None:
+        return redact_uri(value) if value is not None else None
+
     @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
 
     @property
     def resolved_tracking_uri(self) -> str:
+        """The tracking URI to hand MLflow: the embedded SQLite store unless one is set.
+
+        A bare ``postgresql://`` database URI comes back with the SQLAlchemy driver that is
+        installed, so every MLflow client in heimdall opens the same store the same way.
+        """
         if self.tracking_uri:
-            return self.tracking_uri
+            return _sqlalchemy_uri(self.tracking_uri)
         return f"sqlite:///{self.resolved_data_dir / 'mlflow.db'}"
+
+    @property
+    def resolved_registry_uri(self) -> str:
+        """The model registry URI to hand MLflow: the tracking store unless one is set."""
+        if self.registry_uri:
+            return _sqlalchemy_uri(self.registry_uri)
+        return self.resolved_tracking_uri
 
     @property
     def resolved_artifact_uri(self) -> str:
@@ -104,7 +145,7 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Secret strings that must never appear in any output."""
         values = [s.get_secret_value() for s in (self.s3_secret_access_key,) if s is not None]
-        for uri in (self.tracking_uri, self.registry_uri):
+        for uri in (getattr(self, name) for name in _URI_FIELDS):
             match = re.match(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^/@\s:]*:([^/@\s]+)@", uri or "")
             if match:
                 values.append(match.group(1))
@@ -147,17 +188,32 @@ def _scrubber(secrets: Iterable[str]) -> Any:
     return scrub
 
 
-class _ScrubFilter(logging.Filter):
-    """Scrub secrets from stdlib log records (MLflow, boto and friends log through it)."""
+class _ScrubbingRecordFactory:
+    """Scrub secrets from every stdlib log record (MLflow, boto and friends) as it is made.
 
-    def __init__(self, scrub: Any) -> None:
-        super().__init__()
+    A filter on the root's handlers is not enough: importing MLflow gives its loggers their
+    own handler and stops them propagating, and that can happen after configure_logging.
+    """
+
+    def __init__(self, make: Callable[..., logging.LogRecord], scrub: Any) -> None:
+        self.make = make
         self.scrub = scrub
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.scrub(record.getMessage())
-        record.args = None
-        return True
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the format
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = self.scrub(message), None
+        # Formatters reuse a cached exc_text, so filling it here scrubs the traceback too.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
+        return record
 
 
 def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
@@ -173,22 +229,31 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
             logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
         )
     root = logging.getLogger()
-    for handler in root.handlers:
-        handler.filters = [f for f in handler.filters if not isinstance(f, _ScrubFilter)]
     if not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr))
-    for handler in root.handlers:
-        handler.addFilter(_ScrubFilter(scrub))
+    make = logging.getLogRecordFactory()
+    if isinstance(make, _ScrubbingRecordFactory):  # configured before: replace, don't stack
+        make = make.make
+    logging.setLogRecordFactory(_ScrubbingRecordFactory(make, scrub))
+    # JSON lines carry the traceback as a field, formatted before the fields are scrubbed.
+    formatting: list[Any] = [structlog.processors.format_exc_info] if json else []
+    # Plain tracebacks: rich's show locals (secrets among them) and wrap lines, which would
+    # split a secret past the scrubbing of the rendered line.
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=plain_traceback)
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *formatting,
             lambda _, __, event_dict: {k: scrub(v) for k, v in event_dict.items()},
             renderer,
+            # Exceptions and other objects only become text in the renderer: scrub that too.
+            lambda _, __, line: scrub(line),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

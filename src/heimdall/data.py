@@ -13,7 +13,8 @@ make 128 rows. The three channels of a feature ``(3, 128, 32)`` float32 are:
 Channels 1 and 2 tell a translation-equivariant network which station each block of rows
 belongs to, as real localization front-ends feed receiver positions alongside the spectra.
 
-Labels are the emitter's ``[lat, lon]`` in degrees. The same seed gives identical arrays.
+Labels are the emitter's ``[lat, lon]`` in degrees. The same seed gives identical arrays, and
+a shorter call is a prefix of a longer one with the same seed.
 """
 
 from __future__ import annotations
@@ -100,35 +101,40 @@ _FILTERBANK = _mel_filterbank()
 _WINDOW = np.hanning(N_FFT)
 
 
-def _features(
-    rng: np.random.Generator, scenario: RFScenario, n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    lat = rng.uniform(*scenario.lat_range, size=n)
-    lon = rng.uniform(*scenario.lon_range, size=n)
-    positions = np.stack([lat, lon], axis=1)
+def _chunk(rng: np.random.Generator, scenario: RFScenario, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` samples of the chunk that ``rng`` draws, whatever ``n`` is.
+
+    Every per-sample parameter is drawn for a full chunk and then sliced, and the noise,
+    the one draw too large to make for samples nobody asked for, comes last in a single
+    sample-major call: numpy fills it in order, so its first ``n`` samples do not depend
+    on ``n`` either.
+    """
     receivers = np.asarray(scenario.receivers)
+    lat = rng.uniform(*scenario.lat_range, size=_CHUNK)[:n]
+    lon = rng.uniform(*scenario.lon_range, size=_CHUNK)[:n]
+    tx = rng.uniform(*scenario.tx_power_dbm, size=(_CHUNK, 1))[:n]
+    shadowing = rng.normal(0.0, scenario.shadowing_db, size=(_CHUNK, len(receivers)))[:n]
+    carrier = rng.uniform(0.05, 0.95, size=(_CHUNK, 1, 1))[:n]  # cycles/sample, one emitter
+    deviation = rng.uniform(0.002, 0.02, size=(_CHUNK, 1, 1))[:n]
+    rate = rng.uniform(0.001, 0.01, size=(_CHUNK, 1, 1))[:n]
+    length = HOP * (N_FRAMES - 1) + N_FFT
+    noise = rng.standard_normal((n, len(receivers), length, 2))
+
+    positions = np.stack([lat, lon], axis=1)
     dist = np.maximum(haversine_km(positions[:, None, :], receivers[None, :, :]), 0.1)
-    tx = rng.uniform(*scenario.tx_power_dbm, size=(n, 1))
     rx = (
         tx
         - scenario.reference_loss_db
         - 10 * scenario.path_loss_exponent * np.log10(dist)
-        + rng.normal(0.0, scenario.shadowing_db, size=dist.shape)
+        + shadowing
     )
     snr_db = rx - scenario.noise_floor_dbm  # (n, receivers)
 
-    length = HOP * (N_FRAMES - 1) + N_FFT
     t = np.arange(length)
-    carrier = rng.uniform(0.05, 0.95, size=(n, 1, 1))  # cycles/sample, same emitter everywhere
-    deviation = rng.uniform(0.002, 0.02, size=(n, 1, 1))
-    modulation = np.sin(2 * np.pi * rng.uniform(0.001, 0.01, size=(n, 1, 1)) * t)
+    modulation = np.sin(2 * np.pi * rate * t)
     phase = 2 * np.pi * np.cumsum(carrier + deviation * modulation, axis=-1)
     amplitude = 10 ** (snr_db[..., None] / 20)
-    noise = (
-        rng.standard_normal((n, len(receivers), length))
-        + 1j * rng.standard_normal((n, len(receivers), length))
-    ) / np.sqrt(2)
-    iq = amplitude * np.exp(1j * phase) + noise
+    iq = amplitude * np.exp(1j * phase) + (noise[..., 0] + 1j * noise[..., 1]) / np.sqrt(2)
 
     frames = np.lib.stride_tricks.sliding_window_view(iq, N_FFT, axis=-1)[..., ::HOP, :]
     power = np.abs(np.fft.fft(frames * _WINDOW, axis=-1)) ** 2 / N_FFT
@@ -153,7 +159,7 @@ def generate(
     xs, ys = [], []
     for i, child in enumerate(children):
         size = min(_CHUNK, n - i * _CHUNK)
-        x, y = _features(np.random.default_rng(child), scenario, size)
+        x, y = _chunk(np.random.default_rng(child), scenario, size)
         xs.append(x)
         ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)

@@ -24,8 +24,14 @@ import torch
 
 from heimdall.checkpoint import heimdall_version, load_checkpoint, sha256_file
 from heimdall.errors import ExportError, InputError
-from heimdall.model import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, LocalizationNet
-from heimdall.validate import BATCH_AXIS, CONTRACT
+from heimdall.model import (
+    BATCH_AXIS,
+    INPUT_NAME,
+    INPUT_SHAPE,
+    IO_CONTRACT,
+    OUTPUT_NAMES,
+    LocalizationNet,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +87,7 @@ def provenance(
     """The ``metadata_props`` written into every exported file (nothing time-dependent)."""
     config = model.config
     spec = {
-        name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in CONTRACT.items()
+        name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in IO_CONTRACT.items()
     }
     props = {
         "version": heimdall_version(),

@@ -11,9 +11,15 @@ from torch import Tensor, nn
 
 from heimdall.errors import CheckpointError, InputError
 
+# The IO contract of an exported LocalizationNet: export writes it, validate checks it.
 INPUT_NAME = "mel_spectrogram"
 OUTPUT_NAMES = ("positions", "uncertainties")
 INPUT_SHAPE = (3, 128, 32)  # per sample: channels, mel bins, time frames
+BATCH_AXIS = "batch_size"  # the symbolic first axis of every input and output
+IO_CONTRACT: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    INPUT_NAME: ("float32", (BATCH_AXIS, *INPUT_SHAPE)),
+    **{name: ("float32", (BATCH_AXIS, 2)) for name in OUTPUT_NAMES},
+}
 
 # (widths, depths) per size; atto..nano from the ConvNeXt-V2 family, tiny..large from ConvNeXt.
 BACKBONES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
@@ -202,6 +208,10 @@ def _head(in_features: int, hidden: tuple[int, int], dropout: float) -> nn.Seque
 class LocalizationNet(nn.Module):
     """Mel-spectrogram batch ``(B, 3, 128, 32)`` → positions ``(B, 2)`` [lat, lon] in degrees
     and uncertainties ``(B, 2)`` [σx, σy] in normalized region units, clamped to [min, max]."""
+
+    # Registered buffers: declared so type checkers see tensors, not ``Tensor | Module``.
+    coord_center: Tensor
+    coord_scale: Tensor
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()

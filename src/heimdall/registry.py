@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -991,12 +990,12 @@ def _mlflow(settings: Settings, action: str, *, stored: str = "") -> Iterator[Ml
     # A user's own MLFLOW_HTTP_* settings win over ours.
     policy = {k: os.environ.get(k, v) for k, v in HTTP_POLICY.items()}
     with _ENVIRONMENT.applied({**settings.mlflow_s3_env(), **policy}):
-        tracking = _store_uri(settings.resolved_tracking_uri)
         if reason := _unreachable_database(settings):
             raise RegistryError(f"cannot {action}: {reason}{stored}")
         try:
             yield MlflowClient(
-                tracking_uri=tracking, registry_uri=_store_uri(settings.registry_uri or tracking)
+                tracking_uri=settings.resolved_tracking_uri,
+                registry_uri=settings.resolved_registry_uri,
             )
         except (MlflowException, SQLAlchemyError, requests.RequestException, OSError) as exc:
             retries = policy["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
@@ -1021,7 +1020,7 @@ def _unreachable_database(settings: Settings, attempts: int = 3) -> str | None:
             return None
         except OSError as exc:
             if attempt == attempts:
-                where = redact_uri(settings.resolved_tracking_uri)
+                where = redact_uri(settings.tracking_uri or settings.resolved_tracking_uri)
                 return (
                     f"the MLflow database at {where} refuses connections "
                     f"({exc.strerror or exc}, {attempts} attempts); is it running?"
@@ -1030,20 +1029,8 @@ def _unreachable_database(settings: Settings, attempts: int = 3) -> str | None:
     return None
 
 
-def _store_uri(uri: str) -> str:
-    """``postgresql://`` as ``postgresql+psycopg2://`` when psycopg 3 is not installed.
-
-    SQLAlchemy 2.1 maps a bare ``postgresql://`` (the original design's tracking URI) to the
-    psycopg 3 driver; the dev extra installs psycopg2.
-    """
-    bare = uri.startswith("postgresql://")
-    if bare and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + uri.removeprefix("postgresql://")
-    return uri
-
-
 def _explain(settings: Settings, action: str, exc: BaseException, retries: str) -> str:
-    where = redact_uri(settings.resolved_tracking_uri)
+    where = redact_uri(settings.tracking_uri or settings.resolved_tracking_uri)
     message = str(exc)
     if "Max retries exceeded" in message or "Connection refused" in message:
         reason = f"the MLflow server at {where} did not answer ({retries} retries); is it running?"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
@@ -16,6 +17,9 @@ from heimdall.checkpoint import load_torchvision_weights, save_checkpoint
 from heimdall.data import RFScenario, generate, haversine_km
 from heimdall.errors import InputError
 from heimdall.model import LocalizationNet, ModelConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +71,47 @@ def evaluate_km(
     return haversine_km(np.concatenate(preds).astype(np.float64), y.astype(np.float64))
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One MLflow run written through its own client: no process-wide MLflow state changes."""
+
+    client: MlflowClient
+    run_id: str
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment_name: str, run_name: str) -> _Run:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(experiment_name)
+        )
+        return cls(client, client.create_run(experiment_id, run_name=run_name).info.run_id)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=entries)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
 def train(
     config: TrainConfig,
     output: Path,
@@ -77,8 +122,8 @@ def train(
 ) -> TrainResult:
     """Train, keep the epoch with the lowest validation median error, save it to ``output``.
 
-    With ``tracking_uri`` set, params and per-epoch metrics go to an MLflow run whose id is
-    written into the checkpoint.
+    With ``tracking_uri`` set (as MLflow takes it: ``Settings.resolved_tracking_uri``), params
+    and per-epoch metrics go to an MLflow run whose id is written into the checkpoint.
     """
     scenario = scenario or RFScenario()
     start = time.perf_counter()
@@ -106,19 +151,16 @@ def train(
     )
     loss_fn = nn.GaussianNLLLoss()
 
-    run_id = None
-    mlflow = None
+    run = None
     if tracking_uri:
-        import mlflow
+        run = _Run.start(tracking_uri, experiment_name, run_name=f"train-{config.backbone}")
 
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment_name)
-        run_id = mlflow.start_run(run_name=f"train-{config.backbone}").info.run_id
-        mlflow.log_params({**asdict(config), "baseline_median_km": round(baseline, 3)})
-
+    status = "FAILED"
     best_km, best_state = float("inf"), None
     generator = torch.Generator().manual_seed(config.seed)
     try:
+        if run is not None:
+            run.log_params({**asdict(config), "baseline_median_km": round(baseline, 3)})
         for epoch in range(1, config.epochs + 1):
             model.train()
             order = torch.randperm(len(x_train_t), generator=generator)
@@ -143,10 +185,8 @@ def train(
                 train_loss=round(train_loss, 4),
                 val_median_km=round(median_km, 2),
             )
-            if mlflow is not None:
-                mlflow.log_metrics(
-                    {"train_loss": train_loss, "val_median_km": median_km}, step=epoch
-                )
+            if run is not None:
+                run.log_metrics({"train_loss": train_loss, "val_median_km": median_km}, step=epoch)
             if median_km < best_km:
                 best_km = median_km
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -155,18 +195,19 @@ def train(
         assert best_state is not None
         model.load_state_dict(best_state)
         model.eval()
-        sha = save_checkpoint(model, output, training_run_id=run_id)
+        sha = save_checkpoint(model, output, training_run_id=run.run_id if run else None)
         seconds = time.perf_counter() - start
-        if mlflow is not None:
-            mlflow.log_metrics({"best_val_median_km": best_km, "train_seconds": seconds})
-            mlflow.set_tags({"checkpoint_sha256": sha, "backbone": config.backbone})
+        if run is not None:
+            run.log_metrics({"best_val_median_km": best_km, "train_seconds": seconds})
+            run.set_tags({"checkpoint_sha256": sha, "backbone": config.backbone})
+        status = "FINISHED"
     finally:
-        if mlflow is not None:
-            mlflow.end_run()
+        if run is not None:
+            run.end(status)
     return TrainResult(
         checkpoint=Path(output),
         checkpoint_sha256=sha,
-        run_id=run_id,
+        run_id=run.run_id if run else None,
         median_error_km=best_km,
         baseline_median_error_km=baseline,
         seconds=seconds,

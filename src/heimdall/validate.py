@@ -14,16 +14,11 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from heimdall.checkpoint import heimdall_version, sha256_file
 from heimdall.errors import ValidationError
-from heimdall.model import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, LocalizationNet
+from heimdall.model import BATCH_AXIS, INPUT_NAME, IO_CONTRACT, OUTPUT_NAMES, LocalizationNet
 
 log = structlog.get_logger(__name__)
 
-BATCH_AXIS = "batch_size"
 METADATA_SCHEMA_VERSION = 1
-CONTRACT: dict[str, tuple[str, tuple[int | str, ...]]] = {
-    INPUT_NAME: ("float32", (BATCH_AXIS, *INPUT_SHAPE)),
-    **{name: ("float32", (BATCH_AXIS, 2)) for name in OUTPUT_NAMES},
-}
 
 
 @dataclass(frozen=True)
@@ -271,9 +266,9 @@ def _check_contract(
         expected = f"[{INPUT_NAME!r}] → {list(OUTPUT_NAMES)}"
         problems.append(f"IO names are {names[0]} → {names[1]}, expected {expected}")
     for spec in (*inputs, *outputs):
-        if spec.name not in CONTRACT:
+        if spec.name not in IO_CONTRACT:
             continue
-        dtype, shape = CONTRACT[spec.name]
+        dtype, shape = IO_CONTRACT[spec.name]
         if spec.dtype != dtype:
             problems.append(f"{spec.name!r} has dtype {spec.dtype}, expected {dtype}")
         if not spec.shape or not isinstance(spec.shape[0], str) or spec.shape[0] == "?":

@@ -177,6 +177,14 @@ def plain_layout(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return dict(state)
 
 
+def write_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights only, no heimdall config: a seed ``.pt`` or a bare safetensors file."""
+    if path.suffix == ".pt":
+        torch.save(seed_layout(state), path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
 @pytest.mark.parametrize(
     ("suffix", "layout"),
     [
@@ -209,14 +217,35 @@ def test_backbone_size_is_inferred_from_shapes_when_the_file_has_no_config(
     torch.manual_seed(0)
     femto = LocalizationNet(ModelConfig(backbone="femto")).eval()
     path = tmp_path / f"femto{suffix}"
-    state = femto.state_dict()
-    if suffix == ".pt":
-        torch.save(seed_layout(state), path)
-    else:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    write_state(femto.state_dict(), path)
     loaded = load_checkpoint(path)
     assert loaded.config.backbone == "femto"
     assert_same_outputs(outputs(loaded.model, x), outputs(femto, x))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_region_normalization_is_read_from_the_buffers_when_the_file_has_no_config(
+    tmp_path: Path, x: torch.Tensor, suffix: str
+) -> None:
+    # Not the defaults, and not exact in float32, so a loader that fell back would show.
+    torch.manual_seed(0)
+    net = LocalizationNet(ModelConfig(center=(45.07, 8.61), scale=(0.35, 0.45))).eval()
+    path = tmp_path / f"model{suffix}"
+    write_state(net.state_dict(), path)
+    loaded = load_checkpoint(path)
+    assert loaded.config.center == (45.07, 8.61)
+    assert loaded.config.scale == (0.35, 0.45)
+    assert_same_outputs(outputs(loaded.model, x), outputs(net, x))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_config_that_contradicts_the_stored_region_normalization_is_rejected(
+    model: LocalizationNet, tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"model{suffix}"
+    write_state(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"center \(45\.0, 8\.5\).*coord_center \(46\.0"):
+        load_checkpoint(path, config=ModelConfig(backbone="atto"))
 
 
 @pytest.mark.parametrize("size", list(BACKBONES))

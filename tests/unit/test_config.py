@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -12,6 +14,7 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
+from heimdall import config
 from heimdall.config import Settings, configure_logging, load_settings, redact_uri
 
 ENV_NAMES = (
@@ -48,10 +51,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def restore_structlog() -> Iterator[None]:
+def restore_logging() -> Iterator[None]:
+    """Undo what configure_logging does to structlog and stdlib logging."""
     saved = structlog.get_config()
+    factory = logging.getLogRecordFactory()
+    handlers = list(logging.getLogger().handlers)
     yield
     structlog.configure(**saved)
+    logging.setLogRecordFactory(factory)
+    logging.getLogger().handlers = handlers
 
 
 def uri_path(uri: str) -> Path:
@@ -145,6 +153,50 @@ def test_explicit_tracking_uri_replaces_the_embedded_default(
     assert Settings().resolved_tracking_uri == "http://mlflow.example:5000"
 
 
+@pytest.mark.parametrize(
+    ("installed", "expected"),
+    [
+        pytest.param({"psycopg2"}, "postgresql+psycopg2://", id="psycopg2-only"),
+        pytest.param({"psycopg", "psycopg2"}, "postgresql://", id="psycopg3-too"),
+        pytest.param(set(), "postgresql://", id="no-driver"),
+    ],
+)
+def test_a_bare_postgresql_tracking_uri_resolves_to_the_installed_driver(
+    monkeypatch: pytest.MonkeyPatch, installed: set[str], expected: str
+) -> None:
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the dev extra lacks.
+    monkeypatch.setattr(config, "find_spec", lambda name: object() if name in installed else None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
+    resolved = Settings().resolved_tracking_uri
+    assert resolved == expected + DB_URI.removeprefix("postgresql://")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://mlflow.example:5000",
+        "sqlite:////tmp/mlflow.db",
+        "postgresql+psycopg2://u:p@db/mlflow",
+        "mysql://u:p@db/mlflow",
+    ],
+)
+def test_other_tracking_uris_resolve_unchanged(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    monkeypatch.setattr(config, "find_spec", lambda name: object() if name == "psycopg2" else None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert Settings().resolved_tracking_uri == uri
+
+
+def test_registry_uri_defaults_to_the_resolved_tracking_uri(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "find_spec", lambda name: object() if name == "psycopg2" else None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
+    settings = Settings()
+    assert settings.resolved_registry_uri == settings.resolved_tracking_uri
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "postgresql://reg:pw@db/registry")
+    assert Settings().resolved_registry_uri == "postgresql+psycopg2://reg:pw@db/registry"
+
+
 def test_an_s3_endpoint_switches_the_object_store_to_s3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://seaweed.example:8333")
     monkeypatch.setenv("HEIMDALL_BUCKET", "models")
@@ -229,7 +281,7 @@ def test_redact_uri_leaves_uris_without_credentials_unchanged(uri: str) -> None:
     assert redact_uri(uri) == uri
 
 
-@pytest.mark.usefixtures("restore_structlog")
+@pytest.mark.usefixtures("restore_logging")
 def test_debug_log_line_has_secret_and_uri_password_scrubbed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -247,7 +299,7 @@ def test_debug_log_line_has_secret_and_uri_password_scrubbed(
     assert URI_PASSWORD not in err
 
 
-@pytest.mark.usefixtures("restore_structlog")
+@pytest.mark.usefixtures("restore_logging")
 def test_json_log_line_is_parseable_and_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("DEBUG", json=True, secrets=[SECRET])
     structlog.get_logger("test").debug("connecting", uri=DB_URI, note=SECRET)
@@ -258,7 +310,7 @@ def test_json_log_line_is_parseable_and_scrubbed(capsys: pytest.CaptureFixture[s
     assert SECRET not in line["note"]
 
 
-@pytest.mark.usefixtures("restore_structlog")
+@pytest.mark.usefixtures("restore_logging")
 def test_log_level_filters_lower_events(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO")
     log = structlog.get_logger("test")
@@ -274,7 +326,7 @@ def test_unknown_log_level_is_rejected() -> None:
         configure_logging("CHATTY")
 
 
-@pytest.mark.usefixtures("restore_structlog")
+@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("json_lines", [False, True], ids=["console", "json"])
 def test_secret_inside_a_logged_exception_is_scrubbed(
     capsys: pytest.CaptureFixture[str], json_lines: bool
@@ -288,7 +340,7 @@ def test_secret_inside_a_logged_exception_is_scrubbed(
     assert URI_PASSWORD not in err
 
 
-@pytest.mark.usefixtures("restore_structlog")
+@pytest.mark.usefixtures("restore_logging")
 def test_secret_inside_a_logged_traceback_is_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("DEBUG", secrets=[SECRET])
     try:
@@ -299,3 +351,43 @@ def test_secret_inside_a_logged_traceback_is_scrubbed(capsys: pytest.CaptureFixt
     assert "upload failed" in err
     assert SECRET not in err
     assert URI_PASSWORD not in err
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_secret_inside_a_json_logged_traceback_is_scrubbed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("DEBUG", json=True, secrets=[SECRET])
+    try:
+        raise RuntimeError(f"cannot reach {DB_URI} with key {SECRET}")
+    except RuntimeError:
+        structlog.get_logger("test").exception("upload failed")
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "RuntimeError: cannot reach" in line["exception"]
+    assert SECRET not in line["exception"]
+    assert URI_PASSWORD not in line["exception"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("own_handler", [False, True], ids=["root-handler", "own-handler"])
+def test_secret_inside_a_stdlib_logged_traceback_is_scrubbed(own_handler: bool) -> None:
+    # MLflow gives its loggers their own handler, without propagation, when it is imported:
+    # possibly after configure_logging, as this test's own-handler case does.
+    configure_logging("DEBUG", secrets=[SECRET])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger(f"heimdall-test.{'own' if own_handler else 'root'}")
+    owner = logger if own_handler else logging.getLogger()
+    owner.addHandler(handler)
+    logger.propagate = not own_handler
+    try:
+        raise RuntimeError(f"cannot reach {DB_URI} with key {SECRET}")
+    except RuntimeError:
+        logger.exception("query failed for %s", DB_URI)
+    finally:
+        owner.removeHandler(handler)
+    text = stream.getvalue()
+    assert "query failed for postgresql://***@db.internal" in text
+    assert "RuntimeError: cannot reach" in text
+    assert SECRET not in text
+    assert URI_PASSWORD not in text

@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from heimdall.errors import CheckpointError, InputError
-from heimdall.model import ConvNeXt, LocalizationNet, ModelConfig, ParamsCount, load_exact
+from heimdall.model import (
+    BATCH_AXIS,
+    INPUT_NAME,
+    IO_CONTRACT,
+    OUTPUT_NAMES,
+    ConvNeXt,
+    LocalizationNet,
+    ModelConfig,
+    ParamsCount,
+    load_exact,
+)
 
 # Two spinning PyTorch threads on a shared two-core machine are much slower than one.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -141,6 +151,16 @@ def test_region_normalization_is_saved_as_buffers_not_trained() -> None:
     torch.testing.assert_close(buffers["coord_scale"], torch.tensor([2.0, 3.0]))
     assert {"coord_center", "coord_scale"} <= set(model.state_dict())
     assert not {"coord_center", "coord_scale"} & {name for name, _ in model.named_parameters()}
+
+
+def test_io_contract_describes_what_forward_takes_and_returns(atto: LocalizationNet) -> None:
+    x = mel_batch(3)
+    with torch.inference_mode():
+        outputs = atto(x)
+    for name, tensor in zip((INPUT_NAME, *OUTPUT_NAMES), (x, *outputs), strict=True):
+        dtype, (batch, *shape) = IO_CONTRACT[name]
+        assert batch == BATCH_AXIS == "batch_size"
+        assert (tensor.dtype, tuple(tensor.shape)) == (getattr(torch, dtype), (3, *shape))
 
 
 @pytest.mark.parametrize(

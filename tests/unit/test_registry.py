@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -207,16 +206,6 @@ def test_failures_never_show_the_tracking_password() -> None:
 
     assert "hunter2" not in text and "s3-secret" not in text
     assert "did not answer" in text
-
-
-def test_a_bare_postgresql_uri_uses_psycopg2_when_psycopg3_is_absent() -> None:
-    uri = registry._store_uri("postgresql://u@h:5432/db")
-
-    if find_spec("psycopg") is None:
-        assert uri == "postgresql+psycopg2://u@h:5432/db"
-    else:
-        assert uri == "postgresql://u@h:5432/db"
-    assert registry._store_uri("sqlite:///x.db") == "sqlite:///x.db"
 
 
 def test_an_unreachable_database_fails_in_seconds_without_its_password(

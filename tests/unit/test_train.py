@@ -183,6 +183,26 @@ def test_training_without_tracking_uri_logs_nowhere_and_records_no_run_id(
     assert list(workdir.iterdir()) == []
 
 
+def test_training_that_fails_marks_its_mlflow_run_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = TrainConfig(train_samples=8, val_samples=4, epochs=2, batch_size=4)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "model.safetensors", tracking_uri=tracking_uri, progress=interrupt)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("heimdall-localization").experiment_id]
+    )
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_evaluate_km_is_the_distance_from_each_prediction_to_its_label() -> None:
     # A position head that always answers zero puts every prediction at the region centre.
     scenario = RFScenario()
