@@ -1,30 +1,68 @@
-"""Heimdall model publisher: LocalizationNet checkpoint → verified ONNX → object store → MLflow."""
+"""Heimdall model publisher: LocalizationNet checkpoint → verified ONNX → object store → MLflow.
 
-from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+Names are imported on first use, so ``import heimdall.storage`` (or the CLI's ``--help``)
+does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from heimdall.errors import (
     CheckpointError,
+    ConfigError,
     ExportError,
     HeimdallError,
     InputError,
+    PublishError,
     RegistryError,
     StorageError,
     ValidationError,
     VerificationError,
 )
-from heimdall.model import LocalizationNet, ModelConfig
+
+if TYPE_CHECKING:
+    from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+    from heimdall.inference import LocalizationModel
+    from heimdall.model import LocalizationNet, ModelConfig
+    from heimdall.pipeline import export_and_register_model, publish
+
+_LAZY = {
+    "LoadedCheckpoint": "heimdall.checkpoint",
+    "load_checkpoint": "heimdall.checkpoint",
+    "save_checkpoint": "heimdall.checkpoint",
+    "LocalizationModel": "heimdall.inference",
+    "LocalizationNet": "heimdall.model",
+    "ModelConfig": "heimdall.model",
+    "export_and_register_model": "heimdall.pipeline",
+    "publish": "heimdall.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'heimdall' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "ExportError",
     "HeimdallError",
     "InputError",
     "LoadedCheckpoint",
+    "LocalizationModel",
     "LocalizationNet",
     "ModelConfig",
+    "PublishError",
     "RegistryError",
     "StorageError",
     "ValidationError",
     "VerificationError",
+    "export_and_register_model",
     "load_checkpoint",
+    "publish",
     "save_checkpoint",
 ]
