@@ -1104,13 +1104,29 @@ def _find_indexed(
     """The key of an earlier upload of these bytes, from the index, if it still holds them."""
     index_key = _index_key(prefix, files[0].sha256)
     if not store.exists(bucket, index_key):
-        return None
+        return _find_unindexed(store, bucket, prefix, files)
     try:
         key = str(json.loads(store.read_bytes(bucket, index_key))["key"])
     except (ValueError, KeyError, TypeError):
         log.warning("storage.index.unreadable", bucket=bucket, key=index_key)
         return None
     return key if _key_state(store, bucket, key, files) == "same" else None
+
+
+def _find_unindexed(
+    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile]
+) -> str | None:
+    """An upload of these bytes whose index entry was never written (the writer was killed
+    between the two), found by size and recorded sha256 among the models under ``prefix``."""
+    start = f"{prefix}/" if prefix else ""
+    for info in store.list_objects(bucket, start):
+        name = info.key[len(start) :]
+        if "/" in name or info.size != files[0].size:
+            continue
+        if _key_state(store, bucket, info.key, files) == "same":
+            _write_index(store, bucket, prefix, info.key, files)
+            return info.key
+    return None
 
 
 def _write_index(

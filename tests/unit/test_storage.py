@@ -153,6 +153,21 @@ def test_same_bytes_again_return_the_existing_uri_without_writing(
     assert (after.st_ino, after.st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)
 
 
+def test_an_upload_whose_index_entry_was_lost_is_found_and_not_sent_again(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    first = upload_model(model, store, bucket, clock=at(NOW))
+    index = f"models/localization/.sha256/{first.sha256}.json"
+    store.delete(bucket, index)  # as if the uploader was killed before writing it
+
+    again = upload_model(model, store, bucket, clock=at(NOW + timedelta(seconds=5)))
+
+    assert (again.uri, again.reused) == (first.uri, True)
+    assert store.exists(bucket, index)
+    models = [o.key for o in store.list_objects(bucket, "models/localization/v")]
+    assert models == [first.key]
+
+
 def test_two_uploads_in_one_second_get_distinct_keys(
     store: LocalStore, bucket: str, tmp_path: Path
 ) -> None:
