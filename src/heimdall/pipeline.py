@@ -14,7 +14,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +431,7 @@ def _publish_one(
             run.note("no alias asked for", "skipped")
         else:
             change = set_alias(name, version.version, target, settings=settings)
+            version = replace(version, aliases=tuple(sorted({*version.aliases, target})))
             run.note(
                 f"{name}@{target} → version {change.version}",
                 "reused" if change.action == "unchanged" else "ok",

@@ -989,7 +989,8 @@ def _mlflow(settings: Settings, action: str, *, stored: str = "") -> Iterator[Ml
     """An MlflowClient for ``settings``; MLflow, database and HTTP failures become RegistryError."""
     # A user's own MLFLOW_HTTP_* settings win over ours.
     policy = {k: os.environ.get(k, v) for k, v in HTTP_POLICY.items()}
-    with _ENVIRONMENT.applied({**settings.mlflow_s3_env(), **policy}):
+    quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # it prints URIs with passwords
+    with _ENVIRONMENT.applied({**settings.mlflow_s3_env(), **policy, **quiet}):
         if reason := _unreachable_database(settings):
             raise RegistryError(f"cannot {action}: {reason}{stored}")
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = structlog.get_logger(__name__)
+
+_QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 # Called after each epoch with (epoch, epochs, train_loss, val_median_km).
 Progress = Callable[[int, int, float, float], None]
@@ -109,7 +112,17 @@ class _Run:
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        # Ending a run on a tracking server prints its URL to stdout, with any user:password@
+        # of the tracking URI in it, unless this variable is set.
+        previous = os.environ.get(_QUIET_URLS)
+        os.environ[_QUIET_URLS] = "true"
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        finally:
+            if previous is None:
+                os.environ.pop(_QUIET_URLS, None)
+            else:
+                os.environ[_QUIET_URLS] = previous
 
 
 def train(

@@ -1,0 +1,282 @@
+"""The command line on the embedded default: JSON output, exit codes, registry commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import structlog
+import torch
+from typer.testing import CliRunner, Result
+
+from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
+from heimdall.cli import app
+from heimdall.data import generate
+from heimdall.export import ExportResult
+from heimdall.model import LocalizationNet, ModelConfig
+
+# Whatever the developer's shell exports must not point these tests at a real server.
+_FOREIGN_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_ARTIFACT_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "HEIMDALL_S3_ENDPOINT_URL",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_S3_ACCESS_KEY_ID",
+    "MLFLOW_S3_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "HEIMDALL_BUCKET",
+    "HEIMDALL_LOG_LEVEL",
+    "HEIMDALL_LOG_JSON",
+)
+_QUIET_LOGGERS = ("mlflow", "alembic", "botocore", "urllib3")
+
+
+@contextmanager
+def logging_restored() -> Iterator[None]:
+    """Undo what the CLI's configure_logging does to this process's global logging state.
+
+    The CLI binds structlog to the runner's captured stderr, which is gone after the call.
+    """
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers = [(h, list(h.filters)) for h in root.handlers]
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.handlers = [h for h, _ in handlers]
+        for handler, filters in handlers:
+            handler.filters = filters
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@dataclass(frozen=True)
+class Home:
+    """A data directory of its own and the environment that points the CLI at it."""
+
+    data_dir: Path
+    name: str
+
+    def run(self, *args: str | Path) -> Result:
+        env: dict[str, str | None] = dict.fromkeys(_FOREIGN_ENV)
+        env.update(HEIMDALL_DATA_DIR=str(self.data_dir), HEIMDALL_MODEL_NAME=self.name)
+        with logging_restored():
+            return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+    def json(self, *args: str | Path) -> Any:
+        result = self.run(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+
+def failed_cleanly(result: Result) -> str:
+    """Exit code 1, no traceback anywhere; the error message for the caller to check."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())  # rich wraps long messages
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Two checkpoints published through the CLI: version 1 with alias staging, 2 without."""
+
+    home: Home
+    first: dict[str, Any]
+    second: dict[str, Any]
+    checkpoint: LoadedCheckpoint
+
+
+@pytest.fixture(scope="module")
+def registry(
+    atto_checkpoint: LoadedCheckpoint,
+    tmp_path_factory: pytest.TempPathFactory,
+    one_torch_thread: None,
+) -> Registry:
+    root = tmp_path_factory.mktemp("cli")
+    home = Home(root / "data", f"heimdall-cli-{os.urandom(3).hex()}")
+    torch.manual_seed(11)
+    other = save_checkpoint(
+        LocalizationNet(ModelConfig(backbone="atto")), root / "other.safetensors"
+    )
+    assert other != atto_checkpoint.sha256
+    first = home.json("publish", atto_checkpoint.path, "--no-bench")
+    second = home.json("publish", root / "other.safetensors", "--no-bench", "--alias", "")
+    return Registry(home, first, second, atto_checkpoint)
+
+
+def test_publish_json_names_the_published_version(registry: Registry) -> None:
+    name = registry.home.name
+    primary = registry.first["published"][0]
+
+    assert registry.first["success"] is True
+    assert registry.first["name"] == name
+    assert registry.first["checkpoint_sha256"] == registry.checkpoint.sha256
+    assert (primary["variant"], primary["version"], primary["alias"]) == ("fp32", "1", "staging")
+    assert primary["model_uri"] == f"models:/{name}/1"
+    assert primary["uploaded"] is True
+    assert primary["uri"].startswith(f"file://{registry.home.data_dir}/objects/")
+    assert Path(str(registry.first["report"])).is_file()
+
+
+def test_publish_with_an_empty_alias_registers_without_moving_any_alias(
+    registry: Registry,
+) -> None:
+    primary = registry.second["published"][0]
+    steps = {s["step"]: s["status"] for s in registry.second["steps"]}
+
+    assert (primary["version"], primary["alias"]) == ("2", None)
+    assert steps["alias"] == "skipped"
+
+
+def test_publish_of_a_missing_checkpoint_exits_1_with_a_message(
+    registry: Registry, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nowhere.safetensors"
+
+    message = failed_cleanly(registry.home.run("publish", missing, "--no-bench"))
+
+    assert "PublishError" in message and "step 'load'" in message
+    assert "checkpoint not found" in message and "nowhere.safetensors" in message
+
+
+def test_errors_as_json_are_one_object_on_stdout(registry: Registry, tmp_path: Path) -> None:
+    result = registry.home.run("publish", tmp_path / "nowhere.safetensors", "--json")
+
+    failed_cleanly(result)
+    error = json.loads(result.stdout)
+    assert error["error"] == "PublishError"
+    assert "checkpoint not found" in error["message"]
+
+
+def test_models_list_json_shows_the_model_with_its_latest_version_and_alias(
+    registry: Registry,
+) -> None:
+    listed = registry.home.json("models", "list")
+
+    mine = {m["name"]: m for m in listed}[registry.home.name]
+    assert mine["latest_version"] == "2"
+    assert mine["aliases"]["staging"] == "1"
+
+
+def test_models_show_json_has_versions_and_alias_history(registry: Registry) -> None:
+    shown = registry.home.json("models", "show", registry.home.name)
+
+    assert [v["version"] for v in shown["versions"]] == ["2", "1"]
+    assert {v["verification"] for v in shown["versions"]} == {"passed"}
+    assert [(e["action"], e["version"]) for e in shown["alias_history"]["staging"]] == [
+        ("register", "1")
+    ]
+
+
+def test_models_show_of_an_unknown_model_exits_1(registry: Registry) -> None:
+    message = failed_cleanly(registry.home.run("models", "show", "no-such-model"))
+
+    assert "RegistryError" in message and "no-such-model" in message
+
+
+def test_promote_then_rollback_moves_production_back_and_refuses_without_history(
+    registry: Registry,
+) -> None:
+    home, name = registry.home, registry.home.name
+
+    promoted = home.json("promote", name, "1", "--to", "production")
+    refused = failed_cleanly(home.run("rollback", name, "--alias", "production"))
+    second = home.json("promote", name, "2", "--to", "production")
+    back = home.json("rollback", name, "--alias", "production")
+    shown = home.json("models", "show", name)
+
+    assert (promoted["version"], promoted["previous"], promoted["action"]) == ("1", None, "promote")
+    assert {g["name"]: g["passed"] for g in promoted["gates"]} == {
+        "ready": True,
+        "verification": True,
+        "sha256": True,
+    }
+    assert "RegistryError" in refused and "no earlier holder" in refused
+    assert (second["version"], second["previous"]) == ("2", "1")
+    assert (back["version"], back["previous"], back["action"]) == ("1", "2", "rollback")
+    assert shown["aliases"]["production"] == "1"
+    assert [(e["action"], e["version"]) for e in shown["alias_history"]["production"]] == [
+        ("promote", "1"),
+        ("promote", "2"),
+        ("rollback", "1"),
+    ]
+
+
+def test_promote_of_a_missing_version_exits_1(registry: Registry) -> None:
+    message = failed_cleanly(registry.home.run("promote", registry.home.name, "99"))
+
+    assert "has no version 99" in message
+
+
+def test_predict_json_gives_positions_of_the_alias_as_numbers(
+    registry: Registry, tmp_path: Path
+) -> None:
+    features, _ = generate(3, seed=21)
+    path = tmp_path / "features.npy"
+    np.save(path, features)
+    with torch.inference_mode():
+        expected = registry.checkpoint.model(torch.from_numpy(features))[0].numpy()
+
+    predicted = registry.home.json("predict", f"models:/{registry.home.name}@staging", path)
+
+    positions = np.asarray(predicted["positions"], dtype=np.float64)
+    assert positions.shape == (3, 2)
+    assert np.abs(positions - expected).max() <= 1e-4
+
+
+def test_export_writes_the_onnx_file_it_reports(
+    atto_checkpoint: LoadedCheckpoint, tmp_path: Path
+) -> None:
+    home = Home(tmp_path / "data", "unused")
+    target = tmp_path / "out" / "atto.onnx"
+
+    exported = home.json("export", atto_checkpoint.path, "-o", target)
+
+    assert exported["path"] == str(target)
+    assert exported["sha256"] == sha256_file(target)
+    assert exported["size_bytes"] == target.stat().st_size
+    assert exported["opset_version"] >= 17
+
+
+def test_export_of_a_checkpoint_that_is_not_one_exits_1(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+
+    message = failed_cleanly(
+        Home(tmp_path / "data", "unused").run("export", bogus, "-o", tmp_path / "x.onnx")
+    )
+
+    assert "CheckpointError" in message and "not a readable safetensors file" in message
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_validate_reports_the_io_contract(atto_onnx: ExportResult, tmp_path: Path) -> None:
+    checked = Home(tmp_path / "data", "unused").json("validate", atto_onnx.path)
+
+    assert [i["name"] for i in checked["inputs"]] == ["mel_spectrogram"]
+    assert checked["inputs"][0]["shape"][1:] == [3, 128, 32]
+    assert [o["name"] for o in checked["outputs"]] == ["positions", "uncertainties"]
+    assert checked["opset_version"] == atto_onnx.opset_version
+
+
+def test_validate_of_a_file_that_is_not_onnx_exits_1(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"\x00garbage")
+
+    message = failed_cleanly(Home(tmp_path / "data", "unused").run("validate", bogus))
+
+    assert "ValidationError" in message

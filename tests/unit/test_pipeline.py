@@ -1,0 +1,329 @@
+"""publish() on the embedded default (SQLite MLflow store, local object store): no servers."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import save_file
+
+from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
+from heimdall.config import Settings
+from heimdall.errors import InputError, PublishError
+from heimdall.model import LocalizationNet, ModelConfig
+from heimdall.pipeline import PublishResult, evaluate_heldout, export_and_register_model, publish
+from heimdall.report import REPORT_SCHEMA_VERSION
+from heimdall.storage import open_store
+from tests.fixtures.mlflow_server import MlflowBackend
+
+PREFIX = "models/localization"
+STEPS = (
+    "load",
+    "export",
+    "validate",
+    "verify",
+    "variants",
+    "benchmark",
+    "heldout",
+    "upload",
+    "metadata",
+    "register",
+    "alias",
+    "report",
+)
+SEED_KEYS = {
+    "success",
+    "s3_uri",
+    "model_info",
+    "metadata",
+    "inference_metrics",
+    "registration",
+    "error",
+}
+FAST = {"verify_batch_sizes": (1, 3)}
+
+
+def unique(label: str) -> str:
+    return f"heimdall-{label}-{os.urandom(3).hex()}"
+
+
+def client_for(settings: Settings) -> MlflowClient:
+    return MlflowClient(
+        tracking_uri=settings.resolved_tracking_uri, registry_uri=settings.resolved_registry_uri
+    )
+
+
+def versions_of(settings: Settings, name: str) -> list[str]:
+    found = client_for(settings).search_model_versions(f"name = '{name}'")
+    return sorted(str(v.version) for v in found)
+
+
+def stored_keys(settings: Settings) -> list[str]:
+    """Every object under the models prefix of the settings' bucket (none when no bucket)."""
+    store = open_store(settings)
+    if not store.bucket_exists(settings.bucket):
+        return []
+    return sorted(o.key for o in store.list_objects(settings.bucket, PREFIX))
+
+
+def nan_model() -> LocalizationNet:
+    torch.manual_seed(5)
+    model = LocalizationNet(ModelConfig(backbone="atto"))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    return model
+
+
+@dataclass(frozen=True)
+class Published:
+    """The same checkpoint published twice into one fresh embedded data directory."""
+
+    settings: Settings
+    name: str
+    checkpoint: LoadedCheckpoint
+    first: PublishResult
+    second: PublishResult
+    events: list[tuple[str, str]]
+    keys_after_first: list[str]
+    report_json: str  # the first run's report: the second run rewrites the same files
+    report_html: str
+
+
+@pytest.fixture(scope="module")
+def published(
+    embedded_mlflow: MlflowBackend,
+    atto_checkpoint: LoadedCheckpoint,
+    tmp_path_factory: pytest.TempPathFactory,
+    one_torch_thread: None,
+) -> Published:
+    settings = embedded_mlflow.settings(data_dir=tmp_path_factory.mktemp("publish-embedded"))
+    name = unique("publish")
+    events: list[tuple[str, str]] = []
+    first = publish(
+        atto_checkpoint.path,
+        settings=settings,
+        name=name,
+        bench_budget_s=0.2,
+        progress=lambda step, status, _detail: events.append((step, status)),
+        **FAST,
+    )
+    assert first.report is not None
+    report = (first.report.json.read_text(), first.report.html.read_text())
+    keys_after_first = stored_keys(settings)
+    second = publish(atto_checkpoint.path, settings=settings, name=name, bench=False, **FAST)
+    return Published(
+        settings, name, atto_checkpoint, first, second, events, keys_after_first, *report
+    )
+
+
+def test_publish_records_every_step_in_order_with_its_status(published: Published) -> None:
+    steps = [(s.name, s.status) for s in published.first.steps]
+
+    # fp32 only, so there are no variants to build
+    assert steps == [(name, "skipped" if name == "variants" else "ok") for name in STEPS]
+    assert all(s.seconds >= 0 for s in published.first.steps)
+    expected_events = [
+        event for name, status in steps for event in ((name, "start"), (name, status))
+    ]
+    assert published.events == expected_events
+
+
+def test_publish_registers_a_verified_fp32_version_under_alias_staging(
+    published: Published,
+) -> None:
+    primary = published.first.primary
+    client = client_for(published.settings)
+
+    held = client.get_model_version_by_alias(published.name, "staging")
+    version = client.get_model_version(published.name, primary.version.version)
+
+    assert str(held.version) == primary.version.version == "1"
+    assert version.status == "READY"
+    assert version.tags["variant"] == "fp32"
+    assert version.tags["verification"] == "passed"
+    assert version.tags["sha256"] == sha256_file(primary.onnx_path) == primary.upload.sha256
+    assert version.tags["onnx_uri"] == primary.upload.uri
+    assert version.tags["checkpoint_sha256"] == published.checkpoint.sha256
+    assert primary.upload.uri.startswith(published.settings.object_store_uri + f"/{PREFIX}/")
+    assert not primary.upload.reused and not primary.reused_version
+    assert published.first.parity.passed
+    assert published.first.speedup(1) is not None  # the benchmark ran
+
+
+def test_publish_writes_the_report_and_logs_it_to_the_versions_run(
+    published: Published, tmp_path: Path
+) -> None:
+    document = json.loads(published.report_json)
+    page = published.report_html
+    run_id = published.first.primary.version.run_id
+    assert run_id is not None
+    client = client_for(published.settings)
+
+    logged = {a.path for a in client.list_artifacts(run_id, "report")}
+    downloaded = Path(client.download_artifacts(run_id, "report/report.json", str(tmp_path)))
+
+    assert document["schema_version"] == REPORT_SCHEMA_VERSION
+    assert document["success"] is True
+    card = document["model_card"]
+    assert card["version"] == "1" and card["name"] == published.name
+    assert card["sha256"] == published.first.primary.upload.sha256
+    assert [s["step"] for s in document["steps"]] == list(STEPS[:-1])  # all but the report itself
+    assert document["latency_ms"] and document["heldout"]["samples"] == 256
+    assert page.startswith("<!doctype html>") and "<svg" in page and published.name in page
+    assert logged == {"report/report.json", "report/report.html"}
+    assert json.loads(downloaded.read_text())["model_card"] == card
+
+
+def test_publishing_the_same_checkpoint_again_reuses_the_upload_and_the_version(
+    published: Published,
+) -> None:
+    first, second = published.first.primary, published.second.primary
+    status = {s.name: s.status for s in published.second.steps}
+
+    assert second.version.version == first.version.version
+    assert second.upload.uri == first.upload.uri and second.upload.reused
+    assert second.reused_version
+    assert (status["upload"], status["register"], status["alias"]) == ("reused",) * 3
+    assert versions_of(published.settings, published.name) == ["1"]
+    assert stored_keys(published.settings) == published.keys_after_first
+
+
+def test_nan_weights_fail_verification_and_nothing_is_stored_or_registered(
+    embedded_mlflow: MlflowBackend, tmp_path: Path, one_torch_thread: None
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    checkpoint = tmp_path / "nan.safetensors"
+    save_checkpoint(nan_model(), checkpoint)
+    name = unique("nan")
+
+    with pytest.raises(PublishError) as failure:
+        publish(checkpoint, settings=settings, name=name, bench=False, verify_batch_sizes=(1,))
+
+    error = failure.value
+    assert error.step == "verify"
+    assert "NaN" in error.reason
+    assert "uploaded" not in error.existing and "version" not in error.existing
+    assert [(s["step"], s["status"]) for s in error.steps][-1] == ("verify", "failed")
+    assert stored_keys(settings) == []
+    assert versions_of(settings, name) == []
+
+
+def _mismatched(path: Path, kind: str) -> Path:
+    model = LocalizationNet(ModelConfig(backbone="atto"))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if kind == "keys":
+        state["head.extra.weight"] = state.pop("backbone.features.0.0.weight")
+    else:
+        state["backbone.features.0.0.weight"] = torch.zeros(7, 3, 4, 4)
+    metadata = {"heimdall_config": json.dumps(model.config.to_dict(), sort_keys=True)}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("keys", r"missing keys \(1\): backbone\.features\.0\.0\.weight.*unexpected keys"),
+        ("shapes", r"shape mismatches \(1\): backbone\.features\.0\.0\.weight: checkpoint"),
+    ],
+    ids=["wrong-keys", "wrong-shapes"],
+)
+def test_a_checkpoint_that_does_not_fit_the_model_fails_at_load(
+    kind: str, message: str, embedded_mlflow: MlflowBackend, tmp_path: Path
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    checkpoint = _mismatched(tmp_path / f"{kind}.safetensors", kind)
+
+    with pytest.raises(PublishError, match="publish failed at step 'load'") as failure:
+        publish(checkpoint, settings=settings, name=unique("misfit"), bench=False)
+
+    assert failure.value.step == "load"
+    assert "does not fit the model" in failure.value.reason
+    assert checkpoint.name in failure.value.reason
+    assert failure.value.existing == {}
+    assert not (tmp_path / "data").exists()  # nothing exported, stored or registered
+
+
+def test_export_and_register_model_returns_the_seed_dict_on_success(
+    embedded_mlflow: MlflowBackend, tmp_path: Path, one_torch_thread: None
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    torch.manual_seed(9)
+    model = LocalizationNet(ModelConfig(backbone="atto"))
+    name = unique("seed")
+
+    result = export_and_register_model(
+        model, None, mlflow_tracker=settings, output_dir=tmp_path / "out", model_name=name
+    )
+
+    assert set(result) >= SEED_KEYS
+    assert result["success"] is True and result["error"] is None
+    uri = result["s3_uri"]
+    assert uri.startswith(f"{settings.object_store_uri}/{PREFIX}/") and uri.endswith(".onnx")
+    assert result["model_info"]["opset_version"] >= 17
+    assert result["metadata"]["s3_uri"] == uri
+    assert result["metadata"]["sha256"] == sha256_file(tmp_path / "out" / "model.onnx")
+    assert result["inference_metrics"]["parity"]["passed"] is True
+    assert result["inference_metrics"]["timings"]["p50_ms"]
+    registration = result["registration"]
+    assert (registration["model_name"], registration["model_version"]) == (name, "1")
+    assert registration["stage"] == "Staging"
+    assert registration["onnx_uri"] == uri
+    # The version holds alias staging by the time the dict is returned; it must say so.
+    assert str(client_for(settings).get_model_version_by_alias(name, "staging").version) == "1"
+    assert registration["aliases"] == ["staging"]
+
+
+def test_export_and_register_model_reports_a_failure_in_the_dict_without_raising(
+    embedded_mlflow: MlflowBackend, tmp_path: Path, one_torch_thread: None
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    name = unique("seedfail")
+
+    result = export_and_register_model(
+        nan_model(), "run-1", mlflow_tracker=settings, output_dir=tmp_path / "out", model_name=name
+    )
+
+    assert set(result) >= SEED_KEYS
+    assert result["success"] is False
+    assert "publish failed at step 'verify'" in result["error"] and "NaN" in result["error"]
+    assert result["failed_step"] == "verify"
+    nothing_made = SEED_KEYS - {"success", "error"}
+    assert {k: result[k] for k in nothing_made} == dict.fromkeys(nothing_made)
+    assert versions_of(settings, name) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"variants": ("fp32", "fp8")}, r"unknown variant\(s\) \['fp8'\]"),
+        ({"variants": ("bf16",)}, "unknown variant"),
+        ({"bench_budget_s": 0}, "bench_budget_s must be positive, got 0"),
+        ({"bench_budget_s": -1.5}, "bench_budget_s must be positive, got -1.5"),
+    ],
+    ids=["unknown-variant", "only-unknown-variant", "zero-budget", "negative-budget"],
+)
+def test_bad_arguments_are_refused_before_any_work(
+    options: dict[str, Any],
+    message: str,
+    embedded_mlflow: MlflowBackend,
+    atto_checkpoint: LoadedCheckpoint,
+    tmp_path: Path,
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+
+    with pytest.raises(InputError, match=message):
+        publish(atto_checkpoint.path, settings=settings, **options)
+
+    assert not (tmp_path / "data").exists()  # refused before exporting or storing anything
+
+
+def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="samples must be at least 1"):
+        evaluate_heldout(tmp_path / "model.onnx", samples=0)
