@@ -568,6 +568,10 @@ def _check_variants(variants: Sequence[str]) -> list[str]:
     return [FP32, *dict.fromkeys(v for v in names if v != FP32)]
 
 
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _as_variant(name: str) -> Variant:
     for variant in VARIANTS:
         if variant == name:
@@ -658,9 +662,9 @@ class DemoResult:
             "stored_at": primary.upload.uri,
             "sha256": primary.upload.sha256,
             "parity": f"passed (max abs diff {worst:.1e})",
-            "speedup_batch1": self.publish.speedup(1),
-            "median_error_km": self.served_median_error_km,
-            "baseline_median_error_km": self.training.baseline_median_error_km,
+            "speedup_batch1": _round(self.publish.speedup(1), 2),
+            "median_error_km": round(self.served_median_error_km, 1),
+            "baseline_median_error_km": round(self.training.baseline_median_error_km, 1),
             "report": str(self.publish.report.html) if self.publish.report else None,
             "seconds": round(self.seconds, 1),
         }

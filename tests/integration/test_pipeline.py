@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,6 @@ PLOT_BLUE = np.array([31, 119, 180])
 
 def unique(label: str) -> str:
     return f"heimdall-{label}-{os.urandom(3).hex()}"
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One PyTorch thread: on a shared 2-core machine two spinning threads are much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

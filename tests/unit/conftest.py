@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -29,12 +27,3 @@ def atto_onnx(
 ) -> ExportResult:
     """The atto checkpoint exported with the defaults."""
     return export_checkpoint(atto_checkpoint.path, tmp_path_factory.mktemp("onnx") / "atto.onnx")
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Run PyTorch on one thread: on a shared 2-core machine two spinning threads are 10× slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

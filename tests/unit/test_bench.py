@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,24 +12,25 @@ import torch
 from torch import nn
 
 from heimdall import bench
+from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.errors import InputError
-from heimdall.export import export_to_onnx
-from heimdall.model import INPUT_SHAPE, LocalizationNet, ModelConfig
+from heimdall.export import ExportResult
+from heimdall.model import INPUT_SHAPE, LocalizationNet
 from heimdall.optimize import SessionSettings
 
 ROUNDS = 5  # odd, so a median of per-round ratios is exactly the reciprocal of the reverse one
 
 
 @pytest.fixture(scope="module")
-def model() -> LocalizationNet:
-    torch.manual_seed(0)
-    return LocalizationNet(ModelConfig(backbone="atto")).eval()
+def model(atto_checkpoint: LoadedCheckpoint) -> LocalizationNet:
+    return atto_checkpoint.model.eval()
 
 
 @pytest.fixture(scope="module")
-def onnx_path(model: LocalizationNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_path(atto_onnx: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy: tests here write variants next to it."""
     path = tmp_path_factory.mktemp("bench") / "atto.onnx"
-    export_to_onnx(model, path)
+    shutil.copyfile(atto_onnx.path, path)
     return path
 
 

@@ -4,34 +4,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from heimdall import optimize
+from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.data import generate
 from heimdall.errors import InputError
-from heimdall.export import export_to_onnx
-from heimdall.model import INPUT_NAME, LocalizationNet, ModelConfig
+from heimdall.export import ExportResult
+from heimdall.model import INPUT_NAME, LocalizationNet
 from heimdall.validate import validate_onnx_model
 
 TASK_SAMPLES = 32
 
 
 @pytest.fixture(scope="module")
-def model() -> LocalizationNet:
-    torch.manual_seed(0)
-    return LocalizationNet(ModelConfig(backbone="atto")).eval()
+def model(atto_checkpoint: LoadedCheckpoint) -> LocalizationNet:
+    return atto_checkpoint.model.eval()
 
 
 @pytest.fixture(scope="module")
-def onnx_path(model: LocalizationNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_path(atto_onnx: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy: tests here write variants next to it."""
     path = tmp_path_factory.mktemp("optimize") / "atto.onnx"
-    export_to_onnx(model, path)
+    shutil.copyfile(atto_onnx.path, path)
     return path
 
 

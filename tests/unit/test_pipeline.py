@@ -327,3 +327,22 @@ def test_bad_arguments_are_refused_before_any_work(
 def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="samples must be at least 1"):
         evaluate_heldout(tmp_path / "model.onnx", samples=0)
+
+
+def test_demo_trains_publishes_and_serves_the_staging_alias(tmp_path: Path) -> None:
+    from heimdall.pipeline import run_demo
+    from heimdall.train import TrainConfig
+
+    settings = Settings(data_dir=tmp_path / "demo", tracking_uri=None)
+    config = TrainConfig(train_samples=96, val_samples=32, epochs=1, batch_size=32)
+
+    demo = run_demo(settings=settings, config=config, samples=16)
+
+    summary = demo.summary()
+    assert demo.served_uri == f"models:/{settings.model_name}@staging"
+    assert demo.served_version == demo.publish.primary.version.version == summary["version"]
+    assert summary["sha256"] == sha256_file(demo.publish.primary.onnx_path)
+    assert demo.served_samples == 16
+    assert demo.training.checkpoint.is_file()
+    assert summary["report"] is not None and Path(str(summary["report"])).is_file()
+    assert json.loads(json.dumps(demo.to_dict()))["summary"]["version"] == summary["version"]
