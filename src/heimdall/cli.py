@@ -380,6 +380,8 @@ def publish(
 def demo(
     ctx: typer.Context,
     backbone: str = typer.Option("atto", help="ConvNeXt size of the demo model."),
+    epochs: int = typer.Option(None, help="Training epochs (default: the demo's)."),
+    samples: int = typer.Option(None, help="Synthetic training samples (default: the demo's)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a demo model, publish it, load it back by alias and predict held-out samples."""
@@ -387,6 +389,9 @@ def demo(
     from heimdall.train import TrainConfig
 
     settings = _settings(ctx)
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"epochs": epochs, "train_samples": samples}.items() if v is not None
+    }
     with errors(as_json), progress_bar() as bar:
         display = StepDisplay(bar)
         task = bar.add_task("training", total=None, info="")
@@ -401,7 +406,7 @@ def demo(
 
         result = run_demo(
             settings=settings,
-            config=TrainConfig(backbone=backbone),
+            config=TrainConfig(backbone=backbone, **overrides),
             train_progress=None if as_json else on_epoch,
             progress=None if as_json else display.step,
             upload_progress=None if as_json else display.bytes,

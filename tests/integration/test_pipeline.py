@@ -390,3 +390,27 @@ def test_publish_json_against_a_server_is_one_json_document_on_stdout(
     assert published["success"] is True
     assert published["name"] == secret_run.name
     assert published["published"][0]["version"] == "1"
+
+
+def test_the_demo_command_runs_unchanged_against_s3_and_an_mlflow_server(
+    mlflow_server: MlflowBackend, tmp_path: Path
+) -> None:
+    assert mlflow_server.seaweedfs is not None
+    bucket, name = unique("demo"), unique("demo")
+    env = cli_env(mlflow_server, tmp_path / "data", bucket, name)
+    # Only the original design's variable names: nothing heimdall-specific for S3.
+    for own in ("HEIMDALL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(own)
+    cmd = heimdall_cmd("demo", "--epochs", "1", "--samples", "96", "--json")
+
+    done = subprocess.run(
+        cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)["summary"]
+    assert summary["model"] == f"models:/{name}@staging"
+    assert summary["stored_at"].startswith(f"s3://{bucket}/models/localization/v")
+    (version,) = versions_of(mlflow_server, name)
+    assert summary["version"] == str(version.version)
+    assert version.tags["sha256"] == summary["sha256"]
