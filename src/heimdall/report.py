@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -53,6 +54,9 @@ def _latency_plot(latency: dict[str, dict[str, list[float]]]) -> str:
     ax.set_xticks([j + width * (len(runtimes) - 1) / 2 for j in range(len(batches))])
     ax.set_xticklabels([f"batch {b}" for b in batches])
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("latency per call (ms)")
     ax.legend()
     return _svg(fig)
@@ -103,6 +107,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, dict | list):
