@@ -7,17 +7,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from heimdall.config import Settings, configure_logging, load_settings, redact_uri
-from heimdall.errors import HeimdallError
+from heimdall.config import DEFAULT_ALIAS, Settings, configure_logging, load_settings, redact_uri
+from heimdall.errors import HeimdallError, PublishError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+if TYPE_CHECKING:
+    from heimdall.pipeline import PublishResult
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Publish LocalizationNet: checkpoint → verified ONNX → object store → MLflow registry.",
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -28,13 +35,20 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on std
 def main(
     ctx: typer.Context,
     data_dir: Path | None = typer.Option(
-        None, help="Embedded store directory [env HEIMDALL_DATA_DIR]."
+        None, help="Embedded store directory \\[env HEIMDALL_DATA_DIR]."
     ),
-    log_level: str = typer.Option("WARNING", help="DEBUG, INFO, WARNING or ERROR."),
-    log_json: bool = typer.Option(False, "--log-json", help="Logs as JSON lines on stderr."),
+    log_level: str | None = typer.Option(
+        None, help="DEBUG, INFO, WARNING or ERROR \\[env HEIMDALL_LOG_LEVEL, default WARNING]."
+    ),
+    log_json: bool | None = typer.Option(
+        None, "--log-json", help="Logs as JSON lines on stderr \\[env HEIMDALL_LOG_JSON]."
+    ),
 ) -> None:
-    settings = load_settings(data_dir=data_dir)
-    configure_logging(log_level, json=log_json, secrets=settings.secret_values())
+    with errors(False):
+        settings = load_settings(data_dir=data_dir, log_level=log_level, log_json=log_json)
+        configure_logging(
+            settings.log_level, json=settings.log_json, secrets=settings.secret_values()
+        )
     ctx.obj = settings
 
 
@@ -81,7 +95,10 @@ def errors(as_json: bool) -> Iterator[None]:
     except HeimdallError as exc:
         message = redact_uri(str(exc))
         if as_json:
-            out.print_json(json.dumps({"error": type(exc).__name__, "message": message}))
+            document: dict[str, Any] = {"error": type(exc).__name__, "message": message}
+            if isinstance(exc, PublishError):
+                document.update(step=exc.step, existing=exc.existing, steps=exc.steps)
+            out.print_json(json.dumps(document, default=str))
         else:
             console.print(f"[red]error[/red] ({type(exc).__name__}): {message}")
         raise typer.Exit(1) from None
@@ -144,9 +161,14 @@ def train(
                 experiment_name=settings.experiment_name,
                 progress=on_epoch,
             )
+    if not publish_after:
         emit(result, as_json, "training")
-    if publish_after:
-        _publish(ctx, result.checkpoint, as_json=as_json)
+        return
+    if not as_json:
+        emit(result, False, "training")
+    published = _publish(ctx, result.checkpoint, as_json=as_json)
+    if as_json:  # one document on stdout
+        emit({"training": result, "publish": published}, True, "training")
 
 
 @app.command("export")
@@ -230,7 +252,9 @@ def _int_list(text: str) -> list[int]:
 def upload(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="ONNX file (its .data sidecar goes with it)."),
-    bucket: str = typer.Option(None, help="Bucket [env HEIMDALL_BUCKET, default heimdall-models]."),
+    bucket: str = typer.Option(
+        None, help="Bucket \\[env HEIMDALL_BUCKET, default heimdall-models]."
+    ),
     key: str = typer.Option(
         None, help="Object key (default models/localization/v<UTC time>.onnx)."
     ),
@@ -317,13 +341,13 @@ def _publish(
     as_json: bool,
     *,
     name: str | None = None,
-    alias: str = "staging",
+    alias: str = DEFAULT_ALIAS,
     stage: str | None = None,
     variants: str = "fp32",
     create_bucket: bool | None = None,
     output_dir: Path | None = None,
     bench: bool = True,
-) -> None:
+) -> PublishResult:
     from heimdall.pipeline import publish as run_publish
 
     with errors(as_json), progress_bar() as bar:
@@ -341,17 +365,21 @@ def _publish(
             progress=None if as_json else display.step,
             upload_progress=None if as_json else display.bytes,
         )
-    emit(result, as_json, "published")
-    if not as_json and result.report is not None:
-        out.print(f"report: {result.report.html}")
+    if not as_json:
+        emit(result, False, "published")
+        if result.report is not None:
+            out.print(f"report: {result.report.html}")
+    return result
 
 
 @app.command()
 def publish(
     ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .ckpt)."),
-    name: str = typer.Option(None, help="Registered model name [env HEIMDALL_MODEL_NAME]."),
-    alias: str = typer.Option("staging", help="Alias to point at the new version ('' for none)."),
+    name: str = typer.Option(None, help="Registered model name \\[env HEIMDALL_MODEL_NAME]."),
+    alias: str = typer.Option(
+        DEFAULT_ALIAS, help="Alias to point at the new version ('' for none)."
+    ),
     stage: str = typer.Option(None, help="Also set MLflow's legacy stage, e.g. Staging."),
     variants: str = typer.Option("fp32", help="Comma-separated: fp32, int8, fp16."),
     create_bucket: bool = typer.Option(
@@ -362,7 +390,7 @@ def publish(
     as_json: bool = JsonOpt,
 ) -> None:
     """Export, verify, benchmark, upload and register a checkpoint (re-runs are idempotent)."""
-    _publish(
+    result = _publish(
         ctx,
         checkpoint,
         as_json,
@@ -374,6 +402,8 @@ def publish(
         output_dir=output_dir,
         bench=bench,
     )
+    if as_json:
+        emit(result, True, "published")
 
 
 @app.command()

@@ -19,11 +19,15 @@ from typing import Any
 
 import structlog
 from pydantic import AliasChoices, Field, SecretStr, field_serializer
+from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from structlog.dev import plain_traceback
 
+from heimdall.errors import ConfigError
+
 DEFAULT_BUCKET = "heimdall-models"
 DEFAULT_MODEL_NAME = "heimdall-localization-onnx"
+DEFAULT_ALIAS = "staging"
 DEFAULT_EXPERIMENT = "heimdall-localization"
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
@@ -89,7 +93,7 @@ class Settings(BaseSettings):
     model_name: str = Field(
         default=DEFAULT_MODEL_NAME, validation_alias=AliasChoices("HEIMDALL_MODEL_NAME")
     )
-    log_level: str = Field(default="INFO", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
+    log_level: str = Field(default="WARNING", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
@@ -167,7 +171,13 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment; keyword arguments win over it."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except PydanticValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings ({problems}); check the environment") from None
 
 
 def _scrubber(secrets: Iterable[str]) -> Any:

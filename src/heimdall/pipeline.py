@@ -30,14 +30,16 @@ from heimdall.errors import HeimdallError, InputError, PublishError
 from heimdall.export import export_to_onnx
 from heimdall.inference import LocalizationModel
 from heimdall.model import LocalizationNet
-from heimdall.optimize import VARIANTS, Variant, VariantResult, build_variant
+from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantResult, build_variant
 from heimdall.registry import (
     DEFAULT_ALIAS,
     RegisteredVersion,
+    check_registration,
     find_version_by_sha256,
     log_run_files,
     register_model,
     set_alias,
+    set_stage,
 )
 from heimdall.report import ReportPaths, write_report
 from heimdall.storage import ObjectStore, UploadResult, open_store, upload_model
@@ -190,12 +192,13 @@ class _Run:
         started = time.perf_counter()
         try:
             yield self
-        except (HeimdallError, OSError) as exc:
+        except Exception as exc:  # every failure names its step and what already exists
             seconds = round(time.perf_counter() - started, 3)
-            reason = redact_uri(str(exc))
+            text = str(exc) if isinstance(exc, HeimdallError) else f"{type(exc).__name__}: {exc}"
+            reason = redact_uri(text)
             self.records.append(StepRecord(name, "failed", seconds, reason))
             self._emit(name, "failed", reason)
-            log.error("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
+            log.warning("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
             raise PublishError(
                 name, reason, dict(self.existing), [r.to_dict() for r in self.records]
             ) from exc
@@ -216,7 +219,8 @@ def publish(
     name: str | None = None,
     alias: str | None = DEFAULT_ALIAS,
     stage: str | None = None,
-    variants: Sequence[str] = (FP32,),
+    variants: Sequence[str] | str = (FP32,),
+    calibration: int = DEFAULT_CALIBRATION,
     output_dir: Path | str | None = None,
     create_bucket: bool | None = None,
     run_id: str | None = None,
@@ -237,8 +241,16 @@ def publish(
     settings = settings or load_settings()
     name = name or settings.model_name
     wanted = _check_variants(variants)
+    check_registration(name, alias, stage)
+    for variant in wanted:
+        if alias is not None:
+            check_registration(name, f"{alias}-{variant}")
     if bench_budget_s <= 0:
         raise InputError(f"bench_budget_s must be positive, got {bench_budget_s}")
+    if not verify_batch_sizes or min(verify_batch_sizes) < 1:
+        raise InputError(f"verify batch sizes must be positive, got {list(verify_batch_sizes)}")
+    if calibration < 1:
+        raise InputError(f"calibration must be at least 1 sample, got {calibration}")
     run = _Run(progress)
 
     with run.step("load"):
@@ -276,9 +288,13 @@ def publish(
 
     variant_results: list[VariantResult] = []
     with run.step("variants"):
-        for variant in wanted[1:]:
+        for variant in wanted:
             built = build_variant(
-                _as_variant(variant), exported.path, out / f"model.{variant}.onnx", model
+                variant,
+                exported.path,
+                out / f"model.{variant}.onnx",
+                model,
+                calibration=calibration,
             )
             variant_results.append(built)
         passing = [v for v in variant_results if v.passed]
@@ -303,7 +319,6 @@ def publish(
         heldout = evaluate_heldout(exported.path, settings=settings)
         run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
 
-    store = store or open_store(settings)
     make_bucket = (not settings.uses_s3) if create_bucket is None else create_bucket
     to_publish = [(FP32, exported.path, parity)] + [(v.variant, v.path, v.parity) for v in passing]
     published = [
@@ -346,9 +361,7 @@ def publish(
         if run_for_report:
             log_run_files(run_for_report, [paths.json, paths.html], "report", settings=settings)
         run.note(str(paths.html))
-    result = PublishResult(
-        **{**partial.__dict__, "steps": tuple(run.records), "report": paths},
-    )
+    result = replace(partial, steps=tuple(run.records), report=paths)
     log.info(
         "publish.done",
         name=name,
@@ -370,7 +383,7 @@ def _publish_one(
     training_run: str | None,
     timings: BenchmarkResult | None,
     settings: Settings,
-    store: ObjectStore,
+    store: ObjectStore | None,
     name: str,
     alias: str | None,
     stage: str | None,
@@ -380,6 +393,7 @@ def _publish_one(
     """Upload (verified), describe, register and alias one variant's ONNX file."""
     label = "" if variant == FP32 else f"[{variant}]"
     with run.step(f"upload{label}"):
+        store = store or open_store(settings)
         uploaded = upload_model(
             path,
             store,
@@ -406,8 +420,12 @@ def _publish_one(
         run.note(f"sha256 {metadata['sha256']}")
     with run.step(f"register{label}"):
         existing = find_version_by_sha256(name, uploaded.sha256, settings=settings)
-        if existing is not None:
+        # Reused only while it points at the upload just verified; if its bytes were removed
+        # and uploaded again elsewhere, a new version points at the new ones.
+        if existing is not None and existing.onnx_uri == uploaded.uri:
             version, reused = existing, True
+            if stage is not None:
+                version = set_stage(name, version.version, stage, settings=settings)
             run.note(f"{name} version {version.version} already holds these bytes", "reused")
         else:
             version = register_model(
@@ -560,23 +578,24 @@ def _default_output_dir(settings: Settings, loaded: LoadedCheckpoint) -> Path:
     return settings.resolved_data_dir / "exports" / loaded.sha256[:16]
 
 
-def _check_variants(variants: Sequence[str]) -> list[str]:
-    names = [v.strip().lower() for v in variants if v.strip()]
-    unknown = [v for v in names if v != FP32 and v not in VARIANTS]
-    if unknown:
-        raise InputError(f"unknown variant(s) {unknown}; choose from {FP32}, {', '.join(VARIANTS)}")
-    return [FP32, *dict.fromkeys(v for v in names if v != FP32)]
+def _check_variants(variants: Sequence[str] | str) -> list[Variant]:
+    """fp32 first, then the asked-for variants once each; ``"fp32,int8"`` is accepted too."""
+    names = variants.split(",") if isinstance(variants, str) else list(variants)
+    chosen: list[Variant] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name or name == FP32:
+            continue
+        variant = next((v for v in VARIANTS if v == name), None)
+        if variant is None:
+            raise InputError(f"unknown variant {raw!r}; choose from {FP32}, {', '.join(VARIANTS)}")
+        if variant not in chosen:
+            chosen.append(variant)
+    return chosen
 
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _as_variant(name: str) -> Variant:
-    for variant in VARIANTS:
-        if variant == name:
-            return variant
-    raise InputError(f"unknown variant {name!r}; choose from {FP32}, {', '.join(VARIANTS)}")
 
 
 # --- the original API ------------------------------------------------------------------------
@@ -605,17 +624,18 @@ def export_and_register_model(
             output_dir=output_dir,
             run_id=run_id,
         )
-    except PublishError as exc:
+    except HeimdallError as exc:
+        failed = exc if isinstance(exc, PublishError) else None
         return {
             "success": False,
-            "s3_uri": exc.existing.get("uploaded"),
+            "s3_uri": failed.existing.get("uploaded") if failed else None,
             "model_info": None,
             "metadata": None,
             "inference_metrics": None,
             "registration": None,
             "error": str(exc),
-            "failed_step": exc.step,
-            "steps": exc.steps,
+            "failed_step": failed.step if failed else None,
+            "steps": failed.steps if failed else [],
         }
     primary = result.primary
     return {
@@ -684,9 +704,12 @@ def run_demo(
     upload_progress: BytesProgress | None = None,
 ) -> DemoResult:
     """Train the demo model, publish it, load it back by alias and predict held-out samples."""
+    if samples < 1:
+        raise InputError(f"samples must be at least 1, got {samples}")
     started = time.perf_counter()
     settings = settings or load_settings()
     config = config or TrainConfig()
+    check_registration(settings.model_name, alias)
     checkpoint = settings.resolved_data_dir / "checkpoints" / f"demo-{config.backbone}.safetensors"
     trained = train(
         config,

@@ -60,7 +60,13 @@ from mlflow.types import TensorSpec as MlflowTensorSpec
 from sqlalchemy.exc import SQLAlchemyError
 
 from heimdall.checkpoint import heimdall_version, sha256_file
-from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings, redact_uri
+from heimdall.config import (
+    DEFAULT_ALIAS,
+    DEFAULT_MODEL_NAME,
+    Settings,
+    load_settings,
+    redact_uri,
+)
 from heimdall.data import generate
 from heimdall.errors import HeimdallError, InputError, RegistryError
 from heimdall.storage import ObjectStore, open_store
@@ -68,7 +74,6 @@ from heimdall.validate import TensorSpec, ValidationResult, validate_onnx_model
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ALIAS = "staging"
 PRODUCTION = "production"
 MODEL_FILE = "model.onnx"
 HISTORY_TAG = "heimdall.alias_history."
@@ -86,6 +91,18 @@ _LOCK_RETRIES = 12
 _READY_TIMEOUT_S = 60.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ALIAS = re.compile(r"[A-Za-z0-9_\-]+")
+_RESERVED_TAGS = {
+    "framework",
+    "format",
+    "sha256",
+    "onnx_uri",
+    "verification",
+    "opset",
+    "heimdall_version",
+    "checkpoint_sha256",
+    "backbone",
+    "training_run_id",
+}
 _T = TypeVar("_T")
 
 
@@ -124,7 +141,7 @@ class AliasEvent:
     """One move of an alias, as kept in the registered model's history tag."""
 
     version: str
-    action: str  # register | promote | rollback
+    action: str  # register | set | promote | rollback
     at: str
     previous: str | None = None
 
@@ -242,6 +259,9 @@ def register_model(
     if alias is not None:
         _check_alias(alias)
     legacy_stage = _canonical_stage(stage) if stage is not None else None
+    reserved = sorted(set(tags or {}) & _RESERVED_TAGS)
+    if reserved:
+        raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
     store = store or open_store(settings)
     staged = _stage_model_dir(store, onnx_uri, sha256, meta)
     sha256 = staged.sha256
@@ -416,26 +436,57 @@ def set_alias(
     """
     _check_name(name)
     _check_alias(alias)
+    if alias == PRODUCTION:
+        raise InputError(f"move {PRODUCTION!r} with promote, which checks the gates first")
     settings = settings or load_settings()
     with _mlflow(settings, f"set alias {alias!r} of {name} to version {version}") as client:
         target = _version(client, name, str(version))
-        if target.verification != "passed":
+        if target.status != "READY" or target.verification != "passed":
             raise RegistryError(
-                f"{name} version {target.version} has verification {target.verification!r}; "
-                f"only verified versions get an alias"
+                f"{name} version {target.version} is {target.status} with verification "
+                f"{target.verification!r}; only READY, verified versions get an alias"
             )
         current = _aliases(_call(client.get_registered_model, name)).get(alias)
         if current == target.version:
             return AliasChange(name, alias, target.version, current, "unchanged")
-        _move_alias(client, name, alias, target.version, "register")
+        _move_alias(client, name, alias, target.version, "set")
     log.info("registry.alias_set", name=name, alias=alias, version=target.version)
-    return AliasChange(name, alias, target.version, current, "register")
+    return AliasChange(name, alias, target.version, current, "set")
+
+
+def set_stage(
+    name: str, version: str | int, stage: str, *, settings: Settings | None = None
+) -> RegisteredVersion:
+    """Set MLflow's legacy stage of ``version`` (the original API's ``stage='Staging'``)."""
+    _check_name(name)
+    canonical = _canonical_stage(stage)
+    settings = settings or load_settings()
+    with _mlflow(settings, f"set stage {canonical!r} of {name} version {version}") as client:
+        target = _version(client, name, str(version))
+        if target.stage != canonical:
+            _transition_stage(client, name, target.version, canonical)
+            target = _version(client, name, target.version)
+    return target
+
+
+def check_registration(name: str, alias: str | None = None, stage: str | None = None) -> None:
+    """Raise InputError now for a name, alias or stage that registering would refuse later."""
+    _check_name(name)
+    if alias is not None:
+        _check_alias(alias)
+    if stage is not None:
+        _canonical_stage(stage)
 
 
 def log_run_files(
     run_id: str, paths: Sequence[Path], artifact_path: str, *, settings: Settings | None = None
 ) -> None:
     """Attach local files (e.g. a publish report) to an MLflow run as artifacts."""
+    if not run_id:
+        raise InputError("run_id must not be empty")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"cannot log {missing} to run {run_id}: not files")
     settings = settings or load_settings()
     with _mlflow(settings, f"log {len(paths)} file(s) to run {run_id}") as client:
         for path in paths:

@@ -1109,15 +1109,19 @@ def _find_indexed(
         key = str(json.loads(store.read_bytes(bucket, index_key))["key"])
     except (ValueError, KeyError, TypeError):
         log.warning("storage.index.unreadable", bucket=bucket, key=index_key)
-        return None
-    return key if _key_state(store, bucket, key, files) == "same" else None
+        return _find_unindexed(store, bucket, prefix, files)
+    if _key_state(store, bucket, key, files) == "same":
+        return key
+    return _find_unindexed(store, bucket, prefix, files)
 
 
 def _find_unindexed(
     store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile]
 ) -> str | None:
-    """An upload of these bytes whose index entry was never written (the writer was killed
-    between the two), found by size and recorded sha256 among the models under ``prefix``."""
+    """An upload of these bytes that the index does not point at, by size and recorded sha256.
+
+    The writer may have been killed between upload and index write; the entry is repaired.
+    """
     start = f"{prefix}/" if prefix else ""
     for info in store.list_objects(bucket, start):
         name = info.key[len(start) :]

@@ -178,7 +178,7 @@ def test_models_show_json_has_versions_and_alias_history(registry: Registry) -> 
     assert [v["version"] for v in shown["versions"]] == ["2", "1"]
     assert {v["verification"] for v in shown["versions"]} == {"passed"}
     assert [(e["action"], e["version"]) for e in shown["alias_history"]["staging"]] == [
-        ("register", "1")
+        ("set", "1")
     ]
 
 
@@ -280,3 +280,31 @@ def test_validate_of_a_file_that_is_not_onnx_exits_1(tmp_path: Path) -> None:
     message = failed_cleanly(Home(tmp_path / "data", "unused").run("validate", bogus))
 
     assert "ValidationError" in message
+
+
+def test_train_then_publish_as_json_is_one_document(tmp_path: Path, one_torch_thread: None) -> None:
+    home = Home(tmp_path / "data", f"heimdall-cli-train-{os.urandom(3).hex()}")
+    checkpoint = tmp_path / "trained.safetensors"
+
+    document = home.json("train", "--epochs", "1", "--samples", "64", "-o", checkpoint, "--publish")
+
+    assert document["training"]["checkpoint"] == str(checkpoint)
+    published = document["publish"]["published"][0]
+    assert document["publish"]["checkpoint_sha256"] == sha256_file(checkpoint)
+    assert (published["version"], published["alias"]) == ("1", "staging")
+
+
+def test_a_failed_publish_as_json_names_the_step_and_what_exists(tmp_path: Path) -> None:
+    home = Home(tmp_path / "data", f"heimdall-cli-nan-{os.urandom(3).hex()}")
+    model = LocalizationNet(ModelConfig(backbone="atto"))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    save_checkpoint(model, tmp_path / "nan.safetensors")
+
+    result = home.run("publish", tmp_path / "nan.safetensors", "--no-bench", "--json")
+
+    failed_cleanly(result)
+    document = json.loads(result.stdout)
+    assert (document["error"], document["step"]) == ("PublishError", "verify")
+    assert set(document["existing"]) == {"onnx_file"}
+    assert [s["step"] for s in document["steps"]][-1] == "verify"

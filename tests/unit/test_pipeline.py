@@ -302,12 +302,31 @@ def test_export_and_register_model_reports_a_failure_in_the_dict_without_raising
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"variants": ("fp32", "fp8")}, r"unknown variant\(s\) \['fp8'\]"),
+        ({"variants": ("fp32", "fp8")}, "unknown variant 'fp8'"),
         ({"variants": ("bf16",)}, "unknown variant"),
+        ({"variants": "fp32,fp8"}, "unknown variant 'fp8'"),
         ({"bench_budget_s": 0}, "bench_budget_s must be positive, got 0"),
         ({"bench_budget_s": -1.5}, "bench_budget_s must be positive, got -1.5"),
+        ({"alias": "latest"}, "invalid alias 'latest'"),
+        ({"alias": "v3"}, "invalid alias 'v3'"),
+        ({"stage": "Prod"}, "unknown stage 'Prod'"),
+        ({"name": "a/b"}, "invalid registered model name"),
+        ({"verify_batch_sizes": ()}, "verify batch sizes must be positive"),
+        ({"calibration": 0}, "calibration must be at least 1"),
     ],
-    ids=["unknown-variant", "only-unknown-variant", "zero-budget", "negative-budget"],
+    ids=[
+        "unknown-variant",
+        "only-unknown-variant",
+        "unknown-variant-in-a-string",
+        "zero-budget",
+        "negative-budget",
+        "reserved-alias",
+        "version-like-alias",
+        "unknown-stage",
+        "name-with-slash",
+        "no-batch-sizes",
+        "no-calibration",
+    ],
 )
 def test_bad_arguments_are_refused_before_any_work(
     options: dict[str, Any],
@@ -329,11 +348,13 @@ def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:
         evaluate_heldout(tmp_path / "model.onnx", samples=0)
 
 
-def test_demo_trains_publishes_and_serves_the_staging_alias(tmp_path: Path) -> None:
+def test_demo_trains_publishes_and_serves_the_staging_alias(
+    embedded_mlflow: MlflowBackend, tmp_path: Path
+) -> None:
     from heimdall.pipeline import run_demo
     from heimdall.train import TrainConfig
 
-    settings = Settings(data_dir=tmp_path / "demo", tracking_uri=None)
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "demo")
     config = TrainConfig(train_samples=96, val_samples=32, epochs=1, batch_size=32)
 
     demo = run_demo(settings=settings, config=config, samples=16)
@@ -346,3 +367,48 @@ def test_demo_trains_publishes_and_serves_the_staging_alias(tmp_path: Path) -> N
     assert demo.training.checkpoint.is_file()
     assert summary["report"] is not None and Path(str(summary["report"])).is_file()
     assert json.loads(json.dumps(demo.to_dict()))["summary"]["version"] == summary["version"]
+
+
+def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(
+    embedded_mlflow: MlflowBackend, atto_checkpoint: LoadedCheckpoint, tmp_path: Path
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    name = unique("variants")
+
+    result = publish(
+        atto_checkpoint.path,
+        settings=settings,
+        name=name,
+        variants="fp32,int8",
+        calibration=16,
+        bench=False,
+        **FAST,
+    )
+
+    (int8,) = result.variants
+    assert int8.passed, int8.reason
+    assert [p.variant for p in result.published] == ["fp32", "int8"]
+    client = client_for(settings)
+    for published, alias in zip(result.published, ("staging", "staging-int8"), strict=True):
+        version = client.get_model_version_by_alias(name, alias)
+        assert str(version.version) == published.version.version
+        assert version.tags["variant"] == published.variant
+        assert version.tags["sha256"] == sha256_file(published.onnx_path)
+    assert result.published[0].upload.sha256 != result.published[1].upload.sha256
+    assert versions_of(settings, name) == ["1", "2"]
+
+
+def test_stage_is_set_and_kept_when_the_version_is_reused(
+    embedded_mlflow: MlflowBackend, atto_checkpoint: LoadedCheckpoint, tmp_path: Path
+) -> None:
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    name = unique("stage")
+    options: dict[str, Any] = {"settings": settings, "name": name, "bench": False, **FAST}
+
+    first = publish(atto_checkpoint.path, **options)
+    again = publish(atto_checkpoint.path, stage="Staging", **options)
+
+    assert first.primary.version.stage in (None, "None")
+    assert again.primary.reused_version
+    assert again.primary.version.stage == "Staging"
+    assert client_for(settings).get_model_version(name, "1").current_stage == "Staging"

@@ -221,3 +221,21 @@ def test_an_unreachable_database_fails_in_seconds_without_its_password(
 
     assert time.monotonic() - started < 10
     assert "pg-pw" not in str(failure.value)
+
+
+def test_set_alias_leaves_production_to_promote(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, tracking_uri=None)
+
+    with pytest.raises(InputError, match="with promote"):
+        registry.set_alias("heimdall-x", "1", "production", settings=settings)
+
+
+def test_caller_tags_cannot_override_the_verified_ones(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, tracking_uri=None)
+
+    with pytest.raises(InputError, match=r"tags \['sha256', 'verification'\]"):
+        registry.register_model(
+            (tmp_path / "m.onnx").as_uri(),
+            tags={"verification": "passed", "sha256": "0" * 64, "variant": "fp32"},
+            settings=settings,
+        )
