@@ -1105,13 +1105,19 @@ def _call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """Call an MlflowClient method, retrying while SQLite reports the database locked.
 
     SQLite answers "database is locked" at once when two processes upgrade read transactions
-    to writes; the statement did not run, so trying again is safe.
+    to writes; the statement did not run, so trying again is safe. MLflow's SQL store sets an
+    alias by looking for its row, then inserting one: a concurrent writer's insert in between
+    breaks the unique constraint, and trying again updates the row that now exists.
     """
+    alias_race = getattr(fn, "__name__", "") == "set_registered_model_alias"
     for attempt in range(1, _LOCK_RETRIES + 1):
         try:
             return fn(*args, **kwargs)
         except (MlflowException, SQLAlchemyError) as exc:
-            if "database is locked" not in str(exc) or attempt == _LOCK_RETRIES:
+            text = str(exc)
+            duplicate = "UNIQUE constraint failed" in text or "duplicate key value" in text
+            retry = "database is locked" in text or (alias_race and duplicate)
+            if not retry or attempt == _LOCK_RETRIES:
                 raise
             time.sleep(min(0.05 * 2**attempt, 1.0))
     raise AssertionError("unreachable")
