@@ -159,6 +159,7 @@ def train(
                 output,
                 tracking_uri=settings.resolved_tracking_uri,
                 experiment_name=settings.experiment_name,
+                artifact_location=settings.experiment_artifact_location,
                 progress=on_epoch,
             )
     if not publish_after:

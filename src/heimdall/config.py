@@ -136,6 +136,16 @@ class Settings(BaseSettings):
         return (self.resolved_data_dir / "mlartifacts").as_uri()
 
     @property
+    def experiment_artifact_location(self) -> str | None:
+        """Where a new experiment keeps run artifacts: ``artifact_uri``, else the tracking
+        server's own choice, else the data directory (never MLflow's ``./mlruns`` in the cwd)."""
+        if self.artifact_uri:
+            return self.artifact_uri
+        if self.resolved_tracking_uri.startswith(("http://", "https://")):
+            return None
+        return self.resolved_artifact_uri
+
+    @property
     def uses_s3(self) -> bool:
         return self.s3_endpoint_url is not None
 

@@ -716,6 +716,7 @@ def run_demo(
         checkpoint,
         tracking_uri=settings.resolved_tracking_uri,
         experiment_name=settings.experiment_name,
+        artifact_location=settings.experiment_artifact_location,
         progress=train_progress,
     )
     published = publish(

@@ -750,7 +750,11 @@ def _experiment_id(client: MlflowClient, settings: Settings) -> str:
         return str(experiment.experiment_id)
     try:
         return str(
-            _call(client.create_experiment, name, artifact_location=_artifact_root(settings))
+            _call(
+                client.create_experiment,
+                name,
+                artifact_location=settings.experiment_artifact_location,
+            )
         )
     except MlflowException as exc:  # another registration created it first
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -759,15 +763,6 @@ def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     if experiment is None:
         raise RegistryError(f"experiment {name!r} vanished while it was being created")
     return str(experiment.experiment_id)
-
-
-def _artifact_root(settings: Settings) -> str | None:
-    """Explicit artifact root, else the server's own for HTTP, else the local data dir."""
-    if settings.artifact_uri:
-        return settings.artifact_uri
-    if settings.resolved_tracking_uri.startswith(("http://", "https://")):
-        return None
-    return settings.resolved_artifact_uri
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:

@@ -82,7 +82,13 @@ class _Run:
     run_id: str
 
     @classmethod
-    def start(cls, tracking_uri: str, experiment_name: str, run_name: str) -> _Run:
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment_name: str,
+        artifact_location: str | None,
+        run_name: str,
+    ) -> _Run:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri)
@@ -90,7 +96,7 @@ class _Run:
         experiment_id = (
             experiment.experiment_id
             if experiment is not None
-            else client.create_experiment(experiment_name)
+            else client.create_experiment(experiment_name, artifact_location=artifact_location)
         )
         return cls(client, client.create_run(experiment_id, run_name=run_name).info.run_id)
 
@@ -131,12 +137,15 @@ def train(
     scenario: RFScenario | None = None,
     tracking_uri: str | None = None,
     experiment_name: str = "heimdall-localization",
+    artifact_location: str | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
     """Train, keep the epoch with the lowest validation median error, save it to ``output``.
 
     With ``tracking_uri`` set (as MLflow takes it: ``Settings.resolved_tracking_uri``), params
-    and per-epoch metrics go to an MLflow run whose id is written into the checkpoint.
+    and per-epoch metrics go to an MLflow run whose id is written into the checkpoint; a new
+    experiment keeps its artifacts at ``artifact_location`` (``None``: MLflow's default, which
+    for a database store is ``./mlruns`` in the working directory).
     """
     scenario = scenario or RFScenario()
     start = time.perf_counter()
@@ -166,7 +175,9 @@ def train(
 
     run = None
     if tracking_uri:
-        run = _Run.start(tracking_uri, experiment_name, run_name=f"train-{config.backbone}")
+        run = _Run.start(
+            tracking_uri, experiment_name, artifact_location, run_name=f"train-{config.backbone}"
+        )
 
     status = "FAILED"
     best_km, best_state = float("inf"), None

@@ -349,11 +349,12 @@ def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:
 
 
 def test_demo_trains_publishes_and_serves_the_staging_alias(
-    embedded_mlflow: MlflowBackend, tmp_path: Path
+    embedded_mlflow: MlflowBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from heimdall.pipeline import run_demo
     from heimdall.train import TrainConfig
 
+    monkeypatch.chdir(tmp_path)
     settings = embedded_mlflow.settings(data_dir=tmp_path / "demo")
     config = TrainConfig(train_samples=96, val_samples=32, epochs=1, batch_size=32)
 
@@ -367,6 +368,11 @@ def test_demo_trains_publishes_and_serves_the_staging_alias(
     assert demo.training.checkpoint.is_file()
     assert summary["report"] is not None and Path(str(summary["report"])).is_file()
     assert json.loads(json.dumps(demo.to_dict()))["summary"]["version"] == summary["version"]
+    # The training run created the experiment: its artifacts (the report) stay in the data dir.
+    assert not (tmp_path / "mlruns").exists()
+    run_id = demo.publish.primary.version.run_id
+    assert run_id == demo.training.run_id
+    assert list((tmp_path / "demo").rglob(f"{run_id}/artifacts/report/report.html"))
 
 
 def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(
