@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from heimdall.checkpoint import load_torchvision_weights, save_checkpoint
+from heimdall.config import redact_uri
 from heimdall.data import RFScenario, generate, haversine_km
-from heimdall.errors import InputError
+from heimdall.errors import InputError, RegistryError
 from heimdall.model import LocalizationNet, ModelConfig
 
 if TYPE_CHECKING:
@@ -175,9 +176,16 @@ def train(
 
     run = None
     if tracking_uri:
-        run = _Run.start(
-            tracking_uri, experiment_name, artifact_location, run_name=f"train-{config.backbone}"
-        )
+        try:
+            run = _Run.start(
+                tracking_uri, experiment_name, artifact_location, f"train-{config.backbone}"
+            )
+        except Exception as exc:  # MLflow raises its own and SQLAlchemy's errors
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            raise RegistryError(
+                f"cannot start an MLflow run at {redact_uri(tracking_uri)}: {redact_uri(first)}; "
+                "check MLFLOW_TRACKING_URI (or leave it unset for the embedded store)"
+            ) from exc
 
     status = "FAILED"
     best_km, best_state = float("inf"), None

@@ -231,3 +231,20 @@ def test_evaluate_km_is_the_distance_from_each_prediction_to_its_label() -> None
 def test_train_config_rejects_values_that_cannot_train(kwargs: dict[str, float]) -> None:
     with pytest.raises(InputError):
         TrainConfig(**kwargs)
+
+
+def test_an_unreachable_tracking_server_is_a_registry_error_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from heimdall.errors import RegistryError
+    from tests.fixtures.process import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://user:pw-9c1e@127.0.0.1:{free_port()}"
+    config = TrainConfig(train_samples=8, val_samples=8, epochs=1, batch_size=4)
+
+    with pytest.raises(RegistryError, match="cannot start an MLflow run") as failure:
+        train(config, tmp_path / "ckpt.safetensors", tracking_uri=uri)
+
+    assert "pw-9c1e" not in str(failure.value)
+    assert not (tmp_path / "ckpt.safetensors").exists()
