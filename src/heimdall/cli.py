@@ -133,8 +133,8 @@ def train(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train LocalizationNet on synthetic RF data and save the best checkpoint."""
+    from heimdall.pipeline import train_with_settings
     from heimdall.train import TrainConfig
-    from heimdall.train import train as run_training
 
     settings = _settings(ctx)
     overrides = {
@@ -154,14 +154,7 @@ def train(
             def on_epoch(epoch: int, total: int, loss: float, km: float) -> None:
                 bar.update(task, completed=epoch, info=f"loss {loss:.3f}  val median {km:.1f} km")
 
-            result = run_training(
-                config,
-                output,
-                tracking_uri=settings.resolved_tracking_uri,
-                experiment_name=settings.experiment_name,
-                artifact_location=settings.experiment_artifact_location,
-                progress=on_epoch,
-            )
+            result = train_with_settings(config, output, settings, progress=on_epoch)
     if not publish_after:
         emit(result, as_json, "training")
         return

@@ -658,6 +658,24 @@ def export_and_register_model(
     }
 
 
+def train_with_settings(
+    config: TrainConfig,
+    output: Path,
+    settings: Settings,
+    *,
+    progress: Callable[[int, int, float, float], None] | None = None,
+) -> TrainResult:
+    """Train and log the run to the tracking store and experiment that ``settings`` name."""
+    return train(
+        config,
+        output,
+        tracking_uri=settings.resolved_tracking_uri,
+        experiment_name=settings.experiment_name,
+        artifact_location=settings.experiment_artifact_location,
+        progress=progress,
+    )
+
+
 # --- the demo --------------------------------------------------------------------------------
 
 
@@ -711,14 +729,7 @@ def run_demo(
     config = config or TrainConfig()
     check_registration(settings.model_name, alias)
     checkpoint = settings.resolved_data_dir / "checkpoints" / f"demo-{config.backbone}.safetensors"
-    trained = train(
-        config,
-        checkpoint,
-        tracking_uri=settings.resolved_tracking_uri,
-        experiment_name=settings.experiment_name,
-        artifact_location=settings.experiment_artifact_location,
-        progress=train_progress,
-    )
+    trained = train_with_settings(config, checkpoint, settings, progress=train_progress)
     published = publish(
         trained.checkpoint,
         settings=settings,
