@@ -174,8 +174,9 @@ class PublishResult:
 class _Run:
     """Times steps, reports progress, and turns a failing step into a PublishError."""
 
-    def __init__(self, progress: StepProgress | None) -> None:
+    def __init__(self, progress: StepProgress | None, secrets: Sequence[str] = ()) -> None:
         self.progress = progress
+        self.secrets = [s for s in secrets if s]
         self.records: list[StepRecord] = []
         self.existing: dict[str, str] = {}  # what a failure leaves behind, for the message
         self.status = "ok"
@@ -196,6 +197,8 @@ class _Run:
             seconds = round(time.perf_counter() - started, 3)
             text = str(exc) if isinstance(exc, HeimdallError) else f"{type(exc).__name__}: {exc}"
             reason = redact_uri(text)
+            for secret in self.secrets:  # whatever a third-party message may have quoted
+                reason = reason.replace(secret, "***")
             self.records.append(StepRecord(name, "failed", seconds, reason))
             self._emit(name, "failed", reason)
             log.warning("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
@@ -251,7 +254,7 @@ def publish(
         raise InputError(f"verify batch sizes must be positive, got {list(verify_batch_sizes)}")
     if calibration < 1:
         raise InputError(f"calibration must be at least 1 sample, got {calibration}")
-    run = _Run(progress)
+    run = _Run(progress, settings.secret_values())
 
     with run.step("load"):
         loaded = _load(source)

@@ -418,3 +418,18 @@ def test_stage_is_set_and_kept_when_the_version_is_reused(
     assert again.primary.reused_version
     assert again.primary.version.stage == "Staging"
     assert client_for(settings).get_model_version(name, "1").current_stage == "Staging"
+
+
+def test_a_failed_step_names_itself_and_never_quotes_a_secret() -> None:
+    from heimdall.pipeline import _Run
+
+    run = _Run(None, ["s3cr3t-value"])
+
+    with pytest.raises(PublishError) as failure, run.step("upload"):
+        raise RuntimeError("server said s3cr3t-value is wrong at http://u:pw-77@host/x")
+
+    text = str(failure.value)
+    assert failure.value.step == "upload"
+    assert failure.value.reason.startswith("RuntimeError: server said *** is wrong")
+    assert "s3cr3t-value" not in text and "pw-77" not in text
+    assert failure.value.steps[-1]["status"] == "failed"
