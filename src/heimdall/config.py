@@ -10,9 +10,12 @@ a SQLite MLflow store and a directory-backed object store.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -177,6 +180,44 @@ class Settings(BaseSettings):
         if self.uses_s3:
             env["AWS_DEFAULT_REGION"] = self.s3_region
         return env
+
+
+class EnvironmentOverlay:
+    """Set variables in ``os.environ`` while any MLflow call runs; restore them after the last.
+
+    MLflow reads its HTTP retry policy, its S3 credentials and whether to print run URLs from
+    the environment and offers no argument for them. Nested and concurrent calls share one
+    overlay (the first one's values), so a process should use one Settings at a time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: dict[str, str | None] = {}
+
+    @contextmanager
+    def applied(self, values: Mapping[str, str]) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = {k: os.environ.get(k) for k in values}
+                os.environ.update(values)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for key, old in self._saved.items():
+                        if old is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = old
+
+
+MLFLOW_ENVIRONMENT = EnvironmentOverlay()
+# Ending a run on a tracking server prints its URL to stdout, user:password@ included.
+QUIET_MLFLOW = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def load_settings(**overrides: Any) -> Settings:

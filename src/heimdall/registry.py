@@ -23,7 +23,7 @@ event as JSON (the last 100 per alias are kept); :func:`rollback` replays them t
 previous holder. A tag per event keeps concurrent registrations from overwriting each other's.
 
 MLflow reads its HTTP retry policy and S3 credentials from ``os.environ`` only, so calls run
-with those variables set from :class:`Settings` (see :class:`_Environment`).
+with those variables set from :class:`Settings` (see ``config.MLFLOW_ENVIRONMENT``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import os
 import re
 import socket
 import tempfile
-import threading
 import time
 import uuid
 import warnings
@@ -63,6 +62,8 @@ from heimdall.checkpoint import heimdall_version, sha256_file
 from heimdall.config import (
     DEFAULT_ALIAS,
     DEFAULT_MODEL_NAME,
+    MLFLOW_ENVIRONMENT,
+    QUIET_MLFLOW,
     Settings,
     load_settings,
     redact_uri,
@@ -994,49 +995,12 @@ def _gates(store: ObjectStore, version: RegisteredVersion) -> list[Gate]:
 # --- talking to MLflow ------------------------------------------------------------------------
 
 
-class _Environment:
-    """Set variables in ``os.environ`` while any registry call runs; restore them after the last.
-
-    MLflow reads its HTTP retry policy and its S3 credentials from the environment and offers no
-    argument for them. Nested and concurrent calls share one overlay (the first one's values),
-    so a process should use one Settings at a time.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._saved: dict[str, str | None] = {}
-
-    @contextmanager
-    def applied(self, values: Mapping[str, str]) -> Iterator[None]:
-        with self._lock:
-            if self._depth == 0:
-                self._saved = {k: os.environ.get(k) for k in values}
-                os.environ.update(values)
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0:
-                    for key, old in self._saved.items():
-                        if old is None:
-                            os.environ.pop(key, None)
-                        else:
-                            os.environ[key] = old
-
-
-_ENVIRONMENT = _Environment()
-
-
 @contextmanager
 def _mlflow(settings: Settings, action: str, *, stored: str = "") -> Iterator[MlflowClient]:
     """An MlflowClient for ``settings``; MLflow, database and HTTP failures become RegistryError."""
     # A user's own MLFLOW_HTTP_* settings win over ours.
     policy = {k: os.environ.get(k, v) for k, v in HTTP_POLICY.items()}
-    quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # it prints URIs with passwords
-    with _ENVIRONMENT.applied({**settings.mlflow_s3_env(), **policy, **quiet}):
+    with MLFLOW_ENVIRONMENT.applied({**settings.mlflow_s3_env(), **policy, **QUIET_MLFLOW}):
         if reason := _unreachable_database(settings):
             raise RegistryError(f"cannot {action}: {reason}{stored}")
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from heimdall.checkpoint import load_torchvision_weights, save_checkpoint
-from heimdall.config import redact_uri
+from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, redact_uri
 from heimdall.data import RFScenario, generate, haversine_km
 from heimdall.errors import InputError, RegistryError
 from heimdall.model import LocalizationNet, ModelConfig
@@ -24,8 +23,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = structlog.get_logger(__name__)
-
-_QUIET_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 # Called after each epoch with (epoch, epochs, train_loss, val_median_km).
 Progress = Callable[[int, int, float, float], None]
@@ -119,17 +116,8 @@ class _Run:
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def end(self, status: str) -> None:
-        # Ending a run on a tracking server prints its URL to stdout, with any user:password@
-        # of the tracking URI in it, unless this variable is set.
-        previous = os.environ.get(_QUIET_URLS)
-        os.environ[_QUIET_URLS] = "true"
-        try:
+        with MLFLOW_ENVIRONMENT.applied(QUIET_MLFLOW):
             self.client.set_terminated(self.run_id, status=status)
-        finally:
-            if previous is None:
-                os.environ.pop(_QUIET_URLS, None)
-            else:
-                os.environ[_QUIET_URLS] = previous
 
 
 def train(

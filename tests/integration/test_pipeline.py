@@ -414,3 +414,23 @@ def test_the_demo_command_runs_unchanged_against_s3_and_an_mlflow_server(
     (version,) = versions_of(mlflow_server, name)
     assert summary["version"] == str(version.version)
     assert version.tags["sha256"] == summary["sha256"]
+
+
+def test_training_against_a_server_never_prints_the_tracking_password(
+    mlflow_server: MlflowBackend, tmp_path: Path
+) -> None:
+    password = f"pw-{os.urandom(6).hex()}"
+    env = cli_env(mlflow_server, tmp_path / "data", unique("train"), unique("train"))
+    port = urlparse(mlflow_server.tracking_uri).port
+    env["MLFLOW_TRACKING_URI"] = f"http://heimdall:{password}@127.0.0.1:{port}"
+    cmd = heimdall_cmd(
+        "train", "--epochs", "1", "--samples", "32", "-o", tmp_path / "c.safetensors", "--json"
+    )
+
+    done = subprocess.run(
+        cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["run_id"]  # the run really went to the server
+    assert password not in done.stdout + done.stderr

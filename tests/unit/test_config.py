@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,7 +16,13 @@ import structlog
 from pydantic import SecretStr
 
 from heimdall import config
-from heimdall.config import Settings, configure_logging, load_settings, redact_uri
+from heimdall.config import (
+    EnvironmentOverlay,
+    Settings,
+    configure_logging,
+    load_settings,
+    redact_uri,
+)
 
 ENV_NAMES = (
     "HEIMDALL_DATA_DIR",
@@ -391,3 +398,19 @@ def test_secret_inside_a_stdlib_logged_traceback_is_scrubbed(own_handler: bool) 
     assert "RuntimeError: cannot reach" in text
     assert SECRET not in text
     assert URI_PASSWORD not in text
+
+
+def test_the_environment_overlay_is_restored_after_the_outermost_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HEIMDALL_TEST_KEEP", "before")
+    monkeypatch.delenv("HEIMDALL_TEST_NEW", raising=False)
+    overlay = EnvironmentOverlay()
+
+    with overlay.applied({"HEIMDALL_TEST_KEEP": "during", "HEIMDALL_TEST_NEW": "x"}):
+        with overlay.applied({"HEIMDALL_TEST_KEEP": "ignored"}):
+            assert os.environ["HEIMDALL_TEST_KEEP"] == "during"
+        assert os.environ["HEIMDALL_TEST_NEW"] == "x"
+
+    assert os.environ["HEIMDALL_TEST_KEEP"] == "before"
+    assert "HEIMDALL_TEST_NEW" not in os.environ

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -154,22 +153,6 @@ def test_verification_is_read_from_the_parity_record(
     metadata: dict[str, object], expected: str
 ) -> None:
     assert registry._verification(metadata) == expected
-
-
-def test_the_environment_overlay_is_restored_after_the_outermost_call(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("HEIMDALL_TEST_KEEP", "before")
-    monkeypatch.delenv("HEIMDALL_TEST_NEW", raising=False)
-    overlay = registry._Environment()
-
-    with overlay.applied({"HEIMDALL_TEST_KEEP": "during", "HEIMDALL_TEST_NEW": "x"}):
-        with overlay.applied({"HEIMDALL_TEST_KEEP": "ignored"}):
-            assert os.environ["HEIMDALL_TEST_KEEP"] == "during"
-        assert os.environ["HEIMDALL_TEST_NEW"] == "x"
-
-    assert os.environ["HEIMDALL_TEST_KEEP"] == "before"
-    assert "HEIMDALL_TEST_NEW" not in os.environ
 
 
 def test_a_locked_sqlite_database_is_retried_and_other_errors_are_not() -> None:
