@@ -151,6 +151,7 @@ def get_model_metadata(
     result = validate_onnx_model(onnx_path)
     params = model.get_params_count()
     files = [result.path, *result.external_data_files]
+    digests = {p: sha256_file(p) for p in files}  # each file read once, however large
     return {
         "schema_version": METADATA_SCHEMA_VERSION,
         "heimdall_version": heimdall_version(),
@@ -164,10 +165,9 @@ def get_model_metadata(
         "producer": f"{result.producer_name} {result.producer_version}".strip(),
         "file_size_bytes": result.file_size_bytes,
         "total_size_bytes": result.total_size_bytes,
-        "sha256": sha256_file(result.path),
+        "sha256": digests[result.path],
         "files": [
-            {"name": p.name, "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in files
+            {"name": p.name, "size_bytes": p.stat().st_size, "sha256": digests[p]} for p in files
         ],
         "parameters": {
             "total": params.total,
