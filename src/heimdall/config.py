@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     model_name: str = Field(
         default=DEFAULT_MODEL_NAME, validation_alias=AliasChoices("HEIMDALL_MODEL_NAME")
     )
+    # One overall deadline per remote operation (retries happen inside it), in seconds.
+    s3_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("HEIMDALL_S3_TIMEOUT_S")
+    )
+    mlflow_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("HEIMDALL_MLFLOW_TIMEOUT_S")
+    )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
 
