@@ -11,7 +11,9 @@ trust:
 - verified: the stored bytes are streamed back and hashed; on any mismatch the upload is removed
   and :class:`StorageError` says so;
 - idempotent: bytes whose sha256 is already stored under the key's prefix are not sent again
-  (a small index object ``<prefix>/.sha256/<hex>.json`` points at them);
+  (a small index object ``<prefix>/.sha256/<hex>.json`` points at them); before reuse the stored
+  bytes are streamed back and hashed, and when they no longer match (replaced, with their
+  metadata, behind heimdall's back) they are left untouched and the model goes to a new key;
 - all or nothing for a model with external-data files (``model.onnx.data``).
 
 Why parts go straight to the final key rather than to a staging key plus a server-side copy:
@@ -19,9 +21,11 @@ a multipart upload is invisible until it completes, so a failure before completi
 nothing at the key, and the copy would double the server's writes (and need multipart copy
 above 5 GiB). The upload is aborted on any failure. When the server itself dies the abort cannot
 reach it; the next :func:`upload_model` under the same prefix aborts uploads that have been idle
-for ``stale_after``. (MinIO lists multipart uploads only for an exact key and expires stale ones
-itself after 24 h by default.) The one window left: the server dies after completing an object
-but before a failed verification could remove it; the error then says what is left.
+for ``stale_after``, and a bucket created here carries the S3 lifecycle rule that aborts them
+after ``INCOMPLETE_UPLOAD_DAYS``. (MinIO lists multipart uploads only for an exact key, does not
+keep that rule, and expires stale ones itself after 24 h by default.) The one window left: the
+server dies after completing an object but before a failed verification could remove it; the
+error then says what is left.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +51,13 @@ from urllib.parse import unquote, urlparse
 import boto3
 import structlog
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import SecretStr
 
@@ -62,6 +72,8 @@ DEFAULT_PREFIX = "models/localization"
 CONTENT_TYPE = "application/octet-stream"
 MODEL_TYPE = "LocalizationNet"
 INDEX_DIR = ".sha256"
+INCOMPLETE_UPLOAD_DAYS = 1
+"""Days after which a bucket created here aborts an unfinished multipart upload (S3 lifecycle)."""
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) as an upload advances."""
@@ -69,6 +81,9 @@ Progress = Callable[[int, int], None]
 _CHUNK = 8 * MiB
 _MAX_PARTS = 10_000
 _MAX_KEY_SUFFIX = 99
+_MAX_ATTEMPTS = 3
+_LIFECYCLE_RULE_ID = "heimdall-abort-incomplete-multipart-uploads"
+_MIN_ATTEMPT_S = 10.0
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9\-]*")
 _AUTH_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -114,6 +129,8 @@ class UploadResult:
     files: tuple[StoredFile, ...]
     upload_seconds: float = 0.0
     verify_seconds: float = 0.0
+    replaced_stale: str | None = None
+    """The key of an earlier upload of these bytes whose stored bytes no longer match them."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (``files`` as a list)."""
@@ -217,19 +234,35 @@ class S3Store(ObjectStore):
         region: str = "us-east-1",
         part_size: int = 8 * MiB,
         concurrency: int = 4,
-        connect_timeout: float = 3.0,
-        read_timeout: float = 60.0,
-        max_attempts: int = 3,
+        timeout_s: float = 30.0,
     ) -> None:
+        """A client for one endpoint; ``timeout_s`` is each S3 request's deadline.
+
+        ``timeout_s`` bounds how long one request (one API call, every retry included) waits
+        on a server that does not answer: unreachable, refusing, or accepting and never
+        replying, it fails within ``timeout_s``. The attempts and botocore's connect and read
+        timeouts are derived from it so that their worst case, backoff included, fits
+        (:func:`_attempt_plan`). The read timeout bounds each wait for the server, not a whole
+        transfer: a part, an object or a download that keeps moving bytes runs as long as it
+        needs, so large parts go through at any bandwidth that fills the socket buffer within
+        the read timeout. An operation made of several requests (a multipart upload, a
+        listing of many pages) gets the deadline per request; a multipart upload that stops
+        answering fails within about three deadlines (the parts in flight, then the abort).
+        DNS resolution is not bounded by it.
+        """
         if part_size < 5 * MiB:
             raise InputError(f"part_size must be at least 5 MiB (the S3 minimum), got {part_size}")
         if concurrency < 1:
             raise InputError(f"concurrency must be at least 1, got {concurrency}")
+        if not timeout_s > 0:
+            raise InputError(f"timeout_s must be positive, got {timeout_s}")
         self.endpoint_url = endpoint_url
         self.region = region
         self.part_size = part_size
         self.concurrency = concurrency
+        self.timeout_s = timeout_s
         self._secret = SecretStr(secret_access_key or "")
+        self._attempts, connect_timeout, read_timeout = _attempt_plan(timeout_s)
         config = Config(
             # boto3 >= 1.36 adds CRC checksums to every upload by default, sent as aws-chunked
             # bodies with trailers. Some S3-compatible servers answered 200 and stored the chunk
@@ -240,10 +273,9 @@ class S3Store(ObjectStore):
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"},
             signature_version="s3v4",
-            # A server that is down should fail in seconds: short connect timeout, few attempts.
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": self._attempts},
             max_pool_connections=max(10, concurrency + 2),
         )
         self._client = boto3.session.Session().client(
@@ -267,7 +299,7 @@ class S3Store(ObjectStore):
             access_key_id=reveal(settings.s3_access_key_id),
             secret_access_key=reveal(settings.s3_secret_access_key),
             region=settings.s3_region,
-            **options,
+            **{"timeout_s": settings.s3_timeout_s, **options},
         )
 
     def __repr__(self) -> str:
@@ -290,6 +322,12 @@ class S3Store(ObjectStore):
         return found is not None
 
     def create_bucket(self, bucket: str) -> None:
+        """Create a bucket whose lifecycle aborts multipart uploads left unfinished.
+
+        The rule (:meth:`abort_incomplete_after`, ``INCOMPLETE_UPLOAD_DAYS``) is the S3-native
+        cleanup of uploads whose client was killed; a server that refuses or drops it costs a
+        warning, never the bucket.
+        """
         _check_bucket(bucket)
         extra: dict[str, Any] = {}
         if self.region != "us-east-1":  # AWS rejects an explicit us-east-1 constraint
@@ -297,6 +335,54 @@ class S3Store(ObjectStore):
         action = f"creating bucket {bucket!r}"
         self._call(action, "create_bucket", {"BucketAlreadyOwnedByYou"}, Bucket=bucket, **extra)
         log.info("storage.bucket_created", bucket=bucket, endpoint=self._endpoint)
+        self.abort_incomplete_after(bucket, INCOMPLETE_UPLOAD_DAYS)
+
+    def abort_incomplete_after(self, bucket: str, days: int) -> bool:
+        """Make the bucket's lifecycle abort multipart uploads unfinished after ``days``.
+
+        The bucket's other rules are kept: the configuration is read, the rule added, and the
+        whole written back; a bucket-wide rule that already aborts within ``days`` is left as it
+        is. Returns whether the server holds such a rule afterwards. A server that does not
+        implement it, refuses it or drops it (MinIO answers MalformedXML or stores the rule
+        without its AbortIncompleteMultipartUpload; it expires stale uploads itself after
+        24 h) gets a warning, not an error: :func:`upload_model` aborts stale uploads anyway.
+        """
+        rule = {
+            "ID": _LIFECYCLE_RULE_ID,
+            "Status": "Enabled",
+            "Filter": {"Prefix": ""},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
+        }
+        try:
+            rules = self._lifecycle_rules(bucket)
+            if not any(_aborts_incomplete(r, days) for r in rules):
+                kept = [_without_legacy_prefix(r) for r in rules if r.get("ID") != rule["ID"]]
+                self._call(
+                    f"setting the lifecycle of bucket {bucket!r}",
+                    "put_bucket_lifecycle_configuration",
+                    Bucket=bucket,
+                    LifecycleConfiguration={"Rules": [*kept, rule]},
+                )
+                rules = self._lifecycle_rules(bucket)
+        except StorageError as exc:
+            log.warning(
+                "storage.lifecycle.unsupported",
+                bucket=bucket,
+                endpoint=self._endpoint,
+                error=str(exc),
+                consequence="incomplete multipart uploads are aborted by later uploads only",
+            )
+            return False
+        if not any(_aborts_incomplete(r, days) for r in rules):
+            log.warning(
+                "storage.lifecycle.not_kept",
+                bucket=bucket,
+                endpoint=self._endpoint,
+                consequence="incomplete multipart uploads are aborted by later uploads only",
+            )
+            return False
+        log.info("storage.lifecycle.aborts_incomplete_uploads", bucket=bucket, days=days)
+        return True
 
     def put_file(
         self,
@@ -472,6 +558,15 @@ class S3Store(ObjectStore):
             aborted += 1
         return aborted
 
+    def _lifecycle_rules(self, bucket: str) -> list[dict[str, Any]]:
+        resp = self._call(
+            f"reading the lifecycle of bucket {bucket!r}",
+            "get_bucket_lifecycle_configuration",
+            {"NoSuchLifecycleConfiguration"},
+            Bucket=bucket,
+        )
+        return list(resp.get("Rules", [])) if resp is not None else []
+
     @property
     def _endpoint(self) -> str:
         return redact_uri(self.endpoint_url or "the AWS default endpoint")
@@ -575,6 +670,18 @@ class S3Store(ObjectStore):
                 )
             message = exc.response.get("Error", {}).get("Message", "")
             return f"{code}: {message}" if message else code
+        if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
+            server = f"the S3 server at {self._endpoint}"
+            what = (
+                f"could not connect to {server}"
+                if isinstance(exc, ConnectTimeoutError)
+                else f"{server} did not answer"
+            )
+            tries = f"{self._attempts} attempt{'s' if self._attempts > 1 else ''}"
+            return (
+                f"{what} within the {self.timeout_s:g} s deadline ({tries}); check that it is "
+                "healthy, or raise HEIMDALL_S3_TIMEOUT_S if it is only slow"
+            )
         if isinstance(exc, BotoConnectionError):
             return f"cannot reach the S3 server at {self._endpoint}; is it running?"
         if isinstance(exc, HTTPClientError):
@@ -645,6 +752,35 @@ class _FilePart:
         return base64.b64encode(digest.digest()).decode()
 
 
+def _attempt_plan(timeout_s: float) -> tuple[int, float, float]:
+    """(attempts, connect timeout, read timeout) whose worst case fits in ``timeout_s``.
+
+    A silent server costs an attempt at most connect + read timeout; botocore's standard retry
+    mode sleeps at most ``min(2**i, 20)`` s after attempt ``i + 1``, plus up to 5 s when the
+    server sends ``x-amz-retry-after``. Retries are added only while each attempt keeps at
+    least ``_MIN_ATTEMPT_S``: a slow but healthy server needs a read timeout of seconds.
+    """
+    for attempts in range(_MAX_ATTEMPTS, 0, -1):
+        backoff = sum(min(2.0**i, 20.0) + 5.0 for i in range(attempts - 1))
+        per_attempt = (timeout_s - backoff) / attempts
+        if per_attempt >= _MIN_ATTEMPT_S or attempts == 1:
+            break
+    connect = min(3.0, per_attempt / 3)
+    return attempts, connect, per_attempt - connect
+
+
+def _aborts_incomplete(rule: Mapping[str, Any], days: int) -> bool:
+    """Whether a lifecycle rule aborts every unfinished multipart upload within ``days``."""
+    whole_bucket = rule.get("Filter", {"Prefix": rule.get("Prefix", "")}) in ({}, {"Prefix": ""})
+    after = rule.get("AbortIncompleteMultipartUpload", {}).get("DaysAfterInitiation")
+    return rule.get("Status") == "Enabled" and whole_bucket and after is not None and after <= days
+
+
+def _without_legacy_prefix(rule: Mapping[str, Any]) -> dict[str, Any]:
+    # Some servers echo the deprecated top-level Prefix next to Filter; S3 refuses both at once.
+    return {k: v for k, v in rule.items() if not (k == "Prefix" and "Filter" in rule)}
+
+
 def _error_code(exc: ClientError) -> str:
     code = exc.response.get("Error", {}).get("Code")
     if code:
@@ -693,6 +829,7 @@ class LocalStore(ObjectStore):
         return (self.root / bucket).is_dir()
 
     def create_bucket(self, bucket: str) -> None:
+        """Create the bucket's directory (no lifecycle: :meth:`abort_incomplete` cleans up)."""
         _check_bucket(bucket)
         with self._errors(f"creating bucket {bucket!r}"):
             (self.root / bucket).mkdir(parents=True, exist_ok=True)
@@ -915,7 +1052,9 @@ def upload_model(
     ``object_name`` defaults to ``models/localization/v{YYYYMMDD_HHMMSS}.onnx`` (UTC, from
     ``clock``), with ``-1``, ``-2``… appended when that key holds other bytes; an explicit
     ``object_name`` holding other bytes is an error. Without ``object_name``, bytes already
-    stored under the prefix are found by sha256 and returned with ``reused=True``.
+    stored under the prefix are found by sha256 and returned with ``reused=True`` once their
+    stored bytes have been read back and hashed; an earlier upload whose bytes changed under its
+    metadata is left untouched, logged, and named in ``replaced_stale`` of the fresh upload.
     External-data files default to a sibling ``<name>.data``; each is stored at the model's key
     plus its suffix (``model.onnx.data`` → ``<key>.data``) and recorded in the model's metadata
     (``external-data``) so :func:`download_model` restores the names the ONNX file refers to.
@@ -932,8 +1071,9 @@ def upload_model(
     _check_key(keys[0])
     prefix = keys[0].rpartition("/")[0]
 
+    stale: list[str] = []  # keys whose recorded sha256 matches but whose bytes do not
     if object_name is None:
-        indexed = _find_indexed(store, bucket, prefix, files)
+        indexed = _find_indexed(store, bucket, prefix, files, stale)
         if indexed is not None:
             return _reused(store, bucket, indexed, files)
     _abort_stale(store, bucket, prefix, stale_after, now)
@@ -945,15 +1085,20 @@ def upload_model(
         **user_metadata,
     }
     for key in keys:
-        state = _key_state(store, bucket, key, files)
+        state = "stale" if key in stale else _key_state(store, bucket, key, files, stale)
         if state == "same":
             _write_index(store, bucket, prefix, key, files)
             return _reused(store, bucket, key, files)
-        if state == "taken":
+        if state in {"taken", "stale"}:
             if object_name is not None:
+                holds = (
+                    "holds bytes that no longer match their recorded sha256"
+                    if state == "stale"
+                    else "already holds a different object"
+                )
                 raise StorageError(
-                    f"{store.uri(bucket, key)} already holds a different object; nothing was "
-                    "overwritten. Choose another key (--key) or leave it out for a new version"
+                    f"{store.uri(bucket, key)} {holds}; nothing was overwritten. Choose another "
+                    "key (--key) or leave it out for a new version"
                 )
             continue
         try:
@@ -963,6 +1108,9 @@ def upload_model(
                 raise StorageError(f"{exc}; choose another key (--key)") from exc
             continue
         _write_index(store, bucket, prefix, key, files)
+        if stale:
+            log.warning("storage.upload.replaced_stale", uri=result.uri, stale=stale)
+            return replace(result, replaced_stale=stale[0])
         return result
     raise StorageError(
         f"no free key for {keys[0]!r} in bucket {bucket!r} after {len(keys)} tries; "
@@ -1081,17 +1229,38 @@ def _ensure_bucket(store: ObjectStore, bucket: str, create: bool) -> None:
 
 
 def _key_state(
-    store: ObjectStore, bucket: str, key: str, files: Sequence[_LocalFile]
-) -> Literal["free", "same", "taken"]:
-    """Whether ``key`` and its external-data keys are free, hold these files, or hold others."""
+    store: ObjectStore, bucket: str, key: str, files: Sequence[_LocalFile], stale: list[str]
+) -> Literal["free", "same", "taken", "stale"]:
+    """Whether ``key`` and its external-data keys are free, hold these files, or hold others.
+
+    Recorded size and sha256 only say what was stored once: before "same" the stored bytes are
+    streamed back and hashed. Keys whose bytes changed under their metadata are "stale": they
+    are appended to ``stale`` with a warning and never reused or overwritten.
+    """
     infos = [store.head(bucket, key + f.suffix) for f in files]
     if all(info is None for info in infos):
         return "free"
-    same = all(
+    recorded = all(
         info is not None and info.size == f.size and info.metadata.get("sha256") == f.sha256
         for info, f in zip(infos, files, strict=True)
     )
-    return "same" if same else "taken"
+    if not recorded:
+        return "taken"
+    for f in files:
+        digest, size = _digest(store.iter_bytes(bucket, key + f.suffix))
+        if (digest, size) != (f.sha256, f.size):
+            log.warning(
+                "storage.reuse.stale_bytes",
+                uri=store.uri(bucket, key + f.suffix),
+                recorded_sha256=f.sha256,
+                stored_sha256=digest,
+                stored_size=size,
+                problem="the stored bytes no longer match their recorded sha256; they are left "
+                "as they are and these bytes are uploaded to a new key",
+            )
+            stale.append(key)
+            return "stale"
+    return "same"
 
 
 def _index_key(prefix: str, sha256: str) -> str:
@@ -1099,35 +1268,35 @@ def _index_key(prefix: str, sha256: str) -> str:
 
 
 def _find_indexed(
-    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile]
+    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile], stale: list[str]
 ) -> str | None:
     """The key of an earlier upload of these bytes, from the index, if it still holds them."""
     index_key = _index_key(prefix, files[0].sha256)
     if not store.exists(bucket, index_key):
-        return _find_unindexed(store, bucket, prefix, files)
+        return _find_unindexed(store, bucket, prefix, files, stale)
     try:
         key = str(json.loads(store.read_bytes(bucket, index_key))["key"])
     except (ValueError, KeyError, TypeError):
         log.warning("storage.index.unreadable", bucket=bucket, key=index_key)
-        return _find_unindexed(store, bucket, prefix, files)
-    if _key_state(store, bucket, key, files) == "same":
+        return _find_unindexed(store, bucket, prefix, files, stale)
+    if _key_state(store, bucket, key, files, stale) == "same":
         return key
-    return _find_unindexed(store, bucket, prefix, files)
+    return _find_unindexed(store, bucket, prefix, files, stale)
 
 
 def _find_unindexed(
-    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile]
+    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile], stale: list[str]
 ) -> str | None:
-    """An upload of these bytes that the index does not point at, by size and recorded sha256.
+    """An upload of these bytes that the index does not point at, by size and sha256.
 
     The writer may have been killed between upload and index write; the entry is repaired.
     """
     start = f"{prefix}/" if prefix else ""
     for info in store.list_objects(bucket, start):
         name = info.key[len(start) :]
-        if "/" in name or info.size != files[0].size:
+        if "/" in name or info.size != files[0].size or info.key in stale:
             continue
-        if _key_state(store, bucket, info.key, files) == "same":
+        if _key_state(store, bucket, info.key, files, stale) == "same":
             _write_index(store, bucket, prefix, info.key, files)
             return info.key
     return None

@@ -304,3 +304,89 @@ def test_copy_is_server_side_keeps_metadata_and_refuses_to_overwrite(
     )
     with pytest.raises(ObjectExistsError):
         store.copy(s3_bucket, "dst/model.onnx", "src/model.onnx")
+
+
+def put_other_bytes_with_the_same_metadata(client: Any, bucket: str, key: str) -> bytes:
+    """Replace an object with other bytes of its size, its metadata copied (no heimdall code)."""
+    head = client.head_object(Bucket=bucket, Key=key)
+    other = secrets.token_bytes(head["ContentLength"])
+    client.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=other,
+        Metadata=head["Metadata"],
+        ContentType=head["ContentType"],
+    )
+    return other
+
+
+def test_changed_stored_bytes_with_copied_metadata_are_uploaded_afresh_to_a_new_key(
+    seaweedfs: SeaweedFS, store: S3Store, s3_bucket: str, model: Path
+) -> None:
+    client = seaweedfs.client()
+    now = datetime.now(UTC)
+    first = upload_model(model, store, s3_bucket, clock=at(now))
+    other = put_other_bytes_with_the_same_metadata(client, s3_bucket, first.key)
+
+    with capture_logs() as logs:
+        again = upload_model(model, store, s3_bucket, clock=at(now + timedelta(minutes=5)))
+
+    assert (again.key != first.key, again.reused) == (True, False)
+    assert again.replaced_stale == first.key
+    assert stored_sha256(client, s3_bucket, again.key) == sha256_file(model)
+    assert stored_sha256(client, s3_bucket, first.key) == hashlib.sha256(other).hexdigest()
+    assert "storage.reuse.stale_bytes" in [e["event"] for e in logs]
+    # Every later upload of these bytes reuses the fresh copy: it recovers for good.
+    third = upload_model(model, store, s3_bucket, clock=at(now + timedelta(minutes=9)))
+    assert (third.key, third.reused) == (again.key, True)
+
+
+def lifecycle_rules(client: Any, bucket: str) -> list[dict[str, Any]]:
+    return list(client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"])
+
+
+ABORT_AFTER_A_DAY = {
+    "ID": "heimdall-abort-incomplete-multipart-uploads",
+    "Filter": {"Prefix": ""},
+    "Status": "Enabled",
+    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+}
+
+
+def test_a_created_bucket_aborts_incomplete_multipart_uploads_by_lifecycle(
+    seaweedfs: SeaweedFS, store: S3Store, model: Path
+) -> None:
+    # SeaweedFS 4.x stores and returns the rule (MinIO would not: abort_incomplete_after warns).
+    bucket = f"lifecycle-{secrets.token_hex(4)}"
+
+    with capture_logs() as logs:
+        result = upload_model(model, store, bucket, create_bucket=True)
+
+    assert lifecycle_rules(seaweedfs.client(), bucket) == [ABORT_AFTER_A_DAY]
+    assert not [
+        e
+        for e in logs
+        if e["event"].startswith("storage.lifecycle.") and e["log_level"] == "warning"
+    ]
+    assert stored_sha256(seaweedfs.client(), bucket, result.key) == sha256_file(model)
+
+
+def test_the_lifecycle_rule_is_merged_with_the_bucket_rules_and_added_once(
+    seaweedfs: SeaweedFS, store: S3Store, s3_bucket: str
+) -> None:
+    client = seaweedfs.client()
+    expire_tmp = {
+        "ID": "expire-tmp",
+        "Filter": {"Prefix": "tmp/"},
+        "Status": "Enabled",
+        "Expiration": {"Days": 7},
+    }
+    client.put_bucket_lifecycle_configuration(
+        Bucket=s3_bucket, LifecycleConfiguration={"Rules": [expire_tmp]}
+    )
+
+    assert store.abort_incomplete_after(s3_bucket, 1) is True
+    assert store.abort_incomplete_after(s3_bucket, 1) is True
+
+    rules = sorted(lifecycle_rules(client, s3_bucket), key=lambda r: r["ID"])
+    assert rules == [expire_tmp, ABORT_AFTER_A_DAY]

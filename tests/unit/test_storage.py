@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from structlog.testing import capture_logs
 
 from heimdall.config import Settings
 from heimdall.errors import InputError, StorageError
@@ -224,6 +225,78 @@ def test_altered_stored_bytes_are_detected_and_removed(tmp_path: Path, model: Pa
 
     assert "the uploaded objects were removed" in str(caught.value)
     assert store.list_objects(BUCKET) == []
+
+
+def tamper(store: LocalStore, bucket: str, key: str) -> bytes:
+    """Replace a stored object's bytes with others of the same size; keep its metadata."""
+    path = store.root / bucket / key
+    other = bytes(b ^ 0xFF for b in path.read_bytes())
+    path.write_bytes(other)
+    return other
+
+
+def test_reuse_rereads_the_bytes_and_uploads_afresh_when_they_changed(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    first = upload_model(model, store, bucket, clock=at(NOW))
+    tampered = tamper(store, bucket, first.key)
+
+    with capture_logs() as logs:
+        again = upload_model(model, store, bucket, clock=at(NOW + timedelta(minutes=5)))
+
+    assert (again.key, again.reused) == ("models/localization/v20250102_030905.onnx", False)
+    assert again.replaced_stale == first.key
+    assert sha256_of(store.read_bytes(bucket, again.key)) == again.sha256 == first.sha256
+    assert store.read_bytes(bucket, first.key) == tampered  # left as it was, not overwritten
+    stale = [e for e in logs if e["event"] == "storage.reuse.stale_bytes"]
+    assert [(e["log_level"], e["uri"]) for e in stale] == [
+        ("warning", store.uri(bucket, first.key))
+    ]
+    # The index now points at the fresh copy: the next upload reuses it.
+    third = upload_model(model, store, bucket, clock=at(NOW + timedelta(minutes=9)))
+    assert (third.key, third.reused, third.replaced_stale) == (again.key, True, None)
+
+
+def test_a_changed_unindexed_upload_in_the_same_second_is_not_reused_or_overwritten(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    first = upload_model(model, store, bucket, clock=at(NOW))
+    store.delete(bucket, f"models/localization/.sha256/{first.sha256}.json")
+    tampered = tamper(store, bucket, first.key)
+
+    again = upload_model(model, store, bucket, clock=at(NOW))
+
+    assert (again.key, again.reused) == ("models/localization/v20250102_030405-1.onnx", False)
+    assert again.replaced_stale == first.key
+    assert sha256_of(store.read_bytes(bucket, again.key)) == first.sha256
+    assert store.read_bytes(bucket, first.key) == tampered
+
+
+def test_changed_external_data_is_not_reused(
+    store: LocalStore, bucket: str, tmp_path: Path
+) -> None:
+    model = write_random(tmp_path / "model.onnx", 1000)
+    data = write_random(tmp_path / "model.onnx.data", 5000, seed=1)
+    first = upload_model(model, store, bucket, clock=at(NOW))
+    tamper(store, bucket, f"{first.key}.data")
+
+    again = upload_model(model, store, bucket, clock=at(NOW + timedelta(minutes=1)))
+
+    assert (again.key != first.key, again.reused) == (True, False)
+    assert again.replaced_stale == first.key
+    assert store.read_bytes(bucket, f"{again.key}.data") == data.read_bytes()
+
+
+def test_an_explicit_key_whose_bytes_changed_is_refused_and_left_alone(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    upload_model(model, store, bucket, "custom/model.onnx")
+    tampered = tamper(store, bucket, "custom/model.onnx")
+
+    with pytest.raises(StorageError, match="no longer match their recorded sha256"):
+        upload_model(model, store, bucket, "custom/model.onnx")
+
+    assert store.read_bytes(bucket, "custom/model.onnx") == tampered
 
 
 def _onnx_with_external_data(directory: Path) -> tuple[Path, np.ndarray]:

@@ -1,0 +1,163 @@
+"""S3 requests against a server that accepts connections and never answers fail in time."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from heimdall.config import Settings
+from heimdall.errors import StorageError
+from heimdall.export import ExportResult
+from heimdall.storage import S3Store, open_store, upload_model
+
+DEADLINE_S = 5.0
+# A correctness bound, not a benchmark: the old client waited 3 x 60 s.
+MARGIN_S = 10.0
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """``http://127.0.0.1:<port>``: accepts every connection, reads nothing, never replies."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, name="silent-s3", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long messages
+
+
+def test_attempts_and_socket_timeouts_fit_the_deadline() -> None:
+    for timeout in (1.0, 5.0, 26.0, 30.0, 60.0, 600.0):
+        store = S3Store("http://127.0.0.1:9", timeout_s=timeout)
+        config = store._client.meta.config
+        attempts = config.retries["total_max_attempts"]
+        # botocore's standard mode sleeps up to min(2**i, 20) s, plus 5 s of retry-after.
+        backoff = sum(min(2**i, 20) + 5 for i in range(attempts - 1))
+        worst = attempts * (config.connect_timeout + config.read_timeout) + backoff
+        assert worst <= timeout + 1e-9, (timeout, attempts, config.read_timeout)
+        assert config.read_timeout >= timeout / 10, (timeout, config.read_timeout)
+
+
+def test_s3_store_from_settings_takes_the_deadline_from_settings() -> None:
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_timeout_s=12.5)
+
+    store = open_store(settings)
+
+    assert isinstance(store, S3Store)
+    assert store.timeout_s == 12.5
+
+
+def test_silent_s3_endpoint_fails_within_the_deadline_naming_endpoint_and_setting(
+    silent_endpoint: str, tmp_path: Path
+) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(os.urandom(1000))
+    store = S3Store(
+        silent_endpoint,
+        access_key_id="id",
+        secret_access_key="secret-value-123",
+        timeout_s=DEADLINE_S,
+    )
+
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        upload_model(model, store, "heimdall-models")
+    elapsed = time.monotonic() - started
+
+    assert elapsed < DEADLINE_S + MARGIN_S, elapsed
+    message = str(caught.value)
+    assert "\n" not in message
+    assert silent_endpoint in message
+    assert "did not answer within the 5 s deadline" in message
+    assert "HEIMDALL_S3_TIMEOUT_S" in message
+    assert "secret-value-123" not in message
+
+
+def test_credentials_in_a_silent_endpoint_url_are_redacted_in_the_error(
+    silent_endpoint: str, tmp_path: Path
+) -> None:
+    host = silent_endpoint.removeprefix("http://")
+    store = S3Store(
+        f"http://someone:hunter2-secret@{host}",
+        access_key_id="id",
+        secret_access_key="secret-value-123",
+        timeout_s=1.0,
+    )
+
+    with pytest.raises(StorageError) as caught:
+        store.bucket_exists("heimdall-models")
+
+    assert "did not answer within the 1 s deadline" in str(caught.value)
+    assert host in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)
+    assert "HEIMDALL_S3_TIMEOUT_S" in str(caught.value)
+
+
+def _cli(
+    args: list[str], env: dict[str, str], tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "heimdall.cli", *args],
+        env={**os.environ, "HEIMDALL_DATA_DIR": str(tmp_path / "data"), **env},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S + 120,
+        check=False,
+    )
+    return result, time.monotonic() - started
+
+
+def test_heimdall_upload_to_a_silent_endpoint_fails_within_the_deadline(
+    silent_endpoint: str, atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    env = {
+        "HEIMDALL_S3_ENDPOINT_URL": silent_endpoint,
+        "HEIMDALL_S3_TIMEOUT_S": str(DEADLINE_S),
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "secret-value-123",
+    }
+    # What the command costs before its first S3 request: start-up, imports, validation.
+    _, startup = _cli(["validate", str(atto_onnx.path)], env, tmp_path)
+
+    result, elapsed = _cli(["upload", str(atto_onnx.path)], env, tmp_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert elapsed < startup + DEADLINE_S + MARGIN_S, (elapsed, startup)
+    message = one_line(result.stderr)
+    assert silent_endpoint in message
+    assert "HEIMDALL_S3_TIMEOUT_S" in message
+    assert "Traceback" not in result.stderr
