@@ -255,23 +255,34 @@ def upload(
     create_bucket: bool = typer.Option(False, "--create-bucket", help="Create a missing bucket."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Upload an ONNX model to the object store, verified by reading it back."""
+    """Validate an ONNX model as `validate` does, then upload it, verified by reading it back."""
     from heimdall.storage import open_store, upload_model
+    from heimdall.validate import validate_onnx_model
 
     settings = _settings(ctx)
-    with errors(as_json), progress_bar() as bar:
-        task = bar.add_task("uploading", total=None, info="")
+    with errors(as_json):
+        # Nothing is stored that `heimdall validate` refuses: not ONNX, or external data that
+        # points outside the model's folder. The files the model refers to are the ones sent.
+        checked = validate_onnx_model(model)
+        with progress_bar() as bar:
+            task = bar.add_task("uploading", total=None, info="")
 
-        def on_bytes(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, info=f"{done / 2**20:.1f} MiB")
+            def on_bytes(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total, info=f"{done / 2**20:.1f} MiB")
 
-        result = upload_model(
-            model,
-            open_store(settings),
-            bucket or settings.bucket,
-            key,
-            create_bucket=create_bucket,
-            progress=on_bytes,
+            result = upload_model(
+                model,
+                open_store(settings),
+                bucket or settings.bucket,
+                key,
+                create_bucket=create_bucket,
+                progress=on_bytes,
+                extra_files=checked.external_data_files,
+            )
+    if result.replaced_stale is not None and not as_json:
+        console.print(
+            f"[yellow]warning[/yellow]: the stored bytes at {result.replaced_stale} no longer "
+            f"match their sha256; left as they are, uploaded afresh to {result.key}"
         )
     emit(result, as_json, "upload")
 
