@@ -3,7 +3,9 @@
 The native format is one ``.safetensors`` file. Its header metadata holds
 ``heimdall_config`` (the ModelConfig as JSON), ``training_run_id`` and ``heimdall_version``.
 Foreign ``.pt``/``.pth``/``.ckpt`` files are read with ``weights_only=True``; a pickle that
-needs code to unpickle is refused and never executed.
+needs code to unpickle is refused and never executed. Tensors are never cast silently:
+float16/bfloat16/float64 weights load with a DtypeWarning and their dtype recorded, and a
+non-float tensor where the model holds floats is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -26,8 +30,14 @@ from torch import Tensor
 from heimdall.errors import CheckpointError
 from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig, load_exact
 
+log = structlog.get_logger(__name__)
+
 TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
 _CHUNK = 8 * 1024 * 1024
+
+
+class DtypeWarning(UserWarning):
+    """A checkpoint's floating-point tensors were converted to the model's dtype."""
 
 
 def heimdall_version() -> str:
@@ -55,6 +65,8 @@ class LoadedCheckpoint:
     path: Path
     sha256: str
     training_run_id: str | None
+    # The dtypes of the file's floating-point tensors, e.g. ("float16",); the model is float32.
+    source_dtypes: tuple[str, ...] = ("float32",)
 
 
 def save_checkpoint(model: LocalizationNet, path: Path, training_run_id: str | None = None) -> str:
@@ -141,7 +153,70 @@ def load_torchvision_weights(backbone: ConvNeXt, path: Path) -> None:
     """
     state = read_state_dict(Path(path))
     state = {k: v for k, v in state.items() if not k.startswith("classifier.2.")}
+    check_dtypes(state, backbone, Path(path))
     load_exact(backbone, state, source=str(path))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _conversion(stored: Tensor, wanted: torch.dtype) -> str:
+    """``same``, ``integer`` (another integer width), ``convert`` (warned) or ``refuse``."""
+    if stored.dtype == wanted:
+        return "same"
+    if wanted.is_floating_point:
+        return "convert" if stored.dtype.is_floating_point else "refuse"
+    if torch.bool in (stored.dtype, wanted) or stored.dtype.is_complex or wanted.is_complex:
+        return "refuse"
+    if stored.dtype.is_floating_point:
+        # A counter such as num_batches_tracked, saved as float by a blanket ``.half()``.
+        whole = bool(torch.isfinite(stored).all() and torch.equal(stored, stored.round()))
+        return "convert" if whole else "refuse"
+    return "integer"
+
+
+def check_dtypes(
+    state: Mapping[str, Tensor], module: torch.nn.Module, path: Path
+) -> tuple[str, ...]:
+    """Return the dtypes of ``state``'s float tensors; refuse those that cannot fit ``module``.
+
+    A float tensor of another width (float16, bfloat16, float64) is accepted with a
+    DtypeWarning: loading converts it to the module's dtype. An integer, bool or complex tensor
+    where the module holds floats is a CheckpointError, and so is a non-whole float where it
+    holds integers (BatchNorm's ``num_batches_tracked``).
+    """
+    own = module.state_dict()
+    verdicts = {k: _conversion(state[k], own[k].dtype) for k in state if k in own}
+    refused = sorted(
+        f"{k} ({_name(state[k].dtype)} in the file, {_name(own[k].dtype)} in the model)"
+        for k, verdict in verdicts.items()
+        if verdict == "refuse"
+    )
+    if refused:
+        raise CheckpointError(
+            f"{path}: {len(refused)} tensor(s) cannot be loaded without changing their meaning: "
+            + "; ".join(refused[:10])
+            + ". Re-save the checkpoint with the model's dtypes."
+        )
+    converted = [k for k, verdict in verdicts.items() if verdict == "convert"]
+    if converted:
+        sources = sorted({_name(state[k].dtype) for k in converted})
+        targets = sorted({_name(own[k].dtype) for k in converted})
+        log.warning(
+            "checkpoint_dtype_converted",
+            path=str(path),
+            source_dtypes=sources,
+            to=targets,
+            tensors=len(converted),
+        )
+        warnings.warn(
+            f"{path}: {len(converted)} tensor(s) stored as {', '.join(sources)} were converted "
+            f"to the model's {', '.join(targets)}",
+            DtypeWarning,
+            stacklevel=3,
+        )
+    return tuple(sorted({_name(t.dtype) for t in state.values() if t.dtype.is_floating_point}))
 
 
 def infer_backbone(state: Mapping[str, Tensor]) -> str:
@@ -220,6 +295,7 @@ def load_checkpoint(path: Path, config: ModelConfig | None = None) -> LoadedChec
     state, meta = _read(path)
     config = config or _config_from(meta, state, path)
     model = LocalizationNet(config)
+    source_dtypes = check_dtypes(state, model, path)
     load_exact(model, state, source=str(path))
     _check_normalization(model, path)
     model.eval()
@@ -230,4 +306,5 @@ def load_checkpoint(path: Path, config: ModelConfig | None = None) -> LoadedChec
         path=path,
         sha256=sha256_file(path),
         training_run_id=str(run_id) if run_id else None,
+        source_dtypes=source_dtypes,
     )

@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from structlog.testing import capture_logs
 from torch import nn
 
 from heimdall.checkpoint import (
+    DtypeWarning,
     infer_backbone,
     load_checkpoint,
     load_torchvision_weights,
@@ -527,3 +529,98 @@ def test_invalid_config_json_in_metadata_is_a_checkpoint_error(
     save_file(state, str(path), metadata={"heimdall_config": "{not json"})
     with pytest.raises(CheckpointError, match="JSON"):
         load_checkpoint(path)
+
+
+def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_other_float_dtypes_load_with_a_warning_and_the_source_dtype_recorded(
+    model: LocalizationNet, config: ModelConfig, tmp_path: Path, suffix: str, dtype: torch.dtype
+) -> None:
+    state = cast_floats(model.state_dict(), dtype)
+    path = tmp_path / f"m{suffix}"
+    write_state(state, path)
+    name = str(dtype).removeprefix("torch.")
+
+    with capture_logs() as logs, pytest.warns(DtypeWarning, match=f"stored as {name} were"):
+        loaded = load_checkpoint(path, config=config)
+
+    assert loaded.source_dtypes == (name,)
+    converted = [e for e in logs if e["event"] == "checkpoint_dtype_converted"]
+    assert [e["to"] for e in converted] == [["float32"]]
+    weight = "position_head.0.weight"
+    assert torch.equal(loaded.model.state_dict()[weight], state[weight].float())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.complex64], ids=str)
+def test_non_float_tensor_in_a_float_parameter_is_refused_naming_key_and_dtypes(
+    model: LocalizationNet, config: ModelConfig, tmp_path: Path, suffix: str, dtype: torch.dtype
+) -> None:
+    state = dict(model.state_dict())
+    key = "backbone.features.1.0.block.3.weight"
+    state[key] = state[key].to(dtype)
+    path = tmp_path / f"m{suffix}"
+    write_state(state, path)
+    name = str(dtype).removeprefix("torch.")
+
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path, config=config)
+
+    assert f"{key} ({name} in the file, float32 in the model)" in str(refused.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_float32_checkpoint_loads_without_a_warning_and_keeps_int64_counters(
+    model: LocalizationNet, tmp_path: Path, suffix: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    path = tmp_path / f"m{suffix}"
+    write_state(dict(model.state_dict()), path)
+
+    loaded = load_checkpoint(path)
+
+    assert loaded.source_dtypes == ("float32",)
+    counter = "position_head.1.num_batches_tracked"
+    assert loaded.model.state_dict()[counter].dtype == torch.int64
+    assert not [w for w in recwarn if issubclass(w.category, DtypeWarning)]
+
+
+def test_blanket_half_checkpoint_with_float_counters_loads_with_a_warning(
+    model: LocalizationNet, config: ModelConfig, tmp_path: Path
+) -> None:
+    # ``{k: v.half() for k, v in state.items()}`` turns BatchNorm's counters into floats too.
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    write_state(state, path)
+
+    with pytest.warns(DtypeWarning, match="converted to the model's float32, int64"):
+        loaded = load_checkpoint(path, config=config)
+
+    assert loaded.model.state_dict()["position_head.1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_fractional_float_in_an_integer_buffer_is_refused(
+    model: LocalizationNet, config: ModelConfig, tmp_path: Path
+) -> None:
+    state = dict(model.state_dict())
+    counter = "position_head.1.num_batches_tracked"
+    state[counter] = torch.tensor(2.5)
+    path = tmp_path / "m.safetensors"
+    write_state(state, path)
+
+    with pytest.raises(CheckpointError, match=f"{counter} \\(float32 in the file, int64"):
+        load_checkpoint(path, config=config)
+
+
+def test_torchvision_weights_in_an_integer_dtype_are_refused(tmp_path: Path) -> None:
+    backbone = ConvNeXt("atto")
+    state = dict(backbone.state_dict())
+    state["features.0.0.weight"] = state["features.0.0.weight"].to(torch.int32)
+    path = tmp_path / "convnext.pth"
+    torch.save(state, path)
+
+    with pytest.raises(CheckpointError, match=r"features\.0\.0\.weight \(int32 in the file"):
+        load_torchvision_weights(backbone, path)
