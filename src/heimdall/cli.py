@@ -212,17 +212,31 @@ def verify(
     batch_sizes: str = typer.Option("1,2,3,8,64", help="Comma-separated batch sizes."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Compare ONNX Runtime with PyTorch; exit 1 when a gate fails."""
+    """Check the file was exported from the checkpoint, then compare ONNX Runtime with PyTorch.
+
+    Exit 1 when the lineage differs or a gate fails.
+    """
+    import warnings
+
     from heimdall.checkpoint import load_checkpoint
-    from heimdall.verify import verify_parity
+    from heimdall.verify import LineageWarning, verify_parity
 
     with errors(as_json):
         sizes = _int_list(batch_sizes)
-        result = verify_parity(model, load_checkpoint(checkpoint).model, sizes)
+        loaded = load_checkpoint(checkpoint)
+        with warnings.catch_warnings():
+            # Said once below, in the output's own words.
+            warnings.simplefilter("ignore", LineageWarning)
+            result = verify_parity(model, loaded.model, sizes, checkpoint_sha256=loaded.sha256)
         data = _plain(result)
         if as_json:
             emit(data, True, "parity")
             return
+        if result.lineage == "unrecorded":
+            console.print(
+                f"[yellow]warning[/yellow]: {model} records no checkpoint sha256; "
+                "its lineage was not checked"
+            )
         out.print(parity_table(data))
         task = data["task"]
         if task:
