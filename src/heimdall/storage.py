@@ -84,6 +84,12 @@ _MAX_KEY_SUFFIX = 99
 _MAX_ATTEMPTS = 3
 _LIFECYCLE_RULE_ID = "heimdall-abort-incomplete-multipart-uploads"
 _MIN_ATTEMPT_S = 10.0
+_MIN_TIMEOUT_S = 2.0
+# After a body's last byte is sent, at most this much is still queued on its way (Linux's
+# default maximum send and receive buffers, 4 + 6 MiB), reaching a slow server at this rate.
+_IN_FLIGHT_BYTES = 10 * MiB
+_SLOW_LINK_BYTES_PER_S = 1 * MiB
+_CONTINUE_WAIT_S = 1.0  # botocore waits this long for "100 Continue" before sending a body
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9\-]*")
 _AUTH_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -238,24 +244,30 @@ class S3Store(ObjectStore):
     ) -> None:
         """A client for one endpoint; ``timeout_s`` is each S3 request's deadline.
 
-        ``timeout_s`` bounds how long one request (one API call, every retry included) waits
-        on a server that does not answer: unreachable, refusing, or accepting and never
-        replying, it fails within ``timeout_s``. The attempts and botocore's connect and read
-        timeouts are derived from it so that their worst case, backoff included, fits
-        (:func:`_attempt_plan`). The read timeout bounds each wait for the server, not a whole
-        transfer: a part, an object or a download that keeps moving bytes runs as long as it
-        needs, so large parts go through at any bandwidth that fills the socket buffer within
-        the read timeout. An operation made of several requests (a multipart upload, a
-        listing of many pages) gets the deadline per request; a multipart upload that stops
-        answering fails within about three deadlines (the parts in flight, then the abort).
-        DNS resolution is not bounded by it.
+        What ``timeout_s`` bounds: how long one request (one API call, its retries included)
+        waits on a server that does not answer. Unreachable, or accepting and never replying,
+        the server makes the request fail within ``timeout_s``: the attempts and botocore's
+        connect and read timeouts are derived from it so that their worst case, backoff
+        included, fits (:func:`_attempt_plan`). The read timeout bounds each wait for the
+        server, not a transfer: a part, an object or a download that keeps moving bytes runs as
+        long as it needs. A request with a body (a part, or an object over 1 MiB sent in one
+        PUT) waits ``min(part_size, 10 MiB) / (1 MiB/s)`` longer per attempt for its answer
+        (8 s for 8 MiB parts), because after its last byte leaves up to 10 MiB may still sit in
+        the kernels' buffers on the way to a slow server: parts go through at 1 MiB/s or more,
+        and a silent server fails them within ``timeout_s`` plus that allowance per attempt.
+        An operation of several requests gets the deadline per request: a listing per page; a
+        multipart upload that stops answering fails within about three deadlines (parts in
+        flight, then the abort). DNS resolution is not bounded.
         """
         if part_size < 5 * MiB:
             raise InputError(f"part_size must be at least 5 MiB (the S3 minimum), got {part_size}")
         if concurrency < 1:
             raise InputError(f"concurrency must be at least 1, got {concurrency}")
-        if not timeout_s > 0:
-            raise InputError(f"timeout_s must be positive, got {timeout_s}")
+        if not timeout_s >= _MIN_TIMEOUT_S:
+            raise InputError(
+                f"the S3 deadline must be at least {_MIN_TIMEOUT_S:g} s, got {timeout_s:g} "
+                "(timeout_s, HEIMDALL_S3_TIMEOUT_S)"
+            )
         self.endpoint_url = endpoint_url
         self.region = region
         self.part_size = part_size
@@ -263,6 +275,22 @@ class S3Store(ObjectStore):
         self.timeout_s = timeout_s
         self._secret = SecretStr(secret_access_key or "")
         self._attempts, connect_timeout, read_timeout = _attempt_plan(timeout_s)
+        self._client = self._make_client(
+            endpoint_url, access_key_id, secret_access_key, connect_timeout, read_timeout
+        )
+        drain_s = min(part_size, _IN_FLIGHT_BYTES) / _SLOW_LINK_BYTES_PER_S
+        self._send_client = self._make_client(
+            endpoint_url, access_key_id, secret_access_key, connect_timeout, read_timeout + drain_s
+        )
+
+    def _make_client(
+        self,
+        endpoint_url: str | None,
+        access_key_id: str | None,
+        secret_access_key: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Any:
         config = Config(
             # boto3 >= 1.36 adds CRC checksums to every upload by default, sent as aws-chunked
             # bodies with trailers. Some S3-compatible servers answered 200 and stored the chunk
@@ -276,30 +304,31 @@ class S3Store(ObjectStore):
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             retries={"mode": "standard", "total_max_attempts": self._attempts},
-            max_pool_connections=max(10, concurrency + 2),
+            max_pool_connections=max(10, self.concurrency + 2),
         )
-        self._client = boto3.session.Session().client(
+        return boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint_url,
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
-            region_name=region,
+            region_name=self.region,
             config=config,
         )
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> S3Store:
-        """A store for the endpoint and credentials in ``settings``."""
+        """A store for the endpoint, credentials and deadline (``s3_timeout_s``) in ``settings``."""
 
         def reveal(secret: SecretStr | None) -> str | None:
             return secret.get_secret_value() if secret is not None else None
 
+        options.setdefault("timeout_s", settings.s3_timeout_s)
         return cls(
             settings.s3_endpoint_url,
             access_key_id=reveal(settings.s3_access_key_id),
             secret_access_key=reveal(settings.s3_secret_access_key),
             region=settings.s3_region,
-            **{"timeout_s": settings.s3_timeout_s, **options},
+            **options,
         )
 
     def __repr__(self) -> str:
@@ -456,6 +485,7 @@ class S3Store(ObjectStore):
         self._call(
             f"upload to {self.uri(bucket, key)}",
             "put_object",
+            client=self._send_client if len(data) > MiB else self._client,
             Bucket=bucket,
             Key=key,
             Body=data,
@@ -586,7 +616,7 @@ class S3Store(ObjectStore):
         def send(number: int, offset: int) -> tuple[dict[str, Any], int]:
             length = min(part_size, size - offset)
             with _FilePart(path, offset, length) as body:
-                resp = self._client.upload_part(
+                resp = self._send_client.upload_part(
                     Bucket=bucket,
                     Key=key,
                     UploadId=upload_id,
@@ -634,10 +664,18 @@ class S3Store(ObjectStore):
             )
         return None
 
-    def _call(self, action: str, method: str, tolerate: Iterable[str] = (), **kwargs: Any) -> Any:
+    def _call(
+        self,
+        action: str,
+        method: str,
+        tolerate: Iterable[str] = (),
+        *,
+        client: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         """One boto3 call; an error code in ``tolerate`` gives None, any other a StorageError."""
         try:
-            return getattr(self._client, method)(**kwargs)
+            return getattr(client or self._client, method)(**kwargs)
         except ClientError as exc:
             if _error_code(exc) in tolerate:
                 return None
@@ -755,7 +793,8 @@ class _FilePart:
 def _attempt_plan(timeout_s: float) -> tuple[int, float, float]:
     """(attempts, connect timeout, read timeout) whose worst case fits in ``timeout_s``.
 
-    A silent server costs an attempt at most connect + read timeout; botocore's standard retry
+    A silent server costs an attempt at most the connect timeout, botocore's 1 s wait for
+    ``100 Continue`` (streamed bodies: parts) and the read timeout; botocore's standard retry
     mode sleeps at most ``min(2**i, 20)`` s after attempt ``i + 1``, plus up to 5 s when the
     server sends ``x-amz-retry-after``. Retries are added only while each attempt keeps at
     least ``_MIN_ATTEMPT_S``: a slow but healthy server needs a read timeout of seconds.
@@ -765,8 +804,8 @@ def _attempt_plan(timeout_s: float) -> tuple[int, float, float]:
         per_attempt = (timeout_s - backoff) / attempts
         if per_attempt >= _MIN_ATTEMPT_S or attempts == 1:
             break
-    connect = min(3.0, per_attempt / 3)
-    return attempts, connect, per_attempt - connect
+    connect = min(3.0, per_attempt / 4)
+    return attempts, connect, per_attempt - connect - _CONTINUE_WAIT_S
 
 
 def _aborts_incomplete(rule: Mapping[str, Any], days: int) -> bool:
