@@ -39,6 +39,10 @@ class RegistryError(HeimdallError):
     """The MLflow tracking server or model registry failed."""
 
 
+class LockTimeoutError(HeimdallError):
+    """Another process held a lock for longer than the caller would wait."""
+
+
 class PublishError(HeimdallError):
     """A publish step failed; says which, why, and what already exists (re-running finishes)."""
 

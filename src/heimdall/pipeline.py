@@ -35,11 +35,9 @@ from heimdall.registry import (
     DEFAULT_ALIAS,
     RegisteredVersion,
     check_registration,
-    find_version_by_sha256,
     log_run_files,
     register_model,
     set_alias,
-    set_stage,
 )
 from heimdall.report import ReportPaths, write_report
 from heimdall.storage import ObjectStore, UploadResult, open_store, upload_model
@@ -359,11 +357,22 @@ def publish(
     )
     with run.step("report"):
         document = report_document(partial, run.records)
-        paths = write_report(document, out)
-        run_for_report = partial.primary.version.run_id
-        if run_for_report:
-            log_run_files(run_for_report, [paths.json, paths.html], "report", settings=settings)
-        run.note(str(paths.html))
+        primary = partial.primary.version
+        # One report per (model name, version), never overwritten by a later publish.
+        paths = write_report(document, out / "reports" / name / f"v{primary.version}")
+        if not paths.created:
+            run.note(
+                f"{paths.html} (kept: written by the publish that made this version)", "reused"
+            )
+        else:
+            if primary.run_id:
+                log_run_files(
+                    primary.run_id,
+                    [paths.json, paths.html],
+                    f"report/{name}/v{primary.version}",
+                    settings=settings,
+                )
+            run.note(str(paths.html))
     result = replace(partial, steps=tuple(run.records), report=paths)
     log.info(
         "publish.done",
@@ -422,36 +431,36 @@ def _publish_one(
         metadata.update({"variant": variant, "s3_uri": uploaded.uri})
         run.note(f"sha256 {metadata['sha256']}")
     with run.step(f"register{label}"):
-        existing = find_version_by_sha256(name, uploaded.sha256, settings=settings)
-        # Reused only while it points at the upload just verified; if its bytes were removed
-        # and uploaded again elsewhere, a new version points at the new ones.
-        if existing is not None and existing.onnx_uri == uploaded.uri:
-            version, reused = existing, True
-            if stage is not None:
-                version = set_stage(name, version.version, stage, settings=settings)
+        registration = register_model(
+            uploaded.uri,
+            sha256=uploaded.sha256,
+            name=name,
+            metadata=metadata,
+            stage=stage,
+            run_id=training_run,
+            tags={"variant": variant},
+            settings=settings,
+            store=store,
+        )
+        version, reused = registration.version, not registration.created
+        altered = (
+            f" (version(s) {', '.join(registration.altered)} of these bytes no longer hold them)"
+            if registration.altered
+            else ""
+        )
+        if reused:
             run.note(f"{name} version {version.version} already holds these bytes", "reused")
         else:
-            version = register_model(
-                uploaded.uri,
-                sha256=uploaded.sha256,
-                name=name,
-                metadata=metadata,
-                alias=None,
-                stage=stage,
-                run_id=training_run,
-                tags={"variant": variant},
-                settings=settings,
-                store=store,
-            )
-            reused = False
-            run.note(f"{name} version {version.version}")
+            run.note(f"{name} version {version.version}{altered}")
         run.existing[f"version{label}"] = f"{name} version {version.version}"
     target = None if alias is None else alias if variant == FP32 else f"{alias}-{variant}"
     with run.step(f"alias{label}"):
         if target is None:
             run.note("no alias asked for", "skipped")
         else:
-            change = set_alias(name, version.version, target, settings=settings)
+            change = set_alias(
+                name, version.version, target, settings=settings, store=store, action="publish"
+            )
             version = replace(version, aliases=tuple(sorted({*version.aliases, target})))
             run.note(
                 f"{name}@{target} → version {change.version}",
@@ -676,6 +685,7 @@ def train_with_settings(
         experiment_name=settings.experiment_name,
         artifact_location=settings.experiment_artifact_location,
         progress=progress,
+        timeout_s=settings.mlflow_timeout_s,
     )
 
 

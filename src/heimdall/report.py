@@ -9,7 +9,10 @@ from __future__ import annotations
 import html
 import io
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ REPORT_SCHEMA_VERSION = 1
 class ReportPaths:
     json: Path
     html: Path
+    created: bool = True  # False: an earlier publish of the same version wrote it
 
 
 def _svg(fig: Any) -> str:
@@ -161,10 +165,28 @@ def render_html(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> ReportPaths:
-    """Write ``report.json`` and ``report.html`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``report.json`` and ``report.html`` into ``out_dir`` once; never overwrite.
+
+    Both files are written into a temporary sibling folder that is then renamed to ``out_dir``:
+    readers never see half a report, and when ``out_dir`` already holds one (another publish of
+    the same version got there first) it is kept and returned with ``created=False``.
+    """
+    out_dir = Path(out_dir)
+    paths = ReportPaths(json=out_dir / "report.json", html=out_dir / "report.html")
+    if paths.json.is_file():
+        return replace(paths, created=False)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     document = {"schema_version": REPORT_SCHEMA_VERSION, **report}
-    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
-    json_path.write_text(json.dumps(document, indent=2, default=str))
-    html_path.write_text(render_html(document))
-    return ReportPaths(json=json_path, html=html_path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "report.json").write_text(json.dumps(document, indent=2, default=str))
+        (tmp / "report.html").write_text(render_html(document))
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # taken meanwhile (ENOTEMPTY/EEXIST): keep the first report
+            if paths.json.is_file():
+                return replace(paths, created=False)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths

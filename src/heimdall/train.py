@@ -18,6 +18,7 @@ from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, redact_uri
 from heimdall.data import RFScenario, generate, haversine_km
 from heimdall.errors import InputError, RegistryError
 from heimdall.model import LocalizationNet, ModelConfig
+from heimdall.tracking import open_client
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -86,10 +87,10 @@ class _Run:
         experiment_name: str,
         artifact_location: str | None,
         run_name: str,
+        timeout_s: float,
     ) -> _Run:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
+        # The first use of a SQLite store creates it under a lock (concurrent first uses race).
+        client = open_client(tracking_uri, None, timeout_s=timeout_s)
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = (
             experiment.experiment_id
@@ -128,6 +129,7 @@ def train(
     experiment_name: str = "heimdall-localization",
     artifact_location: str | None = None,
     progress: Progress | None = None,
+    timeout_s: float = 30.0,
 ) -> TrainResult:
     """Train, keep the epoch with the lowest validation median error, save it to ``output``.
 
@@ -166,7 +168,11 @@ def train(
     if tracking_uri:
         try:
             run = _Run.start(
-                tracking_uri, experiment_name, artifact_location, f"train-{config.backbone}"
+                tracking_uri,
+                experiment_name,
+                artifact_location,
+                f"train-{config.backbone}",
+                timeout_s,
             )
         except Exception as exc:  # MLflow raises its own and SQLAlchemy's errors
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)

@@ -355,8 +355,8 @@ def secret_run(
     texts = {
         "stdout": done.stdout,
         "stderr": done.stderr,
-        "report.json": (out / "report.json").read_text(),
-        "report.html": (out / "report.html").read_text(),
+        "report.json": (out / "reports" / name / "v1" / "report.json").read_text(),
+        "report.html": (out / "reports" / name / "v1" / "report.html").read_text(),
         "version": json.dumps(
             {"tags": version.tags, "source": version.source, "description": version.description}
         ),
@@ -365,7 +365,7 @@ def secret_run(
         **downloaded_run_files(mlflow_server, version.run_id, tmp / "artifacts"),
     }
     assert any(k.startswith("onnx_metadata/") for k in texts), sorted(texts)
-    assert {"report/report.json", "report/report.html"} <= set(texts)
+    assert {f"report/{name}/v1/report.json", f"report/{name}/v1/report.html"} <= set(texts)
     secrets = (mlflow_server.seaweedfs.secret_key, password)
     return SecretRun(secrets, name, done.stdout, texts)
 

@@ -7,13 +7,13 @@ import os
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -25,7 +25,9 @@ from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import RegistryError
 from heimdall.export import ExportResult, export_to_onnx
+from heimdall.files import sha256_file
 from heimdall.inference import LocalizationModel
+from heimdall.legacy import register_with_mlflow
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.storage import ObjectStore, upload_model
 from heimdall.validate import get_model_metadata
@@ -71,6 +73,19 @@ def model_name(request: pytest.FixtureRequest) -> str:
     return f"heimdall-{request.node.name.split('[')[0][5:30]}-{os.urandom(3).hex()}"
 
 
+def distinct(export: Export, tmp: Path, tag: str) -> Export:
+    """The same weights in other bytes (one more metadata property): another sha256."""
+    proto = onnx.load(str(export.result.path))
+    onnx.helper.set_model_props(
+        proto,
+        {**{p.key: p.value for p in proto.metadata_props}, "heimdall.test_variant": tag},
+    )
+    path = tmp / f"{tag}.onnx"
+    onnx.save(proto, str(path))
+    result = replace(export.result, path=path, sha256=sha256_file(path))
+    return replace(export, result=result, metadata={**export.metadata, "sha256": result.sha256})
+
+
 def upload(store: ObjectStore, backend: MlflowBackend, export: Export, key: str) -> str:
     """Store the export under its own key (an explicit key is never deduplicated)."""
     result = upload_model(export.result.path, store, backend.bucket, key, create_bucket=True)
@@ -85,14 +100,18 @@ def register_uri(
     store: ObjectStore,
     passed: bool = True,
 ) -> registry.RegisteredVersion:
-    return registry.register_model(
+    """Register as publish does: the version, then ``staging`` on it when verification passed."""
+    version = registry.register_model(
         uri,
         sha256=export.result.sha256,
         name=name,
         metadata={**export.metadata, "parity": {"passed": passed}},
         settings=settings,
         store=store,
-    )
+    ).version
+    if passed:
+        registry.set_alias(name, version.version, "staging", settings=settings, store=store)
+    return version
 
 
 def register(
@@ -120,14 +139,14 @@ def test_registered_version_is_an_onnx_mlflow_model_equal_to_onnxruntime(
 ) -> None:
     store = backend.store()
     uri = upload(store, backend, atto, f"models/localization/{model_name}.onnx")
-    registered = registry.register_with_mlflow(
+    registered = register_with_mlflow(
         model_name, uri, atto.metadata, settings=backend.settings(), store=store
     )
 
     assert registered["model_version"] == "1"
     assert registered["stage"] == "Staging"
     assert registered["aliases"] == ["staging"]
-    assert registered["source"] == uri.removesuffix(".onnx")
+    assert registered["source"].startswith(uri.removesuffix(".onnx") + "/")
     tags = registered["tags"]
     assert {k: tags[k] for k in ("framework", "format", "sha256", "onnx_uri", "verification")} == {
         "framework": "pytorch",
@@ -253,14 +272,15 @@ def test_mlflow_models_serve_answers_invocations(
 
 
 def test_promote_refuses_failing_gates_and_rollback_restores_previous_holder(
-    backend: MlflowBackend, atto: Export, model_name: str
+    backend: MlflowBackend, atto: Export, model_name: str, tmp_path: Path
 ) -> None:
     settings, store = backend.settings(), backend.store()
     prefix = f"models/localization/{model_name}"
-    v1 = register(backend, atto, model_name, f"{prefix}-1.onnx")
-    v2 = register(backend, atto, model_name, f"{prefix}-2.onnx")
-    unverified = register(backend, atto, model_name, f"{prefix}-3.onnx", passed=False)
-    altered = register(backend, atto, model_name, f"{prefix}-4.onnx")
+    v1, v2, v3, v4 = (distinct(atto, tmp_path, str(i)) for i in range(1, 5))
+    v1 = register(backend, v1, model_name, f"{prefix}-1.onnx")
+    v2 = register(backend, v2, model_name, f"{prefix}-2.onnx")
+    unverified = register(backend, v3, model_name, f"{prefix}-3.onnx", passed=False)
+    altered = register(backend, v4, model_name, f"{prefix}-4.onnx")
     bucket, key = store.locate(f"{altered.source}/model.onnx")
     store.put_bytes(bucket, key, b"not the registered bytes", if_absent=False)
 
@@ -302,7 +322,7 @@ def test_promote_refuses_failing_gates_and_rollback_restores_previous_holder(
     assert listed[model_name].aliases == {"production": v1.version, "staging": altered.version}
 
 
-def test_find_version_by_sha256_returns_the_first_ready_version(
+def test_the_same_bytes_under_another_key_reuse_their_version(
     embedded_mlflow: MlflowBackend, atto: Export, model_name: str
 ) -> None:
     settings = embedded_mlflow.settings()
@@ -310,39 +330,52 @@ def test_find_version_by_sha256_returns_the_first_ready_version(
         registry.find_version_by_sha256(model_name, atto.result.sha256, settings=settings) is None
     )
     first = register(embedded_mlflow, atto, model_name, f"models/localization/{model_name}-a.onnx")
-    register(embedded_mlflow, atto, model_name, f"models/localization/{model_name}-b.onnx")
+    again = register(embedded_mlflow, atto, model_name, f"models/localization/{model_name}-b.onnx")
 
     found = registry.find_version_by_sha256(model_name, atto.result.sha256, settings=settings)
 
+    assert again.version == first.version
     assert found is not None and found.version == first.version
+    assert [v.version for v in registry.show_model(model_name, settings=settings).versions] == ["1"]
     assert registry.find_version_by_sha256(model_name, "0" * 64, settings=settings) is None
 
 
-def test_concurrent_registrations_make_distinct_ready_loadable_versions(
+def test_a_second_model_name_gets_its_own_folder_and_never_rewrites_the_first(
     backend: MlflowBackend, atto: Export, model_name: str
 ) -> None:
     store, settings = backend.store(), backend.settings()
-    first = upload(store, backend, atto, f"models/localization/{model_name}-0.onnx")
-    bucket, key = store.locate(first)
-    uris = [first]
-    for i in range(1, CONCURRENT):  # the same bytes under 8 keys, copied inside the store
-        store.copy(bucket, key, key.replace("-0.onnx", f"-{i}.onnx"))
-        uris.append(store.uri(bucket, key.replace("-0.onnx", f"-{i}.onnx")))
+    uri = upload(store, backend, atto, f"models/localization/{model_name}.onnx")
+    first = register_uri(atto, uri, model_name, settings, store)
+    bucket, key = store.locate(first.source)
+    before = {o.key: store.read_bytes(bucket, o.key) for o in store.list_objects(bucket, key + "/")}
 
-    def one(uri: str) -> registry.RegisteredVersion:
-        return register_uri(atto, uri, model_name, settings, store)
+    other = register_uri(atto, uri, f"{model_name}-other", settings, store)
 
-    with ThreadPoolExecutor(CONCURRENT) as pool:
-        made = list(pool.map(one, uris))
-
-    assert sorted(int(v.version) for v in made) == list(range(1, CONCURRENT + 1))
-    versions = registry.show_model(model_name, settings=settings).versions
-    assert len(versions) == CONCURRENT
-    assert {v.status for v in versions} == {"READY"}
-    assert {v.source for v in versions} == {u.removesuffix(".onnx") for u in uris}
-    for version in versions:
+    assert other.source != first.source
+    after = {o.key: store.read_bytes(bucket, o.key) for o in store.list_objects(bucket, key + "/")}
+    assert after == before
+    for version in (first, other):
         loaded = LocalizationModel.load(version.uri, settings=settings)
-        assert np.abs(loaded.predict(atto.features).positions - atto.expected[0]).max() <= 1e-6
+        assert loaded.sha256 == atto.result.sha256
+
+
+def test_a_version_whose_bytes_changed_is_never_reused(
+    backend: MlflowBackend, atto: Export, model_name: str
+) -> None:
+    store, settings = backend.store(), backend.settings()
+    first = register(backend, atto, model_name, f"models/localization/{model_name}-a.onnx")
+    bucket, key = store.locate(f"{first.source}/model.onnx")
+    size = atto.result.path.stat().st_size
+    store.put_bytes(bucket, key, b"x" * size, if_absent=False)  # same size, other bytes
+
+    again = register(backend, atto, model_name, f"models/localization/{model_name}-b.onnx")
+
+    assert again.version != first.version
+    assert LocalizationModel.load(again.uri, settings=settings).sha256 == atto.result.sha256
+    tags = registry.show_model(model_name, first.version, settings=settings).versions[0].tags
+    assert "now has sha256" in tags[registry.INTEGRITY_TAG]
+    found = registry.find_version_by_sha256(model_name, atto.result.sha256, settings=settings)
+    assert found is not None and found.version == again.version
 
 
 def test_mlflow_down_fails_fast_naming_the_uploaded_uri_and_no_password(
@@ -361,7 +394,9 @@ def test_mlflow_down_fails_fast_naming_the_uploaded_uri_and_no_password(
     elapsed = time.monotonic() - started
 
     message = str(failure.value)
-    assert "did not answer (3 retries)" in message
+    assert (
+        "did not answer within the deadline" in message and "HEIMDALL_MLFLOW_TIMEOUT_S" in message
+    )
     assert uri in message and "nothing needs to be uploaded again" in message
     assert password not in message and password not in json.dumps(logs, default=str)
     assert elapsed < 30, f"gave up after {elapsed:.1f} s"
@@ -384,7 +419,7 @@ def test_an_export_with_external_data_registers_and_loads_as_one_unit(
 
     version = registry.register_model(
         uploaded.uri, name=model_name, metadata={"parity": {"passed": True}}, settings=settings
-    )
+    ).version
 
     assert version.sha256 == result.sha256
     loaded = LocalizationModel.load(version.uri, settings=settings)

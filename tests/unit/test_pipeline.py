@@ -91,7 +91,7 @@ class Published:
     second: PublishResult
     events: list[tuple[str, str]]
     keys_after_first: list[str]
-    report_json: str  # the first run's report: the second run rewrites the same files
+    report_json: str  # the first run's report, read before the second run
     report_html: str
 
 
@@ -165,8 +165,9 @@ def test_publish_writes_the_report_and_logs_it_to_the_versions_run(
     assert run_id is not None
     client = client_for(published.settings)
 
-    logged = {a.path for a in client.list_artifacts(run_id, "report")}
-    downloaded = Path(client.download_artifacts(run_id, "report/report.json", str(tmp_path)))
+    folder = f"report/{published.name}/v1"  # one report per (model name, version)
+    logged = {a.path for a in client.list_artifacts(run_id, folder)}
+    downloaded = Path(client.download_artifacts(run_id, f"{folder}/report.json", str(tmp_path)))
 
     assert document["schema_version"] == REPORT_SCHEMA_VERSION
     assert document["success"] is True
@@ -176,7 +177,7 @@ def test_publish_writes_the_report_and_logs_it_to_the_versions_run(
     assert [s["step"] for s in document["steps"]] == list(STEPS[:-1])  # all but the report itself
     assert document["latency_ms"] and document["heldout"]["samples"] == 256
     assert page.startswith("<!doctype html>") and "<svg" in page and published.name in page
-    assert logged == {"report/report.json", "report/report.html"}
+    assert logged == {f"{folder}/report.json", f"{folder}/report.html"}
     assert json.loads(downloaded.read_text())["model_card"] == card
 
 
@@ -313,6 +314,8 @@ def test_export_and_register_model_reports_a_failure_in_the_dict_without_raising
         ({"name": "a/b"}, "invalid registered model name"),
         ({"verify_batch_sizes": ()}, "verify batch sizes must be positive"),
         ({"calibration": 0}, "calibration must be at least 1"),
+        ({"alias": "production"}, "moved only by promote"),
+        ({"bucket": "Not_A_Bucket"}, "invalid bucket name"),
     ],
     ids=[
         "unknown-variant",
@@ -326,6 +329,8 @@ def test_export_and_register_model_reports_a_failure_in_the_dict_without_raising
         "name-with-slash",
         "no-batch-sizes",
         "no-calibration",
+        "production-alias",
+        "invalid-bucket",
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(
@@ -335,7 +340,8 @@ def test_bad_arguments_are_refused_before_any_work(
     atto_checkpoint: LoadedCheckpoint,
     tmp_path: Path,
 ) -> None:
-    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+    bucket = options.pop("bucket", embedded_mlflow.bucket)
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data", bucket=bucket)
 
     with pytest.raises(InputError, match=message):
         publish(atto_checkpoint.path, settings=settings, **options)
@@ -372,7 +378,8 @@ def test_demo_trains_publishes_and_serves_the_staging_alias(
     assert not (tmp_path / "mlruns").exists()
     run_id = demo.publish.primary.version.run_id
     assert run_id == demo.training.run_id
-    assert list((tmp_path / "demo").rglob(f"{run_id}/artifacts/report/report.html"))
+    report = f"{run_id}/artifacts/report/{settings.model_name}/v1/report.html"
+    assert list((tmp_path / "demo").rglob(report))
 
 
 def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(

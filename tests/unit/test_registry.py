@@ -12,7 +12,11 @@ from heimdall import registry
 from heimdall.config import Settings
 from heimdall.errors import InputError, RegistryError
 from heimdall.export import ExportResult
+from heimdall.legacy import register_with_mlflow
 from heimdall.registry import AliasEvent
+from heimdall.registry.aliases import holders_of
+from heimdall.registry.client import call, explain
+from heimdall.registry.versions import _verification
 from heimdall.storage import LocalStore, upload_model
 from tests.fixtures.process import free_port
 
@@ -45,8 +49,6 @@ def test_the_model_directory_sits_next_to_the_upload() -> None:
     ("options", "message"),
     [
         ({"sha256": "xyz"}, "sha256 must be 64 lowercase hex"),
-        ({"sha256": SHA, "alias": "latest"}, "invalid alias"),
-        ({"sha256": SHA, "alias": "v3"}, "invalid alias"),
         ({"sha256": SHA, "stage": "Shipping"}, "unknown stage"),
         ({"sha256": SHA, "name": "a/b"}, "invalid registered model name"),
         ({"sha256": SHA, "name": "it's"}, "invalid registered model name"),
@@ -79,7 +81,7 @@ def test_an_upload_without_any_sha256_to_check_against_is_never_registered(
     uri = store.uri("heimdall-models", "models/localization/v1.onnx")
 
     with pytest.raises(RegistryError, match="has no recorded sha256"):
-        registry.register_with_mlflow("m", uri, {}, settings=settings, store=store)
+        register_with_mlflow("m", uri, {}, settings=settings, store=store)
     assert mlflow_untouched(settings)
 
 
@@ -131,13 +133,13 @@ def test_alias_history_replays_as_a_stack_of_holders() -> None:
         event("promote", "4"),
     )
 
-    assert registry._holders(history) == ["1", "2", "4"]
-    assert registry._holders((*history, event("rollback", "2"), event("rollback", "1"))) == ["1"]
+    assert holders_of(history) == ["1", "2", "4"]
+    assert holders_of((*history, event("rollback", "2"), event("rollback", "1"))) == ["1"]
 
 
 def test_a_rollback_to_a_version_not_on_the_stack_still_ends_on_it() -> None:
     """History edited by hand or cut at its limit must not leave a stack that lies."""
-    assert registry._holders((event("promote", "5"), event("rollback", "2"))) == ["2"]
+    assert holders_of((event("promote", "5"), event("rollback", "2"))) == ["2"]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +154,7 @@ def test_a_rollback_to_a_version_not_on_the_stack_still_ends_on_it() -> None:
 def test_verification_is_read_from_the_parity_record(
     metadata: dict[str, object], expected: str
 ) -> None:
-    assert registry._verification(metadata) == expected
+    assert _verification(metadata) == expected
 
 
 def test_a_locked_sqlite_database_is_retried_and_other_errors_are_not() -> None:
@@ -168,10 +170,10 @@ def test_a_locked_sqlite_database_is_retried_and_other_errors_are_not() -> None:
         calls.append(1)
         raise MlflowException("something else")
 
-    assert registry._call(locked_twice) == "done"
+    assert call(locked_twice) == "done"
     calls.clear()
     with pytest.raises(MlflowException, match="something else"):
-        registry._call(broken)
+        call(broken)
     assert len(calls) == 1
 
 
@@ -185,7 +187,7 @@ def test_failures_never_show_the_tracking_password() -> None:
         " (s3-secret)"
     )
 
-    text = registry._explain(settings, "register", error, retries="3")
+    text = explain(settings, "register", error)
 
     assert "hunter2" not in text and "s3-secret" not in text
     assert "did not answer" in text
@@ -204,6 +206,15 @@ def test_an_unreachable_database_fails_in_seconds_without_its_password(
 
     assert time.monotonic() - started < 10
     assert "pg-pw" not in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("alias", "message"),
+    [("latest", "invalid alias"), ("v3", "invalid alias"), ("production", "only by promote")],
+)
+def test_check_registration_refuses_aliases_publish_must_not_move(alias: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        registry.check_registration("heimdall-x", alias)
 
 
 def test_set_alias_leaves_production_to_promote(tmp_path: Path) -> None:

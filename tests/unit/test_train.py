@@ -19,15 +19,18 @@ from heimdall.errors import InputError
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.train import TrainConfig, TrainResult, evaluate_km, train
 
-# Small enough for a unit test on one CPU thread (about 80 s), large enough to beat the centre
-# baseline: seeds 0, 1 and 2 reached 0.38, 0.42 and 0.36 of the baseline error.
+# Small enough for a unit test on one CPU thread, trained enough to sit far below the test's
+# bound (half the centre baseline) on any x86 CPU: training trajectories differ between
+# instruction sets. On an AVX2-only host seeds 0 and 1 reached 0.31-0.32 of the baseline on the
+# validation and the fresh set; the previous 1536-sample, 4-epoch, lr 1e-3 recipe reached 0.55
+# there (0.38 with AVX-512). `python -m benchmarks.train_margin` measures it on any machine.
 FAST = TrainConfig(
     backbone="atto",
-    train_samples=1536,
+    train_samples=2048,
     val_samples=256,
     epochs=4,
     batch_size=32,
-    learning_rate=1e-3,
+    learning_rate=2e-3,
     seed=0,
 )
 EXPERIMENT = "heimdall-unit-test"

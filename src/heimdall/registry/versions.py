@@ -1,0 +1,635 @@
+"""Model versions: register (one version per sha256 and name), find, resolve, list, show.
+
+A version is reused only when the bytes stored at its source still hash to its ``sha256`` tag
+(streamed read, never trusted from the tags alone). A version whose bytes changed is tagged
+``heimdall.integrity`` and never reused; the same bytes then get a new version. Registration
+looks for a reusable version, writes a folder of its own (see ``model_dir``), then, holding the
+model's registry lock, looks again and creates the version only if no other process did: the
+same bytes published by N processes at once give one version, and the others report it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings
+from heimdall.errors import InputError, RegistryError
+from heimdall.registry import client as mlflow_client
+from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
+from heimdall.registry.model_dir import (
+    check_upload,
+    remove_staged,
+    stage_model_dir,
+    version_bytes_problem,
+)
+from heimdall.storage import ObjectStore, open_store
+from heimdall.validate import ValidationResult
+
+log = structlog.get_logger(__name__)
+
+PRODUCTION = "production"
+INTEGRITY_TAG = "heimdall.integrity"
+REGISTRATION_TAG = "heimdall.registration_id"
+STAGES = {"staging": "Staging", "production": "Production", "archived": "Archived", "none": "None"}
+_READY_TIMEOUT_S = 60.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ALIAS = re.compile(r"[A-Za-z0-9_\-]+")
+RESERVED_TAGS = {
+    "framework",
+    "format",
+    "sha256",
+    "onnx_uri",
+    "verification",
+    "opset",
+    "heimdall_version",
+    "checkpoint_sha256",
+    "backbone",
+    "training_run_id",
+    INTEGRITY_TAG,
+    REGISTRATION_TAG,
+}
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One model version as heimdall sees it."""
+
+    name: str
+    version: str
+    status: str
+    source: str
+    onnx_uri: str | None
+    sha256: str | None
+    run_id: str | None
+    aliases: tuple[str, ...]
+    stage: str | None
+    verification: str | None
+    created_at: str
+    description: str | None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["aliases"] = list(self.aliases)
+        data["tags"] = dict(self.tags)
+        data["uri"] = self.uri
+        return data
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The version that holds some bytes, and whether this call created it."""
+
+    version: RegisteredVersion
+    created: bool
+    # Earlier versions of these bytes whose stored bytes no longer match (never reused).
+    altered: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A registered model in :func:`list_models`."""
+
+    name: str
+    description: str | None
+    latest_version: str | None
+    aliases: Mapping[str, str]
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "aliases": dict(self.aliases)}
+
+
+# --- registering ------------------------------------------------------------------------------
+
+
+def register_model(
+    onnx_uri: str,
+    *,
+    sha256: str | None = None,
+    name: str = DEFAULT_MODEL_NAME,
+    metadata: Mapping[str, Any] | None = None,
+    stage: str | None = None,
+    run_id: str | None = None,
+    description: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
+) -> Registration:
+    """The version of ``name`` that holds the uploaded ONNX at ``onnx_uri``; made if none does.
+
+    The registration folder's ``model.onnx`` is read back and checked against ``sha256``
+    (default: the sha256 storage recorded and verified at upload) and LocalizationNet's IO
+    contract before a version is created. ``run_id`` (else ``metadata["run_id"]``, else the
+    ONNX file's training run) is the lineage run when this tracking server knows it. ``stage``
+    (e.g. ``"Staging"``) also sets MLflow's deprecated stage. Aliases are moved separately
+    (``aliases.set_alias`` / ``promote``), behind their gates.
+    """
+    settings = settings or load_settings()
+    meta = dict(metadata or {})
+    if sha256 is not None:
+        check_sha256(sha256)
+    check_name(name)
+    legacy_stage = canonical_stage(stage) if stage is not None else None
+    reserved = sorted(set(tags or {}) & RESERVED_TAGS)
+    if reserved:
+        raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
+    store = store or open_store(settings)
+    where = (
+        f"; the model bytes are already stored at {onnx_uri}: register again once MLflow is "
+        "back, nothing needs to be uploaded again"
+    )
+    action = f"register {onnx_uri} as a version of {name!r}"
+    sha256, _ = check_upload(store, onnx_uri, sha256)
+    with session(settings, action, stored=where) as client:
+        found, altered = _intact_version(client, store, name, sha256)
+        if found is not None:
+            return _reuse(client, found, legacy_stage, altered)
+
+    def mlmodel_metadata(checked: ValidationResult, digest: str) -> dict[str, str]:
+        return {"sha256": digest, "onnx_uri": onnx_uri, **_facts(meta, checked)}
+
+    staged = stage_model_dir(store, onnx_uri, sha256, mlmodel_metadata)
+    facts = _facts(meta, staged.validation)
+    version_tags = {
+        "framework": "pytorch",
+        "format": "onnx",
+        "sha256": staged.sha256,
+        "onnx_uri": onnx_uri,
+        "verification": _verification(meta),
+        **facts,
+        **(tags or {}),
+    }
+    text = description or _describe(facts, staged.sha256)
+    created: ModelVersion | None = None
+    creating = False  # from here on a version may exist that points at the staged folder
+    try:
+        with session(settings, action, stored=where) as client:
+            _ensure_registered_model(client, name)
+            with model_lock(client, name, wait_s=_lock_wait(settings)):
+                found, altered = _intact_version(client, store, name, staged.sha256)
+                if found is None:
+                    training_run = run_id or facts.get("training_run_id")
+                    lineage = _lineage_run(client, settings, training_run, staged.sha256, meta)
+                    creating = True
+                    created = _create_version(
+                        client, name, staged.source, lineage, version_tags, text
+                    )
+                    _await_ready(client, created)
+    finally:
+        if not creating:
+            remove_staged(store, staged.source, staged.keys)
+    if created is None:  # another process registered these bytes while we staged
+        assert found is not None
+        with session(settings, action) as client:
+            return _reuse(client, found, legacy_stage, altered)
+    with session(settings, action) as client:
+        if legacy_stage is not None:
+            transition_stage(client, name, created.version, legacy_stage)
+        version = get_version(client, name, created.version)
+    log.info(
+        "registry.registered",
+        name=name,
+        version=version.version,
+        source=staged.source,
+        sha256=staged.sha256,
+        stage=legacy_stage,
+        run_id=version.run_id,
+    )
+    return Registration(version, created=True, altered=altered)
+
+
+def _lock_wait(settings: Settings) -> float:
+    return max(4 * settings.mlflow_timeout_s, 60.0)
+
+
+def _reuse(
+    client: MlflowClient, found: RegisteredVersion, stage: str | None, altered: tuple[str, ...]
+) -> Registration:
+    if stage is not None and found.stage != stage:
+        transition_stage(client, found.name, found.version, stage)
+        found = get_version(client, found.name, found.version)
+    log.info("registry.reused", name=found.name, version=found.version, sha256=found.sha256)
+    return Registration(found, created=False, altered=altered)
+
+
+def _intact_version(
+    client: MlflowClient, store: ObjectStore, name: str, sha256: str
+) -> tuple[RegisteredVersion | None, tuple[str, ...]]:
+    """The oldest READY version of these bytes whose stored bytes still match, and the altered.
+
+    A version whose bytes changed is tagged ``heimdall.integrity`` so no one reuses it again.
+    """
+    altered: list[str] = []
+    for mv in _versions_of(client, name, sha256):
+        version = to_version(mv)
+        if version.tags.get(INTEGRITY_TAG) or version.status != "READY":
+            altered += [version.version] if version.tags.get(INTEGRITY_TAG) else []
+            continue
+        problem = version_bytes_problem(store, version.source, sha256)
+        if problem is None:
+            return version, tuple(altered)
+        log.warning(
+            "registry.version_bytes_changed", name=name, version=version.version, problem=problem
+        )
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        call(
+            client.set_model_version_tag, name, version.version, INTEGRITY_TAG, f"{problem} ({now})"
+        )
+        altered.append(version.version)
+    return None, tuple(altered)
+
+
+def _versions_of(client: MlflowClient, name: str, sha256: str) -> list[ModelVersion]:
+    try:
+        found = search_versions(client, f"name = '{name}' and tags.sha256 = '{sha256}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def find_version_by_sha256(
+    name: str,
+    sha256: str,
+    *,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
+) -> RegisteredVersion | None:
+    """The oldest READY version of ``name`` whose stored bytes still have this sha256, or None."""
+    check_name(name)
+    check_sha256(sha256)
+    settings = settings or load_settings()
+    store = store or open_store(settings)
+    with session(settings, f"search {name!r} for sha256 {sha256}") as client:
+        return _intact_version(client, store, name, sha256)[0]
+
+
+def resolve_model_uri(uri: str, *, settings: Settings | None = None) -> RegisteredVersion:
+    """The version that ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``…/latest`` names."""
+    name, alias, number = _parse_models_uri(uri)
+    settings = settings or load_settings()
+    with session(settings, f"resolve {uri}") as client:
+        if alias is not None:
+            number = call(client.get_model_version_by_alias, name, alias).version
+        elif number == "latest":
+            versions = search_versions(client, f"name = '{name}'")
+            if not versions:
+                raise RegistryError(f"{uri}: model {name!r} has no versions")
+            number = str(max(int(v.version) for v in versions))
+        return get_version(client, name, str(number))
+
+
+def set_stage(
+    name: str, version: str | int, stage: str, *, settings: Settings | None = None
+) -> RegisteredVersion:
+    """Set MLflow's legacy stage of ``version`` (the original API's ``stage='Staging'``)."""
+    check_name(name)
+    canonical = canonical_stage(stage)
+    settings = settings or load_settings()
+    with session(settings, f"set stage {canonical!r} of {name} version {version}") as client:
+        target = get_version(client, name, str(version))
+        if target.stage != canonical:
+            transition_stage(client, name, target.version, canonical)
+            target = get_version(client, name, target.version)
+    return target
+
+
+def log_run_files(
+    run_id: str, paths: Sequence[Path], artifact_path: str, *, settings: Settings | None = None
+) -> None:
+    """Attach local files (e.g. a publish report) to an MLflow run as artifacts."""
+    if not run_id:
+        raise InputError("run_id must not be empty")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"cannot log {missing} to run {run_id}: not files")
+    settings = settings or load_settings()
+    with session(settings, f"log {len(paths)} file(s) to run {run_id}") as client:
+        for path in paths:
+            call(client.log_artifact, run_id, str(path), artifact_path)
+
+
+def list_models(*, settings: Settings | None = None) -> list[ModelSummary]:
+    """Every registered model with its aliases and newest version number."""
+    settings = settings or load_settings()
+    with session(settings, "list registered models") as client:
+        models = [m for m in paged(client.search_registered_models) if not is_lock(m.name)]
+        summaries = []
+        for model in sorted(models, key=lambda m: m.name):
+            versions = search_versions(client, f"name = '{model.name}'")
+            latest = max((int(v.version) for v in versions), default=None)
+            summaries.append(
+                ModelSummary(
+                    name=model.name,
+                    description=model.description or None,
+                    latest_version=str(latest) if latest is not None else None,
+                    aliases=aliases_of(model),
+                    updated_at=_iso(model.last_updated_timestamp),
+                )
+            )
+        return summaries
+
+
+def aliases_of(model: Any) -> dict[str, str]:
+    """``{alias: version}`` of a RegisteredModel, sorted by alias."""
+    return {alias: str(version) for alias, version in sorted(model.aliases.items())}
+
+
+# --- MLflow calls -----------------------------------------------------------------------------
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        call(client.create_registered_model, name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _create_version(
+    client: MlflowClient,
+    name: str,
+    source: str,
+    run_id: str,
+    tags: Mapping[str, str],
+    description: str,
+) -> ModelVersion:
+    """Create the version; after a failed attempt, look for it by a token before trying again.
+
+    The token keeps a retried request whose first attempt did land from making a second version.
+    """
+    token = uuid.uuid4().hex
+    tagged = {**tags, REGISTRATION_TAG: token}
+    attempts = 5
+    for attempt in range(1, attempts + 1):
+        try:
+            return call(
+                client.create_model_version,
+                name,
+                source,
+                run_id=run_id,
+                tags=tagged,
+                description=description,
+            )
+        except MlflowException as exc:
+            landed = search_versions(
+                client, f"name = '{name}' and tags.`{REGISTRATION_TAG}` = '{token}'"
+            )
+            if landed:
+                return landed[0]
+            if attempt == attempts or "Model Version creation error" not in str(exc):
+                raise
+            log.warning("registry.create_version.retry", name=name, attempt=attempt)
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _await_ready(client: MlflowClient, created: ModelVersion) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    version = created
+    while version.status != "READY":
+        if version.status == "FAILED_REGISTRATION":
+            raise RegistryError(
+                f"MLflow marked {created.name} version {created.version} FAILED_REGISTRATION: "
+                f"{version.status_message}"
+            )
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"{created.name} version {created.version} is still {version.status} after "
+                f"{_READY_TIMEOUT_S:.0f} s"
+            )
+        time.sleep(0.5)
+        version = call(client.get_model_version, created.name, created.version)
+
+
+def transition_stage(client: MlflowClient, name: str, version: str, stage: str) -> None:
+    # Stages are deprecated since MLflow 2.9 (FutureWarning on every call); the original API
+    # still asks for one, so the transition is made and the warning replaced by our own event.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        call(
+            client.transition_model_version_stage,
+            name,
+            version,
+            stage,
+            archive_existing_versions=False,
+        )
+    log.info("registry.legacy_stage_set", name=name, version=version, stage=stage)
+
+
+def get_version(client: MlflowClient, name: str, version: str) -> RegisteredVersion:
+    try:
+        return to_version(call(client.get_model_version, name, version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"{name} has no version {version}") from exc
+        raise
+
+
+def to_version(mv: ModelVersion) -> RegisteredVersion:
+    tags = dict(mv.tags)
+    stage = mv.current_stage if mv.current_stage and mv.current_stage != "None" else None
+    return RegisteredVersion(
+        name=mv.name,
+        version=str(mv.version),
+        status=str(mv.status),
+        source=str(mv.source),
+        onnx_uri=tags.get("onnx_uri"),
+        sha256=tags.get("sha256"),
+        run_id=mv.run_id or None,
+        aliases=tuple(sorted(mv.aliases)),
+        stage=stage,
+        verification=tags.get("verification"),
+        created_at=_iso(mv.creation_timestamp),
+        description=mv.description or None,
+        tags=dict(sorted(tags.items())),
+    )
+
+
+# --- tags, lineage ----------------------------------------------------------------------------
+
+
+def _facts(metadata: Mapping[str, Any], checked: ValidationResult) -> dict[str, str]:
+    """Lineage facts from the metadata, else from what the exporter stamped into the file."""
+    from heimdall.checkpoint import heimdall_version
+
+    props = checked.metadata_props
+    facts = {
+        "opset": str(checked.opset_version),
+        "heimdall_version": _text(metadata.get("heimdall_version"))
+        or props.get("heimdall.version")
+        or heimdall_version(),
+        "checkpoint_sha256": _text(metadata.get("checkpoint_sha256"))
+        or props.get("heimdall.checkpoint_sha256"),
+        "backbone": _text(metadata.get("backbone")) or props.get("heimdall.backbone"),
+        "training_run_id": _text(metadata.get("run_id")) or props.get("heimdall.training_run_id"),
+    }
+    return {k: v for k, v in facts.items() if v}
+
+
+def _verification(metadata: Mapping[str, Any]) -> str:
+    """``passed`` or ``failed`` from ``metadata["parity"]`` (as ``get_model_metadata`` writes)."""
+    parity = metadata.get("parity")
+    passed = parity.get("passed") if isinstance(parity, Mapping) else None
+    if passed is None:
+        return "missing"
+    return "passed" if passed is True else "failed"
+
+
+def _describe(facts: Mapping[str, str], sha256: str) -> str:
+    return (
+        f"LocalizationNet ({facts.get('backbone', 'unknown')} backbone) as ONNX opset "
+        f"{facts['opset']}, sha256 {sha256}. Input mel_spectrogram float32 (B, 3, 128, 32); "
+        "outputs positions (B, 2) [lat, lon] in degrees and uncertainties (B, 2)."
+    )
+
+
+def _lineage_run(
+    client: MlflowClient,
+    settings: Settings,
+    training_run: str | None,
+    sha256: str,
+    metadata: Mapping[str, Any],
+) -> str:
+    """The training run if this server knows it, else a new export run; log the metadata there."""
+    artifact = f"onnx_metadata/{sha256[:12]}.json"
+    text = json.dumps(metadata, indent=2, sort_keys=True, default=str)
+    if training_run and _run_exists(client, training_run):
+        call(client.log_text, training_run, text, artifact)
+        return training_run
+    if training_run:
+        log.warning("registry.training_run_unknown", run_id=training_run)
+    experiment = _experiment_id(client, settings)
+    tags = {"heimdall.kind": "export", "heimdall.sha256": sha256}
+    if training_run:
+        tags["heimdall.training_run_id"] = training_run
+    run = call(client.create_run, experiment, run_name=f"export-{sha256[:12]}", tags=tags)
+    run_id = str(run.info.run_id)
+    call(client.log_text, run_id, text, artifact)
+    call(client.set_terminated, run_id)
+    return run_id
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        call(client.get_run, run_id)
+    except MlflowException as exc:  # unknown here, or not even an MLflow run id
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True
+
+
+def _experiment_id(client: MlflowClient, settings: Settings) -> str:
+    name = settings.experiment_name
+    experiment = call(client.get_experiment_by_name, name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(
+            call(
+                client.create_experiment,
+                name,
+                artifact_location=settings.experiment_artifact_location,
+            )
+        )
+    except MlflowException as exc:  # another registration created it first
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    experiment = call(client.get_experiment_by_name, name)
+    if experiment is None:
+        raise RegistryError(f"experiment {name!r} vanished while it was being created")
+    return str(experiment.experiment_id)
+
+
+# --- small checks -----------------------------------------------------------------------------
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    body = uri.removeprefix("models:/") if uri.startswith("models:/") else None
+    if body and "@" in body and "/" not in body:
+        name, alias = body.split("@", 1)
+        if name and alias:
+            return name, alias, None
+    if body and body.count("/") == 1:
+        name, number = body.split("/")
+        if name and (number.isdigit() or number == "latest"):
+            return name, None, number
+    raise InputError(
+        f"not a registry URI: {uri!r}; use models:/NAME@alias, models:/NAME/VERSION or "
+        "models:/NAME/latest"
+    )
+
+
+def check_sha256(sha256: str) -> None:
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise InputError(f"sha256 must be 64 lowercase hex characters, got {sha256!r}")
+
+
+def check_name(name: str) -> None:
+    if not name or "'" in name or "/" in name or "@" in name or is_lock(name):
+        raise InputError(
+            f"invalid registered model name {name!r}: no quotes, '/' or '@', and not starting "
+            f"with {mlflow_client.LOCK_PREFIX!r}"
+        )
+
+
+def check_alias(alias: str) -> None:
+    if not _ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias):
+        raise InputError(
+            f"invalid alias {alias!r}: use letters, digits, '_' and '-' (not 'latest' or 'v<N>')"
+        )
+
+
+def canonical_stage(stage: str) -> str:
+    canonical = STAGES.get(stage.lower())
+    if canonical is None:
+        raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES.values())}")
+    return canonical
+
+
+def check_registration(name: str, alias: str | None = None, stage: str | None = None) -> None:
+    """Raise InputError now for a name, alias or stage that registering would refuse later.
+
+    ``production`` is refused too: only ``promote`` moves it, behind its gates.
+    """
+    check_name(name)
+    if alias is not None:
+        check_alias(alias)
+        if alias == PRODUCTION:
+            raise InputError(
+                f"alias {PRODUCTION!r} is moved only by promote, which checks the gates first; "
+                f"publish to 'staging', then run: heimdall promote {name} VERSION"
+            )
+    if stage is not None:
+        canonical_stage(stage)
+
+
+def _text(value: object) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _iso(millis: int | None) -> str:
+    if not millis:
+        return ""
+    return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,115 @@
+"""Opening MLflow safely: one client factory for training and the registry (no torch).
+
+MLflow leaves three things to its callers, and this module does them once:
+
+- a SQLite store is created and migrated by whichever process touches it first, with no lock:
+  several first uses at once race inside alembic and leave a half-migrated file. Here the first
+  use of a SQLite store happens under a file lock next to it, and the store is switched to WAL
+  so that several processes can read while one writes;
+- a half-migrated or unopenable SQLite file is reported in one line at once (MLflow would retry
+  its engine for about 100 s, then fail with alembic's text);
+- HTTP retries and timeouts come from environment variables only: :func:`http_policy` turns one
+  deadline into them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from heimdall.config import redact_uri
+from heimdall.errors import RegistryError
+from heimdall.files import file_lock
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# Creating a store runs dozens of migrations; on a loaded 2-core machine that took 20 s.
+_INIT_WAIT_FACTOR = 4
+_HTTP_RETRIES = 2
+
+
+def http_policy(timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP settings for one request that, retries included, ends within ``timeout_s``.
+
+    Three attempts of ``(timeout_s - 3) / 3`` seconds each, plus urllib3's back-off (0 s, then
+    1-1.5 s), stay under the deadline.
+    """
+    per_attempt = max(1, int((timeout_s - 3) / (_HTTP_RETRIES + 1)))
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(_HTTP_RETRIES),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(per_attempt),
+        # libpq (PostgreSQL URIs) waits forever for a server that accepts and never answers.
+        "PGCONNECT_TIMEOUT": str(per_attempt),
+    }
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI, or None for any other store."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path or parsed.path == "/:memory:":
+        return None
+    # sqlite:///relative.db and sqlite:////absolute.db: the path after the third slash.
+    return Path(unquote(parsed.path)[1:])
+
+
+def open_client(tracking_uri: str, registry_uri: str | None, *, timeout_s: float) -> MlflowClient:
+    """An MlflowClient whose SQLite stores exist, are fully migrated, and use WAL."""
+    from mlflow import MlflowClient
+
+    uris = [tracking_uri] if registry_uri is None else [tracking_uri, registry_uri]
+    paths = list(dict.fromkeys(p for p in map(sqlite_path, uris) if p))
+    for path in paths:
+        _check_sqlite(path)
+    if not paths:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    # One lock for the first store is enough: every process takes the same one first.
+    with file_lock(
+        paths[0].with_name(f"{paths[0].name}.lock"),
+        timeout_s=timeout_s * _INIT_WAIT_FACTOR,
+        what=f"the MLflow store {paths[0]} to be created",
+    ):
+        # MLflow creates and migrates a store when it first opens it, once per process.
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+        _ = client._tracking_client.store
+        _ = client._get_registry_client().store
+        for path in paths:
+            _use_wal(path)
+    return client
+
+
+def _check_sqlite(path: Path) -> None:
+    """Raise RegistryError when ``path`` exists but is not a complete MLflow store."""
+    if not path.exists():
+        return
+    what = f"the MLflow store {path}"
+    read_only = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with closing(sqlite3.connect(read_only, uri=True, timeout=5)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master")}
+    except sqlite3.Error as exc:
+        raise RegistryError(
+            f"cannot open {what}: {exc}; it is not a readable SQLite database. Point "
+            "HEIMDALL_DATA_DIR (or MLFLOW_TRACKING_URI) at a valid store, or move the file aside"
+        ) from None
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if leftovers:
+        raise RegistryError(
+            f"{what} is half-migrated (left-over tables {', '.join(leftovers)}): an MLflow schema "
+            "migration was interrupted. Restore it from a backup, or if it holds nothing to keep, "
+            "move it aside and run again to create a fresh one"
+        )
+
+
+def _use_wal(path: Path) -> None:
+    """Switch the store to write-ahead logging (persistent in the file; readers never block)."""
+    try:
+        with closing(sqlite3.connect(path, timeout=30)) as db:
+            db.execute("pragma journal_mode=wal")
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot switch {redact_uri(str(path))} to WAL: {exc}") from None

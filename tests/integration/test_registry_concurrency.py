@@ -1,0 +1,152 @@
+"""Several processes publishing at once: one version per sha256, a store that never breaks.
+
+Every writer is a separate process (``tests.fixtures.publish_worker``), as separate
+``heimdall publish`` runs are: each opens its own MLflow stores and connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from heimdall import registry
+from heimdall.files import sha256_file
+from heimdall.inference import LocalizationModel
+from tests.fixtures.mlflow_server import MlflowBackend
+
+pytestmark = pytest.mark.integration
+
+WRITERS = 8
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def onnx_files(atto_onnx_path: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """``WRITERS`` files with the same weights and distinct bytes (one metadata property)."""
+    folder = tmp_path_factory.mktemp("distinct-onnx")
+    files = []
+    for i in range(WRITERS):
+        proto = onnx.load(str(atto_onnx_path))
+        onnx.helper.set_model_props(
+            proto, {**{p.key: p.value for p in proto.metadata_props}, "heimdall.test": str(i)}
+        )
+        onnx.save(proto, str(folder / f"m{i}.onnx"))
+        files.append(folder / f"m{i}.onnx")
+    return files
+
+
+@pytest.fixture(scope="module")
+def atto_onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from heimdall.export import export_to_onnx
+    from heimdall.model import LocalizationNet, ModelConfig
+
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("atto-onnx") / "atto.onnx"
+    export_to_onnx(LocalizationNet(ModelConfig(backbone="atto")).eval(), path)
+    return path
+
+
+def backend_env(backend: MlflowBackend, data_dir: Path) -> dict[str, str]:
+    """The environment a user sets for this backend, and nothing from the developer's shell."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HEIMDALL_", "AWS_"))
+    }
+    env.update({"HEIMDALL_DATA_DIR": str(data_dir), "HEIMDALL_BUCKET": backend.bucket})
+    env["PYTHONPATH"] = str(ROOT)
+    if backend.kind == "server":
+        env.update(backend.env())
+    return env
+
+
+def publish_at_once(files: list[Path], name: str, env: dict[str, str]) -> list[dict[str, object]]:
+    """Start one worker per file, all at once; their JSON answers in file order."""
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.fixtures.publish_worker", str(path), name],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for path in files
+    ]
+    answers = []
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=600)
+        lines = stdout.strip().splitlines()
+        assert worker.returncode == 0 and lines, f"worker failed:\n{stdout}\n{stderr[-3000:]}"
+        answers.append(json.loads(lines[-1]))
+    return answers
+
+
+@pytest.fixture(params=["embedded", "server"])
+def backend(request: pytest.FixtureRequest) -> MlflowBackend:
+    fixture = "embedded_mlflow" if request.param == "embedded" else "mlflow_server"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+def test_first_use_of_a_fresh_embedded_store_by_several_processes_keeps_it_whole(
+    embedded_mlflow: MlflowBackend, onnx_files: list[Path], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "never-used"  # no mlflow.db yet: every worker races to create it
+    env = backend_env(embedded_mlflow, data_dir)
+    settings = embedded_mlflow.settings(data_dir=data_dir)
+
+    answers = publish_at_once(onnx_files, "fresh-store", env)
+
+    assert sorted(int(str(a["version"])) for a in answers) == list(range(1, WRITERS + 1))
+    assert [m.name for m in registry.list_models(settings=settings)] == ["fresh-store"]
+    shown = registry.show_model("fresh-store", settings=settings)
+    assert {v.status for v in shown.versions} == {"READY"}
+    for version in shown.versions:
+        loaded = LocalizationModel.load(version.uri, settings=settings)
+        assert loaded.sha256 == version.sha256
+
+
+def test_distinct_models_published_at_once_each_get_a_version_and_a_true_alias_history(
+    backend: MlflowBackend, onnx_files: list[Path], tmp_path: Path
+) -> None:
+    name = f"concurrent-distinct-{os.urandom(3).hex()}"
+    settings = backend.settings()
+
+    answers = publish_at_once(onnx_files, name, backend_env(backend, backend.data_dir))
+
+    versions = sorted(int(str(a["version"])) for a in answers)
+    assert versions == list(range(1, WRITERS + 1)) and all(a["created"] for a in answers)
+    shown = registry.show_model(name, settings=settings)
+    assert {v.sha256 for v in shown.versions} == {sha256_file(p) for p in onnx_files}
+    for version in shown.versions:
+        assert LocalizationModel.load(version.uri, settings=settings).sha256 == version.sha256
+    events = shown.alias_history["staging"]
+    assert len(events) == WRITERS
+    # Each move names the version that really held the alias just before it.
+    assert [e.previous for e in events] == [None, *(e.version for e in events[:-1])]
+    assert shown.aliases["staging"] == events[-1].version
+
+
+def test_the_same_bytes_published_at_once_give_exactly_one_version(
+    backend: MlflowBackend, onnx_files: list[Path]
+) -> None:
+    name = f"concurrent-same-{os.urandom(3).hex()}"
+    settings = backend.settings()
+    answers = publish_at_once(
+        [onnx_files[0]] * WRITERS, name, backend_env(backend, backend.data_dir)
+    )
+
+    assert {a["version"] for a in answers} == {"1"}
+    assert sum(bool(a["created"]) for a in answers) == 1  # the others report the winner's version
+    shown = registry.show_model(name, settings=settings)
+    assert [v.version for v in shown.versions] == ["1"]
+    assert [(e.version, e.previous) for e in shown.alias_history["staging"]] == [("1", None)]
+    assert LocalizationModel.load(f"models:/{name}@staging", settings=settings).sha256 == (
+        sha256_file(onnx_files[0])
+    )

@@ -1,0 +1,104 @@
+"""Opening MLflow stores: deadlines, unopenable and half-migrated SQLite files, safe creation."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from heimdall.config import Settings
+from heimdall.errors import RegistryError
+from heimdall.registry import list_models
+from heimdall.tracking import http_policy, open_client, sqlite_path
+
+pytest_plugins = ["tests.fixtures.silent"]
+
+DEADLINE_S = 6.0
+MARGIN_S = 4.0  # a correctness bound, not a benchmark: the old client waited 135 s
+
+
+def test_every_mlflow_wait_defaults_to_at_most_30_seconds() -> None:
+    assert Settings().mlflow_timeout_s <= 30
+
+
+@pytest.mark.parametrize("deadline", [6.0, 30.0, 120.0])
+def test_the_http_policy_fits_three_attempts_and_backoff_in_the_deadline(deadline: float) -> None:
+    policy = http_policy(deadline)
+    attempts = int(policy["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
+    backoff = float(policy["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]) + float(
+        policy["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"]
+    )
+    assert attempts * int(policy["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + backoff <= deadline
+
+
+def test_a_hanging_mlflow_server_fails_within_the_deadline_naming_it_and_the_setting(
+    silent_endpoint: str, tmp_path: Path
+) -> None:
+    uri = silent_endpoint.replace("http://", "http://user:pw-7f3a@")
+    settings = Settings(data_dir=tmp_path, tracking_uri=uri, mlflow_timeout_s=DEADLINE_S)
+    started = time.monotonic()
+
+    with pytest.raises(RegistryError) as failure:
+        list_models(settings=settings)
+
+    assert time.monotonic() - started < DEADLINE_S + MARGIN_S
+    message = str(failure.value)
+    assert silent_endpoint.removeprefix("http://") in message
+    assert "HEIMDALL_MLFLOW_TIMEOUT_S" in message
+    assert "pw-7f3a" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: p.write_bytes(b"this is not a database" * 100),
+        lambda p: p.mkdir(),
+    ],
+    ids=["garbage", "directory"],
+)
+def test_an_unopenable_store_is_reported_at_once(make: object, tmp_path: Path) -> None:
+    make(tmp_path / "mlflow.db")  # type: ignore[operator]
+    started = time.monotonic()
+
+    with pytest.raises(RegistryError, match="cannot open the MLflow store"):
+        list_models(settings=Settings(data_dir=tmp_path, tracking_uri=None))
+
+    assert time.monotonic() - started < MARGIN_S
+
+
+def test_a_half_migrated_store_is_explained_never_used(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("create table _alembic_tmp_metrics (id integer)")
+        connection.execute("create table experiments (id integer)")
+
+    with pytest.raises(RegistryError, match=r"half-migrated .*_alembic_tmp_metrics"):
+        list_models(settings=Settings(data_dir=tmp_path, tracking_uri=None))
+
+
+def test_a_new_store_is_created_whole_and_in_wal_mode(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+
+    open_client(uri, None, timeout_s=30).search_experiments()
+
+    path = sqlite_path(uri)
+    assert path is not None
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("pragma journal_mode").fetchone()[0] == "wal"
+        tables = {row[0] for row in connection.execute("select name from sqlite_master")}
+    assert {"experiments", "registered_models", "model_versions", "alembic_version"} <= tables
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:////abs/dir/mlflow.db", Path("/abs/dir/mlflow.db")),
+        ("sqlite:///relative.db", Path("relative.db")),
+        ("postgresql://u@h/db", None),
+        ("http://127.0.0.1:5000", None),
+    ],
+)
+def test_sqlite_path_reads_sqlalchemy_uris(uri: str, expected: Path | None) -> None:
+    assert sqlite_path(uri) == expected
