@@ -1,0 +1,59 @@
+"""Object storage for model files: an S3-compatible server or a local directory.
+
+One small interface, :class:`ObjectStore` (``base``), with two backends: :class:`S3Store`
+(``s3``: boto3, plain S3 API; production runs MinIO, the tests a real SeaweedFS) and
+:class:`LocalStore` (``local``: buckets as directories, the embedded default, ``file://``
+URIs); :func:`open_store` picks one (``stores``). :func:`upload_model` (``upload``) is the
+upload you can trust: streamed, conditional, verified by reading the bytes back, idempotent by
+sha256, all or nothing. :func:`download_model` (``download``) checks every file it fetches.
+"""
+
+from heimdall.storage.base import (
+    CONTENT_TYPE,
+    MiB,
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectStore,
+    Progress,
+    check_bucket,
+    check_key,
+    check_metadata,
+)
+from heimdall.storage.download import download_model, download_verified
+from heimdall.storage.local import LocalStore
+from heimdall.storage.s3 import INCOMPLETE_UPLOAD_DAYS, S3Store
+from heimdall.storage.stores import open_store
+from heimdall.storage.upload import (
+    DEFAULT_PREFIX,
+    INDEX_DIR,
+    MODEL_TYPE,
+    StoredFile,
+    UploadResult,
+    upload_model,
+    upload_to_minio,
+)
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_PREFIX",
+    "INCOMPLETE_UPLOAD_DAYS",
+    "INDEX_DIR",
+    "MODEL_TYPE",
+    "LocalStore",
+    "MiB",
+    "ObjectExistsError",
+    "ObjectInfo",
+    "ObjectStore",
+    "Progress",
+    "S3Store",
+    "StoredFile",
+    "UploadResult",
+    "check_bucket",
+    "check_key",
+    "check_metadata",
+    "download_model",
+    "download_verified",
+    "open_store",
+    "upload_model",
+    "upload_to_minio",
+]

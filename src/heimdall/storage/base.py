@@ -1,0 +1,169 @@
+"""The object store interface: what heimdall needs from S3 or a directory, and its name rules."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from heimdall.errors import InputError, StorageError
+from heimdall.files import sha256_chunks
+
+MiB = 1024 * 1024
+# There is no registered media type for ONNX; S3 servers and browsers handle opaque bytes well.
+CONTENT_TYPE = "application/octet-stream"
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total) as an upload advances."""
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9\-]*")
+
+
+class ObjectExistsError(StorageError):
+    """A conditional write found the key already taken; nothing was overwritten."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store knows about one object (listings leave ``metadata`` empty)."""
+
+    key: str
+    size: int
+    last_modified: datetime
+    etag: str | None = None
+    content_type: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class ObjectStore(ABC):
+    """Buckets of objects with user metadata: what heimdall needs from S3 or a directory."""
+
+    @abstractmethod
+    def uri(self, bucket: str, key: str) -> str:
+        """The URI of an object: ``s3://bucket/key`` or ``file:///root/bucket/key``."""
+
+    @abstractmethod
+    def locate(self, uri: str) -> tuple[str, str]:
+        """(bucket, key) of a URI that :meth:`uri` made."""
+
+    @abstractmethod
+    def bucket_exists(self, bucket: str) -> bool: ...
+
+    @abstractmethod
+    def create_bucket(self, bucket: str) -> None: ...
+
+    @abstractmethod
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        path: Path,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str = CONTENT_TYPE,
+        if_absent: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
+        """Stream a file to ``key``; with ``if_absent`` raise ObjectExistsError if it is taken."""
+
+    @abstractmethod
+    def put_bytes(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str = CONTENT_TYPE,
+        if_absent: bool = True,
+    ) -> None: ...
+
+    @abstractmethod
+    def head(self, bucket: str, key: str) -> ObjectInfo | None:
+        """Size, metadata and content type of an object, or None when there is none."""
+
+    @abstractmethod
+    def iter_bytes(self, bucket: str, key: str) -> Iterator[bytes]:
+        """The stored bytes of an object, streamed in chunks."""
+
+    @abstractmethod
+    def delete(self, bucket: str, key: str) -> None:
+        """Remove an object; removing a missing one is not an error."""
+
+    @abstractmethod
+    def copy(self, bucket: str, src_key: str, dst_key: str, *, if_absent: bool = True) -> None:
+        """Copy an object with its metadata inside the store (no bytes pass through here)."""
+
+    @abstractmethod
+    def list_objects(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, sorted by key."""
+
+    @abstractmethod
+    def abort_incomplete(
+        self, bucket: str, prefix: str, *, older_than: timedelta, now: datetime
+    ) -> int:
+        """Drop unfinished uploads under ``prefix`` idle for ``older_than``; return how many."""
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.head(bucket, key) is not None
+
+    def read_bytes(self, bucket: str, key: str) -> bytes:
+        """A small object's bytes (index entries); stream large ones with :meth:`iter_bytes`."""
+        return b"".join(self.iter_bytes(bucket, key))
+
+    def get(self, bucket: str, key: str, dest: Path) -> Path:
+        """Download an object to ``dest`` (written under a temporary name, then renamed)."""
+        fetch(self, bucket, key, Path(dest))
+        return Path(dest)
+
+
+def fetch(store: ObjectStore, bucket: str, key: str, dest: Path) -> str:
+    """Stream an object into ``dest`` via a temporary file; return the sha256 of what arrived."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    try:
+        with tmp.open("wb") as out:
+
+            def written() -> Iterator[bytes]:
+                for chunk in store.iter_bytes(bucket, key):
+                    out.write(chunk)
+                    yield chunk
+
+            digest, _ = sha256_chunks(written())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def check_bucket(bucket: str) -> None:
+    """Raise InputError unless ``bucket`` is a valid S3 bucket name."""
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise InputError(
+            f"invalid bucket name {bucket!r}: use 3-63 lowercase letters, digits, dots and hyphens"
+        )
+
+
+def check_key(key: str) -> None:
+    """Raise InputError unless ``key`` is '/'-separated names without '.' or '..'."""
+    parts = key.split("/")
+    if not key or "\\" in key or "\x00" in key or any(p in {"", ".", ".."} for p in parts):
+        raise InputError(
+            f"invalid object key {key!r}: use non-empty '/'-separated names without '.' or '..'"
+        )
+
+
+def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A copy of user metadata whose names and values S3 accepts; InputError otherwise."""
+    for name, value in metadata.items():
+        if not _METADATA_KEY.fullmatch(name) or not value.isascii() or not value.isprintable():
+            raise InputError(
+                f"invalid metadata {name!r}: names are lowercase letters, digits and hyphens, "
+                "values printable ASCII"
+            )
+    return dict(metadata)
