@@ -20,8 +20,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from heimdall.errors import StorageError
+from heimdall.files import sha256_chunks, sha256_file
 from heimdall.storage import (
+    LocalStore,
     ObjectExistsError,
+    ObjectStore,
     S3Store,
     download_model,
     upload_model,
@@ -46,19 +49,8 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stored_sha256(client: Any, bucket: str, key: str) -> str:
-    digest = hashlib.sha256()
-    for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(MiB):
-        digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_chunks(client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(MiB))[0]
 
 
 @pytest.fixture
@@ -95,7 +87,9 @@ def test_110mb_round_trip_keeps_bytes_and_metadata_with_bounded_memory(
     out, peak = peak_rss_of([sys.executable, "-c", _UPLOAD, *args], env)
 
     uri = json.loads(out.splitlines()[-1])["uri"]  # structlog may print before it
-    match = re.fullmatch(rf"s3://{s3_bucket}/(models/localization/v\d{{8}}_\d{{6}}\.onnx)", uri)
+    match = re.fullmatch(
+        rf"s3://{s3_bucket}/(models/localization/v\d{{8}}_\d{{6}}-[0-9a-f]{{12}}\.onnx)", uri
+    )
     assert match, uri
     client = seaweedfs.client()
     head = client.head_object(Bucket=s3_bucket, Key=match[1])
@@ -138,7 +132,7 @@ def test_server_killed_mid_upload_leaves_no_object_and_no_stale_multipart_upload
     path = write_random(tmp_path / "model.onnx", 40 * MiB)
     store = S3Store.from_settings(server.settings(), part_size=5 * MiB, concurrency=2)
     now = datetime.now(UTC).replace(microsecond=0)
-    key = f"models/localization/v{now:%Y%m%d_%H%M%S}.onnx"
+    key = f"models/localization/v{now:%Y%m%d_%H%M%S}-{sha256_file(path)[:12]}.onnx"
     sent: list[int] = []
 
     def crash_after_first_part(done: int, total: int) -> None:
@@ -221,21 +215,66 @@ def test_same_bytes_again_return_the_existing_uri_without_a_second_put(
     assert store.list_objects(s3_bucket) == listing  # same keys, sizes, LastModified, ETags
 
 
-def test_two_uploads_in_the_same_second_do_not_clobber_each_other(
-    seaweedfs: SeaweedFS, store: S3Store, s3_bucket: str, tmp_path: Path
+class Unaware:
+    """A writer that sees only its own objects and writes unconditionally.
+
+    Two of them over one bucket are two processes that looked for a free key at the same moment
+    on a server that does not enforce ``If-None-Match`` under concurrency (SeaweedFS).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: set[str] = set()
+
+    def head(self, bucket: str, key: str) -> Any:
+        return super().head(bucket, key) if key in self.written else None  # type: ignore[misc]
+
+    def list_objects(self, bucket: str, prefix: str = "") -> list[Any]:
+        found = super().list_objects(bucket, prefix)  # type: ignore[misc]
+        return [info for info in found if info.key in self.written]
+
+    def put_file(self, bucket: str, key: str, path: Path, **kwargs: Any) -> None:
+        super().put_file(bucket, key, path, **{**kwargs, "if_absent": False})  # type: ignore[misc]
+        self.written.add(key)
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, **kwargs: Any) -> None:
+        super().put_bytes(bucket, key, data, **{**kwargs, "if_absent": False})  # type: ignore[misc]
+        self.written.add(key)
+
+
+class UnawareS3Store(Unaware, S3Store):
+    pass
+
+
+class UnawareLocalStore(Unaware, LocalStore):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["seaweedfs", "local"])
+def test_two_models_uploaded_in_the_same_second_without_if_none_match_both_survive(
+    backend: str, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path
 ) -> None:
-    a = write_random(tmp_path / "a.onnx", 3 * MiB, seed=1)
-    b = write_random(tmp_path / "b.onnx", 3 * MiB, seed=2)
+    a = write_random(tmp_path / "a.onnx", 6 * MiB, seed=1)
+    b = write_random(tmp_path / "b.onnx", 6 * MiB, seed=2)
     now = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 
-    first = upload_model(a, store, s3_bucket, clock=at(now))
-    second = upload_model(b, store, s3_bucket, clock=at(now))
+    def writer() -> ObjectStore:
+        if backend == "seaweedfs":
+            return UnawareS3Store.from_settings(seaweedfs.settings(), part_size=5 * MiB)
+        return UnawareLocalStore(tmp_path / "objects")
 
-    assert first.key == "models/localization/v20250601_120000.onnx"
-    assert second.key == "models/localization/v20250601_120000-1.onnx"
-    client = seaweedfs.client()
-    assert stored_sha256(client, s3_bucket, first.key) == sha256_file(a)
-    assert stored_sha256(client, s3_bucket, second.key) == sha256_file(b)
+    bucket = s3_bucket if backend == "seaweedfs" else "heimdall-models"
+    first = upload_model(a, writer(), bucket, clock=at(now), create_bucket=True)
+    second = upload_model(b, writer(), bucket, clock=at(now), create_bucket=True)
+
+    stamp = "models/localization/v20250601_120000"
+    assert first.key == f"{stamp}-{sha256_file(a)[:12]}.onnx"
+    assert second.key == f"{stamp}-{sha256_file(b)[:12]}.onnx"
+    reader = S3Store.from_settings(seaweedfs.settings()) if backend == "seaweedfs" else None
+    store = reader or LocalStore(tmp_path / "objects")
+    for result, source in ((first, a), (second, b)):
+        downloaded = download_model(store, result.uri, tmp_path / "down" / source.stem)
+        assert sha256_file(downloaded) == sha256_file(source) == result.sha256
 
 
 def test_conditional_multipart_write_refuses_a_taken_key_and_aborts(

@@ -28,7 +28,6 @@ from heimdall.storage import (
 )
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-KEY = "models/localization/v20250102_030405.onnx"
 BUCKET = "heimdall-models"
 
 
@@ -43,6 +42,12 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def default_key(model: Path, when: datetime = NOW, suffix: str = "") -> str:
+    """``models/localization/vYYYYMMDD_HHMMSS-<12 hex of sha256>[-n].onnx``."""
+    sha12 = sha256_of(model.read_bytes())[:12]
+    return f"models/localization/v{when:%Y%m%d_%H%M%S}-{sha12}{suffix}.onnx"
 
 
 @pytest.fixture
@@ -84,7 +89,7 @@ class FailingModelStore(LocalStore):
 class BlindStore(LocalStore):
     """Never sees ``hidden``, as if another writer created it right after we looked."""
 
-    hidden = KEY
+    hidden = ""
 
     def head(self, bucket: str, key: str) -> Any:
         return None if key == self.hidden else super().head(bucket, key)
@@ -95,10 +100,11 @@ def test_upload_stores_the_bytes_with_metadata_under_the_default_key(
 ) -> None:
     result = upload_model(model, store, bucket, clock=at(NOW))
 
-    assert (result.key, result.reused) == (KEY, False)
-    assert result.uri == store.uri(bucket, KEY) == (tmp_path / "objects" / bucket / KEY).as_uri()
+    key = default_key(model)
+    assert (result.key, result.reused) == (key, False)
+    assert result.uri == store.uri(bucket, key) == (tmp_path / "objects" / bucket / key).as_uri()
     assert result.sha256 == sha256_of(model.read_bytes())
-    info = store.head(bucket, KEY)
+    info = store.head(bucket, key)
     assert info is not None
     assert info.content_type == "application/octet-stream"
     assert dict(info.metadata) == {
@@ -109,7 +115,7 @@ def test_upload_stores_the_bytes_with_metadata_under_the_default_key(
         "sha256": result.sha256,
     }
     downloaded = download_model(store, result.uri, tmp_path / "down")
-    assert downloaded.name == "v20250102_030405.onnx"
+    assert downloaded.name == key.rpartition("/")[2]
     assert downloaded.read_bytes() == model.read_bytes()
 
 
@@ -119,7 +125,12 @@ def test_result_serializes_to_a_plain_dict(store: LocalStore, bucket: str, model
     as_dict = result.to_dict()
     assert as_dict["uri"] == result.uri
     assert as_dict["files"] == [
-        {"name": "model.onnx", "key": KEY, "sha256": result.sha256, "size": result.size}
+        {
+            "name": "model.onnx",
+            "key": default_key(model),
+            "sha256": result.sha256,
+            "size": result.size,
+        }
     ]
 
 
@@ -169,7 +180,7 @@ def test_an_upload_whose_index_entry_was_lost_is_found_and_not_sent_again(
     assert models == [first.key]
 
 
-def test_two_uploads_in_one_second_get_distinct_keys(
+def test_two_models_uploaded_in_one_second_get_keys_named_by_their_sha256(
     store: LocalStore, bucket: str, tmp_path: Path
 ) -> None:
     a = write_random(tmp_path / "a.onnx", 1000, seed=1)
@@ -178,21 +189,21 @@ def test_two_uploads_in_one_second_get_distinct_keys(
     first = upload_model(a, store, bucket, clock=at(NOW))
     second = upload_model(b, store, bucket, clock=at(NOW))
 
-    assert first.key == KEY
-    assert second.key == "models/localization/v20250102_030405-1.onnx"
+    assert (first.key, second.key) == (default_key(a), default_key(b))
     assert store.read_bytes(bucket, first.key) == a.read_bytes()
     assert store.read_bytes(bucket, second.key) == b.read_bytes()
 
 
 def test_a_key_taken_after_the_check_is_not_overwritten(tmp_path: Path, model: Path) -> None:
     store = BlindStore(tmp_path / "objects")
+    store.hidden = default_key(model)
     store.create_bucket(BUCKET)
-    store.put_bytes(BUCKET, KEY, b"someone else's model")
+    store.put_bytes(BUCKET, store.hidden, b"someone else's model")
 
     result = upload_model(model, store, BUCKET, clock=at(NOW))
 
-    assert result.key == "models/localization/v20250102_030405-1.onnx"
-    assert LocalStore(store.root).read_bytes(BUCKET, KEY) == b"someone else's model"
+    assert result.key == default_key(model, suffix="-1")
+    assert LocalStore(store.root).read_bytes(BUCKET, store.hidden) == b"someone else's model"
 
 
 def test_explicit_key_holding_other_bytes_is_refused(
@@ -244,7 +255,8 @@ def test_reuse_rereads_the_bytes_and_uploads_afresh_when_they_changed(
     with capture_logs() as logs:
         again = upload_model(model, store, bucket, clock=at(NOW + timedelta(minutes=5)))
 
-    assert (again.key, again.reused) == ("models/localization/v20250102_030905.onnx", False)
+    later = NOW + timedelta(minutes=5)
+    assert (again.key, again.reused) == (default_key(model, later), False)
     assert again.replaced_stale == first.key
     assert sha256_of(store.read_bytes(bucket, again.key)) == again.sha256 == first.sha256
     assert store.read_bytes(bucket, first.key) == tampered  # left as it was, not overwritten
@@ -266,7 +278,7 @@ def test_a_changed_unindexed_upload_in_the_same_second_is_not_reused_or_overwrit
 
     again = upload_model(model, store, bucket, clock=at(NOW))
 
-    assert (again.key, again.reused) == ("models/localization/v20250102_030405-1.onnx", False)
+    assert (again.key, again.reused) == (default_key(model, suffix="-1"), False)
     assert again.replaced_stale == first.key
     assert sha256_of(store.read_bytes(bucket, again.key)) == first.sha256
     assert store.read_bytes(bucket, first.key) == tampered
@@ -327,14 +339,15 @@ def test_external_data_is_stored_and_restored_as_one_loadable_unit(
 
     result = upload_model(path, store, bucket, clock=at(NOW))
 
-    assert [f.key for f in result.files] == [KEY, f"{KEY}.data"]
-    info = store.head(bucket, KEY)
+    key = default_key(path)
+    assert [f.key for f in result.files] == [key, f"{key}.data"]
+    info = store.head(bucket, key)
     assert info is not None
     assert info.metadata["external-data"] == '{".data": "model.onnx.data"}'
     downloaded = download_model(store, result.uri, tmp_path / "down")
     assert sorted(p.name for p in downloaded.parent.iterdir()) == [
         "model.onnx.data",
-        "v20250102_030405.onnx",
+        key.rpartition("/")[2],
     ]
     loaded = onnx.load(str(downloaded))
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weights)

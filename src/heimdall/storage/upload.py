@@ -1,8 +1,10 @@
 """Uploading a model you can trust: streamed, conditional, verified, idempotent, all or nothing.
 
 - streamed: S3 multipart with a few parts in flight, never the whole file in memory;
-- conditional: ``If-None-Match: *`` on the final write, so a different object is never
-  overwritten; two default keys in one second become ``v…_HHMMSS.onnx`` and ``v…_HHMMSS-1.onnx``;
+- unique: the default key carries the bytes' sha256 (``v…_HHMMSS-<12 hex>.onnx``), so two
+  writers of different models in one second never share a key even where the server does not
+  enforce ``If-None-Match: *`` under concurrency (SeaweedFS); the final write is conditional
+  all the same, so a different object is never knowingly overwritten;
 - verified: the stored bytes are streamed back and hashed; on any mismatch the upload is removed
   and :class:`StorageError` says so;
 - idempotent: bytes whose sha256 is already stored under the key's prefix are not sent again
@@ -53,6 +55,8 @@ DEFAULT_PREFIX = "models/localization"
 MODEL_TYPE = "LocalizationNet"
 INDEX_DIR = ".sha256"
 _MAX_KEY_SUFFIX = 99
+SHA_IN_KEY = 12
+"""Hex digits of the sha256 in a default key."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,9 @@ def upload_model(
 ) -> UploadResult:
     """Upload an ONNX model (and its external-data files) so that it is stored whole or not at all.
 
-    ``object_name`` defaults to ``models/localization/v{YYYYMMDD_HHMMSS}.onnx`` (UTC, from
-    ``clock``), with ``-1``, ``-2``… appended when that key holds other bytes; an explicit
+    ``object_name`` defaults to ``models/localization/v{YYYYMMDD_HHMMSS}-{sha12}.onnx`` (UTC,
+    from ``clock``; ``sha12``: the first 12 hex digits of the model's sha256), with ``-1``,
+    ``-2``… appended when that key holds other bytes (a stale copy of these); an explicit
     ``object_name`` holding other bytes is an error. Without ``object_name``, bytes already
     stored under the prefix are found by sha256 and returned with ``reused=True`` once their
     stored bytes have been read back and hashed; an earlier upload whose bytes changed under its
@@ -127,7 +132,7 @@ def upload_model(
     files = _local_files(Path(onnx_path), extra_files)
     user_metadata = check_metadata(metadata or {})
     _ensure_bucket(store, bucket, create_bucket)
-    keys = [object_name] if object_name is not None else list(_default_keys(now))
+    keys = [object_name] if object_name is not None else list(_default_keys(now, files[0].sha256))
     check_key(keys[0])
     prefix = keys[0].rpartition("/")[0]
 
@@ -198,8 +203,9 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _default_keys(now: datetime) -> Iterator[str]:
-    stamp = f"{DEFAULT_PREFIX}/v{now.astimezone(UTC):%Y%m%d_%H%M%S}"
+def _default_keys(now: datetime, sha256: str) -> Iterator[str]:
+    """The time makes keys sort by upload; the sha256 keeps concurrent writers of others apart."""
+    stamp = f"{DEFAULT_PREFIX}/v{now.astimezone(UTC):%Y%m%d_%H%M%S}-{sha256[:SHA_IN_KEY]}"
     yield f"{stamp}.onnx"
     for n in range(1, _MAX_KEY_SUFFIX + 1):
         yield f"{stamp}-{n}.onnx"
