@@ -5,7 +5,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-pytest_plugins = ["tests.fixtures.seaweedfs", "tests.fixtures.mlflow_server"]
+pytest_plugins = [
+    "tests.fixtures.seaweedfs",
+    "tests.fixtures.mlflow_server",
+    "tests.fixtures.silent",
+]
 
 
 @pytest.fixture(scope="module")

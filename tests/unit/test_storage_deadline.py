@@ -21,40 +21,6 @@ from heimdall.storage import MiB, S3Store, open_store, upload_model
 DEADLINE_S = 5.0
 # A correctness bound, not a benchmark: the old client waited 3 x 60 s.
 MARGIN_S = 10.0
-
-
-@pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    """``http://127.0.0.1:<port>``: accepts every connection, reads nothing, never replies."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    listener.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            held.append(conn)
-
-    thread = threading.Thread(target=accept, name="silent-s3", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
-        for conn in held:
-            conn.close()
-
-
 SLOW_BYTES_PER_S = 2 * 1024 * 1024
 
 

@@ -13,8 +13,6 @@ from heimdall.errors import RegistryError
 from heimdall.registry import list_models
 from heimdall.tracking import http_policy, open_client, sqlite_path
 
-pytest_plugins = ["tests.fixtures.silent"]
-
 DEADLINE_S = 6.0
 MARGIN_S = 4.0  # a correctness bound, not a benchmark: the old client waited 135 s
 
