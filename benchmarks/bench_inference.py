@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tune_sessions import OpProfile, profile_ops, tune_session  # a sibling: run as a script
 
 from heimdall import bench, optimize
 from heimdall.checkpoint import load_checkpoint
@@ -83,7 +84,7 @@ def _gate_table(results: list[optimize.VariantResult]) -> str:
     return "\n".join(lines)
 
 
-def _profile_table(name: str, ops: tuple[bench.OpProfile, ...]) -> str:
+def _profile_table(name: str, ops: tuple[OpProfile, ...]) -> str:
     lines = [f"| {name}: op | nodes | ms / run | share |", "|---|---|---|---|"]
     lines += [f"| {o.op} | {o.nodes} | {o.ms_per_run:.3f} | {o.share:.1%} |" for o in ops[:12]]
     return "\n".join(lines)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, object] = {"command": " ".join(sys.argv)}
         sections: list[str] = []
         if args.tune:
-            tuning = bench.tune_session(fp32, threads=args.threads, budget_s=args.budget)
+            tuning = tune_session(fp32, threads=args.threads, budget_s=args.budget)
             report["tuning"] = tuning.to_dict()
             sections.append(
                 f"### Session candidates (fp32, batch 1; best: {tuning.best})\n\n"
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = {"fp32": fp32, **{v.variant: v.path for v in variants}}
         if args.profile:
             profiles = {
-                name: bench.profile_ops(path, threads=args.threads)
+                name: profile_ops(path, threads=args.threads)
                 for name, path in engines.items()
                 if name != "fp16"
             }

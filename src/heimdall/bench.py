@@ -12,20 +12,14 @@ elementwise ops are not counted), so int8 and fp16 variants report fp32-equivale
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import structlog
 import torch
@@ -33,11 +27,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from heimdall.data import generate
 from heimdall.errors import InputError
+from heimdall.machine import (
+    Environment,
+    clock_mhz,
+    fingerprint,
+    flops_per_cycle,
+    is_busy,
+    load_average,
+    physical_cores,
+)
 from heimdall.model import INPUT_NAME, INPUT_SHAPE, LocalizationNet
-from heimdall.optimize import (
+from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
-    SESSION_CANDIDATES,
     SessionSettings,
+    open_session,
     preferred_providers,
 )
 
@@ -48,21 +51,6 @@ PYTORCH = "pytorch"
 FLOP_COUNTER = (
     "torch.utils.flop_counter.FlopCounterMode on the PyTorch model: 2 FLOPs per multiply-"
     "accumulate of conv/matmul/linear; norms, GELU and elementwise ops not counted"
-)
-# ISA extensions that decide which MLAS/oneDNN kernels run (fp32 FMA width, int8 dot products).
-ISA_FLAGS = (
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_int8",
-    "amx_bf16",
 )
 # Idle time after each timed call, so the next engine does not share the cores with busy-waiting
 # workers (measured with getrusage): PyTorch's OpenMP (libgomp) workers spin ~7-8 ms after a
@@ -75,7 +63,6 @@ _WARMUP_TOLERANCE = 0.05
 _WARMUP_SHARE = 0.3
 PEAK_GEMM_SIZE = 2048
 _PEAK_READ_BYTES = 512 * 2**20
-_PROFILE_WARMUP = 3
 
 
 @dataclass(frozen=True)
@@ -118,24 +105,6 @@ class Engine:
     device: str
     load_seconds: float
     settings: dict[str, object] | None
-
-
-@dataclass(frozen=True)
-class Environment:
-    """The machine and software a benchmark ran on."""
-
-    cpu_model: str
-    physical_cores: int
-    logical_cpus: int
-    isa_flags: tuple[str, ...]
-    memory_gib: float
-    threads: int
-    platform: str
-    python: str
-    versions: dict[str, str]
-    torch_backends: dict[str, bool]
-    ort_providers: tuple[str, ...]
-    load_average: tuple[float, float, float]  # 1, 5, 15 min, when the benchmark started
 
 
 @dataclass(frozen=True)
@@ -255,7 +224,7 @@ def benchmark(
         if isinstance(onnx_models, str | Path)
         else {name: Path(p) for name, p in onnx_models.items()}
     )
-    _check_args(variants, batch_sizes, budget_s, min_iterations, max_iterations, include_pytorch)
+    check_args(variants, batch_sizes, budget_s, min_iterations, max_iterations, include_pytorch)
     per_variant = {
         name: settings.get(name, RECOMMENDED_SESSION_SETTINGS)
         if isinstance(settings, Mapping)
@@ -267,7 +236,7 @@ def benchmark(
     device = "cuda" if _wants_cuda(chosen) else "cpu"
     flops = count_flops(model)
     environment = fingerprint(n_threads)
-    if environment.load_average[0] > environment.physical_cores / 2:
+    if is_busy(environment):
         log.warning(
             "benchmark_machine_busy",
             load_average=environment.load_average,
@@ -284,11 +253,11 @@ def benchmark(
             x, _ = generate(batch, seed=seed)
             calls = {
                 **({PYTORCH: _torch_call(torch_model, x, device)} if include_pytorch else {}),
-                **{name: _ort_call(s, x) for name, s in sessions.items()},
+                **{name: ort_call(s, x) for name, s in sessions.items()},
             }
-            gaps = {name: _gap(per_variant.get(name), gap_s) for name in calls}
+            gaps = {name: gap_after(per_variant.get(name), gap_s) for name in calls}
             timings.extend(
-                _measure(calls, batch, flops, budget_s, (min_iterations, max_iterations), gaps)
+                measure(calls, batch, flops, budget_s, (min_iterations, max_iterations), gaps)
             )
         estimate = estimate_peak(n_threads) if peak else None
     result = BenchmarkResult(
@@ -302,7 +271,7 @@ def benchmark(
         engines=tuple(engines),
         timings=tuple(timings),
         environment=environment,
-        load_average_after=_load_average(),
+        load_average_after=load_average(),
         peak=estimate,
     )
     log.info(
@@ -324,8 +293,7 @@ def _open_sessions(
     sessions, engines = {}, []
     for name, path in variants.items():
         started = time.perf_counter()
-        options = settings[name].to_session_options(threads=threads)
-        session = _session(path, options, providers)
+        session = open_session(path, settings[name], threads=threads, providers=providers)
         sessions[name] = session
         engines.append(
             Engine(
@@ -340,23 +308,14 @@ def _open_sessions(
     return sessions, engines
 
 
-def _gap(settings: SessionSettings | None, gap_s: float) -> float:
+def gap_after(settings: SessionSettings | None, gap_s: float) -> float:
     """The idle time after a call: longer after a session whose workers spin between runs."""
     if settings is not None and settings.allow_spinning and not settings.stop_spinning_after_run:
         return max(gap_s, SPINNING_GAP_S)
     return gap_s
 
 
-def _session(
-    path: Path, options: ort.SessionOptions, providers: Sequence[str] = ("CPUExecutionProvider",)
-) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise InputError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
-
-
-def _check_args(
+def check_args(
     variants: Mapping[str, Path],
     batch_sizes: Sequence[int],
     budget_s: float,
@@ -364,6 +323,7 @@ def _check_args(
     max_iterations: int,
     include_pytorch: bool,
 ) -> None:
+    """Raise InputError for missing files, an engine named like PyTorch, or bad counts."""
     if not variants and not include_pytorch:
         raise InputError("nothing to benchmark: give at least one ONNX file or include PyTorch")
     if PYTORCH in variants:
@@ -432,7 +392,8 @@ def _torch_call(model: torch.nn.Module, x: np.ndarray, device: str) -> Callable[
     return call
 
 
-def _ort_call(session: ort.InferenceSession, x: np.ndarray) -> Callable[[], object]:
+def ort_call(session: ort.InferenceSession, x: np.ndarray) -> Callable[[], object]:
+    """One timed call: the session run on ``x``."""
     feed = {INPUT_NAME: x}
     return lambda: session.run(None, feed)
 
@@ -461,7 +422,7 @@ def _time(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def _measure(
+def measure(
     calls: Mapping[str, Callable[[], object]],
     batch: int,
     flops: int,
@@ -469,6 +430,11 @@ def _measure(
     iterations: tuple[int, int],
     gaps: Mapping[str, float],
 ) -> list[Timing]:
+    """Warm each call up, then time them in shuffled rounds until ``budget_s`` has passed.
+
+    ``iterations`` is (at least, at most) the number of rounds; ``gaps`` the idle time after
+    each call of an engine; ``flops`` per sample (0: no GFLOP/s).
+    """
     started = time.perf_counter()
     min_iterations, max_iterations = iterations
     names = list(calls)
@@ -530,102 +496,6 @@ def count_flops(model: LocalizationNet) -> int:
     return int(counter.get_total_flops())
 
 
-def physical_cores() -> int:
-    """Physical cores this process may use (hyper-threads do not add fp32 FMA throughput)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    siblings = _cpuinfo_int("siblings")
-    cores = _cpuinfo_int("cpu cores")
-    per_core = siblings // cores if siblings and cores else 1
-    return max(1, (logical or 1) // max(per_core, 1))
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo (empty off Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
-def _cpuinfo_int(key: str) -> int | None:
-    value = _cpuinfo().get(key, "")
-    return int(value) if value.isdigit() else None
-
-
-def _memory_gib() -> float:
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0.0
-    return round(pages / 2**30, 1)
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def fingerprint(threads: int) -> Environment:
-    """CPU, ISA flags, cores, versions, threads and providers of this machine, now."""
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    return Environment(
-        cpu_model=info.get("model name") or platform.processor() or platform.machine(),
-        physical_cores=physical_cores(),
-        logical_cpus=os.cpu_count() or 1,
-        isa_flags=tuple(f for f in ISA_FLAGS if f in flags),
-        memory_gib=_memory_gib(),
-        threads=threads,
-        platform=platform.platform(),
-        python=platform.python_version(),
-        versions={
-            name: _version(name) for name in ("heimdall", "torch", "onnxruntime", "onnx", "numpy")
-        },
-        torch_backends={
-            "mkldnn": torch.backends.mkldnn.is_available(),
-            "mkl": torch.backends.mkl.is_available(),
-            "cuda": torch.cuda.is_available(),
-        },
-        ort_providers=tuple(ort.get_available_providers()),
-        load_average=_load_average(),
-    )
-
-
-def _load_average() -> tuple[float, float, float]:
-    return os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-
-
-def _clock_mhz() -> tuple[float | None, str]:
-    cpufreq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    try:
-        return int(cpufreq.read_text()) / 1e3, "cpufreq max"
-    except (OSError, ValueError):
-        pass
-    mhz = _cpuinfo().get("cpu MHz")
-    try:
-        return (float(mhz), "/proc/cpuinfo cpu MHz") if mhz else (None, "unknown")
-    except ValueError:
-        return None, "unknown"
-
-
-def _flops_per_cycle() -> int | None:
-    flags = set(_cpuinfo().get("flags", "").split())
-    if "avx512f" in flags:
-        return 64
-    if {"avx2", "fma"} <= flags:
-        return 32
-    if "avx" in flags:
-        return 16
-    return None
-
-
 def estimate_peak(
     threads: int | None = None, *, repeats: int = 5, gemm_size: int = PEAK_GEMM_SIZE
 ) -> PeakEstimate:
@@ -639,8 +509,8 @@ def estimate_peak(
         buffer = torch.ones(_PEAK_READ_BYTES // 4)
         buffer.sum()
         read = min(_time(buffer.sum) for _ in range(repeats))
-    clock, source = _clock_mhz()
-    per_cycle = _flops_per_cycle()
+    clock, source = clock_mhz()
+    per_cycle = flops_per_cycle()
     cores = min(n_threads, physical_cores())
     return PeakEstimate(
         measured_gflops=2 * n**3 / gemm / 1e9,
@@ -653,170 +523,3 @@ def estimate_peak(
         memory_read_gbps=_PEAK_READ_BYTES / read / 1e9,
         threads=n_threads,
     )
-
-
-@dataclass(frozen=True)
-class SessionTuning:
-    """ONNX Runtime session candidates timed against each other on one model and batch size."""
-
-    path: str
-    batch_size: int
-    threads: int
-    best: str
-    settings: dict[str, dict[str, object]]
-    load_seconds: dict[str, float]
-    timings: tuple[Timing, ...]
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    def to_markdown(self) -> str:
-        header = "| candidate | p50 ms | p90 ms | mean ± sd ms | × best latency | session load s |"
-        lines = [header, "|" + "---|" * (header.count("|") - 1)]
-        for t in sorted(self.timings, key=lambda t: t.p50_ms):
-            ratio = 1.0 if t.engine == self.best else t.ratios[self.best]
-            lines.append(
-                f"| {t.engine} | {t.p50_ms:.2f} | {t.p90_ms:.2f} | {t.mean_ms:.2f} ± "
-                f"{t.stdev_ms:.2f} | {ratio:.3f} | {self.load_seconds[t.engine]:.2f} |"
-            )
-        return "\n".join(lines)
-
-
-def tune_session(
-    onnx_path: Path | str,
-    candidates: Mapping[str, SessionSettings] = SESSION_CANDIDATES,
-    *,
-    batch_size: int = 1,
-    threads: int | None = None,
-    budget_s: float = 10.0,
-    gap_s: float = DEFAULT_GAP_S,
-    seed: int = 0,
-) -> SessionTuning:
-    """Time one session per candidate on the same input, interleaved; the lowest p50 wins.
-
-    Timings carry no GFLOP/s (0.0): only their ratios matter here.
-    """
-    path = Path(onnx_path)
-    _check_args({"candidate": path}, [batch_size], budget_s, 1, 1, include_pytorch=False)
-    if not candidates:
-        raise InputError("no session candidates to compare")
-    n_threads = threads or physical_cores()
-    x, _ = generate(batch_size, seed=seed)
-    calls, loads = {}, {}
-    for name, candidate in candidates.items():
-        started = time.perf_counter()
-        session = _session(path, candidate.to_session_options(threads=n_threads))
-        loads[name] = round(time.perf_counter() - started, 4)
-        calls[name] = _ort_call(session, x)
-    gaps = {name: _gap(candidates[name], gap_s) for name in calls}
-    timings = _measure(calls, batch_size, 0, budget_s, (5, 5000), gaps)
-    best = min(timings, key=lambda t: t.p50_ms).engine
-    log.info("session_tuned", path=str(path), best=best, threads=n_threads)
-    return SessionTuning(
-        path=str(path),
-        batch_size=batch_size,
-        threads=n_threads,
-        best=best,
-        settings={name: c.to_dict() for name, c in candidates.items()},
-        load_seconds=loads,
-        timings=tuple(timings),
-    )
-
-
-@dataclass(frozen=True)
-class OpProfile:
-    """Kernel time of one kind of op in ONNX Runtime's profile, per run."""
-
-    op: str
-    nodes: int
-    ms_per_run: float
-    share: float
-
-
-def profile_ops(
-    onnx_path: Path | str,
-    *,
-    settings: SessionSettings = RECOMMENDED_SESSION_SETTINGS,
-    batch_size: int = 1,
-    runs: int = 20,
-    threads: int | None = None,
-    seed: int = 0,
-) -> tuple[OpProfile, ...]:
-    """Where ONNX Runtime spends its kernel time, by op type, most expensive first.
-
-    Convolutions are split by shape: ``Conv depthwise 7x7`` (weights ``(C, 1, 7, 7)``) and
-    ``Conv 4x4``/``Conv 2x2`` for the stem and downsampling layers.
-    """
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise InputError(f"ONNX file not found: {path}")
-    if runs < 1:
-        raise InputError(f"runs must be at least 1, got {runs}")
-    x, _ = generate(batch_size, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="heimdall-profile-") as tmp:
-        options = settings.to_session_options(threads=threads or physical_cores())
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = _session(path, options)
-        for _ in range(_PROFILE_WARMUP + runs):
-            session.run(None, {INPUT_NAME: x})
-        events = json.loads(Path(session.end_profiling()).read_text())
-    # Kernel events after the end of the last warm-up run.
-    run_ends = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
-    start = run_ends[_PROFILE_WARMUP - 1]
-    conv_labels = _conv_labels(onnx.load(str(path), load_external_data=False).graph)
-    total: dict[str, float] = {}
-    nodes: dict[str, set[str]] = {}
-    for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        if event["ts"] < start:
-            continue
-        op = _op_label(event["name"].removesuffix("_kernel_time"), event["args"], conv_labels)
-        total[op] = total.get(op, 0.0) + event["dur"]
-        nodes.setdefault(op, set()).add(event["name"])
-    overall = sum(total.values()) or 1.0
-    return tuple(
-        OpProfile(
-            op=op,
-            nodes=len(nodes[op]),
-            ms_per_run=us / runs / 1e3,
-            share=us / overall,
-        )
-        for op, us in sorted(total.items(), key=lambda item: -item[1])
-    )
-
-
-def _conv_labels(graph: onnx.GraphProto) -> dict[str, str]:
-    """``Conv depthwise 7x7`` / ``Conv 2x2``... for each Conv node of the file, by node name."""
-    labels = {}
-    for node in graph.node:
-        if node.op_type != "Conv" or not node.name:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        kernel = "x".join(str(k) for k in attrs.get("kernel_shape", ()))
-        kind = "depthwise " if attrs.get("group", 1) > 1 else ""
-        labels[node.name] = f"{kind}{kernel}".strip()
-    return labels
-
-
-def _op_label(name: str, args: Mapping[str, object], conv_labels: Mapping[str, str]) -> str:
-    """The op type; convolutions also say whether they are depthwise and their kernel.
-
-    ONNX Runtime renames fused nodes (``<name>_token_<n>``) and prepacks weights, so the
-    kind comes from the source node's name when it matches, else from the weight's shape.
-    """
-    op = str(args.get("op_name", "?"))
-    if op not in ("Conv", "QLinearConv", "FusedConv"):
-        return op
-    match = max((n for n in conv_labels if name.startswith(n)), key=len, default=None)
-    if match is not None:
-        return f"{op} {conv_labels[match]}"
-    shapes = args.get("input_type_shape")
-    weight = (
-        next(iter(shapes[1].values()), None) if isinstance(shapes, list) and shapes[1:] else None
-    )
-    if not isinstance(weight, list) or len(weight) != 4:
-        return op
-    kind = "depthwise " if weight[1] == 1 and weight[0] > 1 else ""
-    return f"{op} {kind}{weight[2]}x{weight[3]}"

@@ -16,7 +16,7 @@ from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.errors import InputError
 from heimdall.export import ExportResult
 from heimdall.model import INPUT_SHAPE, LocalizationNet
-from heimdall.optimize import SessionSettings
+from heimdall.runtime import SessionSettings
 
 ROUNDS = 5  # odd, so a median of per-round ratios is exactly the reciprocal of the reverse one
 
@@ -161,15 +161,6 @@ def test_benchmark_refuses_different_thread_counts(model: LocalizationNet, onnx_
         bench.benchmark(model, {"a": onnx_path, "b": onnx_path}, settings=settings, peak=False)
 
 
-def test_fingerprint_names_cpu_versions_and_providers() -> None:
-    env = bench.fingerprint(threads=1)
-    assert env.physical_cores >= 1 and env.logical_cpus >= env.physical_cores
-    assert set(env.isa_flags) <= set(bench.ISA_FLAGS)
-    assert env.versions["torch"] == torch.__version__
-    assert "CPUExecutionProvider" in env.ort_providers
-    assert len(env.load_average) == 3
-
-
 def test_estimate_peak_reports_positive_rates() -> None:
     peak = bench.estimate_peak(threads=1, repeats=1, gemm_size=256)
     assert peak.measured_gflops > 0 and peak.memory_read_gbps > 0
@@ -178,24 +169,3 @@ def test_estimate_peak_reports_positive_rates() -> None:
         assert peak.clock_mhz and peak.flops_per_cycle_per_core
         expected = peak.clock_mhz * peak.flops_per_cycle_per_core / 1e3
         assert peak.theoretical_gflops == pytest.approx(expected)
-
-
-def test_tune_session_times_every_candidate_and_picks_the_lowest_p50(onnx_path: Path) -> None:
-    candidates = {
-        "all": SessionSettings(),
-        "no-spinning": SessionSettings(allow_spinning=False),
-    }
-    tuning = bench.tune_session(onnx_path, candidates, threads=1, budget_s=0.01)
-    assert {t.engine for t in tuning.timings} == set(candidates)
-    assert tuning.best == min(tuning.timings, key=lambda t: t.p50_ms).engine
-    assert set(tuning.load_seconds) == set(candidates)
-    assert len(tuning.to_markdown().splitlines()) == 2 + len(candidates)
-    json.dumps(tuning.to_dict())
-
-
-def test_profile_ops_splits_depthwise_convs_and_shares_sum_to_one(onnx_path: Path) -> None:
-    ops = bench.profile_ops(onnx_path, runs=1, threads=1)
-    labels = {op.op for op in ops}
-    assert "Conv depthwise 7x7" in labels and "MatMul" in labels
-    assert sum(op.share for op in ops) == pytest.approx(1.0)
-    assert [op.ms_per_run for op in ops] == sorted((op.ms_per_run for op in ops), reverse=True)

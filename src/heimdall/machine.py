@@ -1,0 +1,162 @@
+"""The machine a measurement runs on: CPU, cores, ISA flags, memory, load and versions (no torch).
+
+Benchmarks record :func:`fingerprint` next to their timings, and :func:`is_busy` says when other
+processes compete for the cores (timings then are noisy and slow).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import onnxruntime as ort
+
+# ISA extensions that decide which MLAS/oneDNN kernels run (fp32 FMA width, int8 dot products).
+ISA_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The machine and software a benchmark ran on."""
+
+    cpu_model: str
+    physical_cores: int
+    logical_cpus: int
+    isa_flags: tuple[str, ...]
+    memory_gib: float
+    threads: int
+    platform: str
+    python: str
+    versions: dict[str, str]
+    torch_backends: dict[str, bool]
+    ort_providers: tuple[str, ...]
+    load_average: tuple[float, float, float]  # 1, 5, 15 min, when the benchmark started
+
+
+def fingerprint(threads: int) -> Environment:
+    """CPU, ISA flags, cores, versions, threads and providers of this machine, now."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return Environment(
+        cpu_model=info.get("model name") or platform.processor() or platform.machine(),
+        physical_cores=physical_cores(),
+        logical_cpus=os.cpu_count() or 1,
+        isa_flags=tuple(f for f in ISA_FLAGS if f in flags),
+        memory_gib=_memory_gib(),
+        threads=threads,
+        platform=platform.platform(),
+        python=platform.python_version(),
+        versions={
+            name: _version(name) for name in ("heimdall", "torch", "onnxruntime", "onnx", "numpy")
+        },
+        torch_backends=_torch_backends(),
+        ort_providers=tuple(ort.get_available_providers()),
+        load_average=load_average(),
+    )
+
+
+def is_busy(environment: Environment) -> bool:
+    """Whether other processes kept more than half the physical cores busy (1-minute load)."""
+    return environment.load_average[0] > environment.physical_cores / 2
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads do not add fp32 FMA throughput)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    siblings = _cpuinfo_int("siblings")
+    cores = _cpuinfo_int("cpu cores")
+    per_core = siblings // cores if siblings and cores else 1
+    return max(1, (logical or 1) // max(per_core, 1))
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (zeros where the OS has none)."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+
+
+def clock_mhz() -> tuple[float | None, str]:
+    """The CPU's maximum clock if the kernel reports it, else its current one; and the source."""
+    cpufreq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    try:
+        return int(cpufreq.read_text()) / 1e3, "cpufreq max"
+    except (OSError, ValueError):
+        pass
+    mhz = _cpuinfo().get("cpu MHz")
+    try:
+        return (float(mhz), "/proc/cpuinfo cpu MHz") if mhz else (None, "unknown")
+    except ValueError:
+        return None, "unknown"
+
+
+def flops_per_cycle() -> int | None:
+    """fp32 FLOPs per cycle per core of two FMA pipes of the widest vector ISA, if known."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    if "avx512f" in flags:
+        return 64
+    if {"avx2", "fma"} <= flags:
+        return 32
+    if "avx" in flags:
+        return 16
+    return None
+
+
+def _torch_backends() -> dict[str, bool]:
+    # Imported here: probing the machine must not pull torch into a serving process.
+    try:
+        import torch
+    except ImportError:
+        return {}
+    return {
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "mkl": torch.backends.mkl.is_available(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor block of /proc/cpuinfo (empty off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def _cpuinfo_int(key: str) -> int | None:
+    value = _cpuinfo().get(key, "")
+    return int(value) if value.isdigit() else None
+
+
+def _memory_gib() -> float:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+    return round(pages / 2**30, 1)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
