@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,14 @@ class EnvironmentOverlay:
 MLFLOW_ENVIRONMENT = EnvironmentOverlay()
 # Ending a run on a tracking server prints its URL to stdout, user:password@ included.
 QUIET_MLFLOW = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def heimdall_version() -> str:
+    """This package's installed version (recorded in exports, tags and metadata)."""
+    try:
+        return version("heimdall")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -23,10 +23,10 @@ import onnxruntime as ort
 import structlog
 
 from heimdall import registry
-from heimdall.checkpoint import sha256_file
 from heimdall.config import Settings, load_settings, redact_uri
+from heimdall.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
 from heimdall.errors import InputError, RegistryError
-from heimdall.model import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
+from heimdall.files import sha256_file
 from heimdall.storage import download_model, open_store
 
 log = structlog.get_logger(__name__)

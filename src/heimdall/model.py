@@ -9,17 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, IO_CONTRACT, OUTPUT_NAMES
 from heimdall.errors import CheckpointError, InputError
 
-# The IO contract of an exported LocalizationNet: export writes it, validate checks it.
-INPUT_NAME = "mel_spectrogram"
-OUTPUT_NAMES = ("positions", "uncertainties")
-INPUT_SHAPE = (3, 128, 32)  # per sample: channels, mel bins, time frames
-BATCH_AXIS = "batch_size"  # the symbolic first axis of every input and output
-IO_CONTRACT: dict[str, tuple[str, tuple[int | str, ...]]] = {
-    INPUT_NAME: ("float32", (BATCH_AXIS, *INPUT_SHAPE)),
-    **{name: ("float32", (BATCH_AXIS, 2)) for name in OUTPUT_NAMES},
-}
+__all__ = [
+    "BACKBONES",
+    "BATCH_AXIS",
+    "INPUT_NAME",
+    "INPUT_SHAPE",
+    "IO_CONTRACT",
+    "OUTPUT_NAMES",
+    "LocalizationNet",
+    "ModelConfig",
+]
 
 # (widths, depths) per size; atto..nano from the ConvNeXt-V2 family, tiny..large from ConvNeXt.
 BACKBONES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {

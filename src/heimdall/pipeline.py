@@ -40,7 +40,7 @@ from heimdall.registry import (
     set_alias,
 )
 from heimdall.report import ReportPaths, write_report
-from heimdall.storage import ObjectStore, UploadResult, open_store, upload_model
+from heimdall.storage import ObjectStore, UploadResult, check_bucket, open_store, upload_model
 from heimdall.train import TrainConfig, TrainResult, train
 from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
 from heimdall.verify import HELDOUT_SEED, ParityResult, verify_parity
@@ -243,6 +243,7 @@ def publish(
     name = name or settings.model_name
     wanted = _check_variants(variants)
     check_registration(name, alias, stage)
+    check_bucket(settings.bucket)
     for variant in wanted:
         if alias is not None:
             check_registration(name, f"{alias}-{variant}")

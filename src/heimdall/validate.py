@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import onnx
 import structlog
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from heimdall.checkpoint import heimdall_version, sha256_file
+from heimdall.config import heimdall_version
+from heimdall.contract import BATCH_AXIS, INPUT_NAME, IO_CONTRACT, OUTPUT_NAMES
 from heimdall.errors import ValidationError
-from heimdall.model import BATCH_AXIS, INPUT_NAME, IO_CONTRACT, OUTPUT_NAMES, LocalizationNet
+from heimdall.files import sha256_file
+
+if TYPE_CHECKING:
+    from heimdall.model import LocalizationNet
 
 log = structlog.get_logger(__name__)
 

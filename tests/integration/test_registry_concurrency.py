@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -89,31 +90,17 @@ def publish_at_once(files: list[Path], name: str, env: dict[str, str]) -> list[d
 
 
 @pytest.fixture(params=["embedded", "server"])
-def backend(request: pytest.FixtureRequest) -> MlflowBackend:
-    fixture = "embedded_mlflow" if request.param == "embedded" else "mlflow_server"
-    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
-
-
-def test_first_use_of_a_fresh_embedded_store_by_several_processes_keeps_it_whole(
-    embedded_mlflow: MlflowBackend, onnx_files: list[Path], tmp_path: Path
-) -> None:
-    data_dir = tmp_path / "never-used"  # no mlflow.db yet: every worker races to create it
-    env = backend_env(embedded_mlflow, data_dir)
-    settings = embedded_mlflow.settings(data_dir=data_dir)
-
-    answers = publish_at_once(onnx_files, "fresh-store", env)
-
-    assert sorted(int(str(a["version"])) for a in answers) == list(range(1, WRITERS + 1))
-    assert [m.name for m in registry.list_models(settings=settings)] == ["fresh-store"]
-    shown = registry.show_model("fresh-store", settings=settings)
-    assert {v.status for v in shown.versions} == {"READY"}
-    for version in shown.versions:
-        loaded = LocalizationModel.load(version.uri, settings=settings)
-        assert loaded.sha256 == version.sha256
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> MlflowBackend:
+    """The server, or an embedded data dir that does not exist yet: every writer races to
+    create its SQLite store (and the first use must leave it whole)."""
+    if request.param == "server":
+        return request.getfixturevalue("mlflow_server")  # type: ignore[no-any-return]
+    embedded: MlflowBackend = request.getfixturevalue("embedded_mlflow")
+    return replace(embedded, data_dir=tmp_path / "never-used")
 
 
 def test_distinct_models_published_at_once_each_get_a_version_and_a_true_alias_history(
-    backend: MlflowBackend, onnx_files: list[Path], tmp_path: Path
+    backend: MlflowBackend, onnx_files: list[Path]
 ) -> None:
     name = f"concurrent-distinct-{os.urandom(3).hex()}"
     settings = backend.settings()
@@ -122,7 +109,9 @@ def test_distinct_models_published_at_once_each_get_a_version_and_a_true_alias_h
 
     versions = sorted(int(str(a["version"])) for a in answers)
     assert versions == list(range(1, WRITERS + 1)) and all(a["created"] for a in answers)
+    assert name in [m.name for m in registry.list_models(settings=settings)]
     shown = registry.show_model(name, settings=settings)
+    assert {v.status for v in shown.versions} == {"READY"}
     assert {v.sha256 for v in shown.versions} == {sha256_file(p) for p in onnx_files}
     for version in shown.versions:
         assert LocalizationModel.load(version.uri, settings=settings).sha256 == version.sha256

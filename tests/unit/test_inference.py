@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +166,13 @@ def test_predict_file_gives_json_ready_predictions(
     data = json.loads(json.dumps(prediction.to_dict()))
     assert np.asarray(data["positions"]).shape == (3, 2)
     assert np.asarray(data["uncertainties"]).shape == (3, 2)
+
+
+def test_importing_the_serving_side_loads_no_torch() -> None:
+    code = (
+        "import sys, heimdall.inference, heimdall.registry, heimdall.cli; "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -183,7 +183,9 @@ def model_lock(client: MlflowClient, name: str, *, wait_s: float) -> Iterator[No
             )
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken; or taken and released between MLflow's failed insert and its lookup of the
+            # holder, which it reports as "not found".
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_if_abandoned(client, lock)
         if time.monotonic() > deadline:

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings
+from heimdall.config import DEFAULT_MODEL_NAME, Settings, heimdall_version, load_settings
 from heimdall.errors import InputError, RegistryError
 from heimdall.registry import client as mlflow_client
 from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
@@ -471,8 +471,6 @@ def to_version(mv: ModelVersion) -> RegisteredVersion:
 
 def _facts(metadata: Mapping[str, Any], checked: ValidationResult) -> dict[str, str]:
     """Lineage facts from the metadata, else from what the exporter stamped into the file."""
-    from heimdall.checkpoint import heimdall_version
-
     props = checked.metadata_props
     facts = {
         "opset": str(checked.opset_version),
