@@ -42,6 +42,7 @@ def random_model(backbone: str, seed: int) -> LocalizationNet:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm1d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.uniform_(-1.0, 1.0, generator=generator)
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
         for name, param in model.named_parameters():
