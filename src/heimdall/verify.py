@@ -24,10 +24,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
 from heimdall.data import generate, haversine_km
 from heimdall.errors import InputError, VerificationError
 from heimdall.export import METADATA_PREFIX
-from heimdall.model import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, LocalizationNet
+from heimdall.model import LocalizationNet
 from heimdall.validate import check_external_data
 
 log = structlog.get_logger(__name__)
