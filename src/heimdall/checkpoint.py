@@ -10,13 +10,11 @@ non-float tensor where the model holds floats is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,33 +25,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from heimdall.config import heimdall_version
 from heimdall.errors import CheckpointError
+from heimdall.files import sha256_file
 from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig, load_exact
 
 log = structlog.get_logger(__name__)
 
 TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
-_CHUNK = 8 * 1024 * 1024
 
 
 class DtypeWarning(UserWarning):
     """A checkpoint's floating-point tensors were converted to the model's dtype."""
-
-
-def heimdall_version() -> str:
-    try:
-        return version("heimdall")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def sha256_file(path: Path) -> str:
-    """Streamed sha256 of a file (never reads it whole)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
