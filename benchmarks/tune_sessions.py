@@ -19,10 +19,10 @@ import onnx
 import structlog
 
 from heimdall.bench import DEFAULT_GAP_S, Timing, check_args, gap_after, measure, ort_call
+from heimdall.contract import INPUT_NAME
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.machine import physical_cores
-from heimdall.model import INPUT_NAME
 from heimdall.optimize import SESSION_CANDIDATES
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, SessionSettings, open_session
 

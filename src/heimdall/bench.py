@@ -25,6 +25,7 @@ import structlog
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from heimdall.contract import INPUT_NAME, INPUT_SHAPE
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.machine import (
@@ -36,12 +37,13 @@ from heimdall.machine import (
     load_average,
     physical_cores,
 )
-from heimdall.model import INPUT_NAME, INPUT_SHAPE, LocalizationNet
+from heimdall.model import LocalizationNet
 from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
     SessionSettings,
     open_session,
     preferred_providers,
+    select_providers,
 )
 
 log = structlog.get_logger(__name__)
@@ -232,7 +234,7 @@ def benchmark(
         for name in variants
     }
     n_threads = threads or _common_threads(per_variant.values())
-    chosen = list(providers) if providers is not None else preferred_providers()
+    chosen = select_providers(preferred_providers() if providers is None else providers)
     device = "cuda" if _wants_cuda(chosen) else "cpu"
     flops = count_flops(model)
     environment = fingerprint(n_threads)

@@ -4,6 +4,8 @@
 through the MLflow registry), an ``s3://`` or ``file://`` URI, or a local path; each may name an
 ``.onnx`` file or an MLflow model directory (the one holding ``MLmodel`` and ``model.onnx``).
 Registered bytes are checked against the version's ``sha256`` tag before a session is built.
+Sessions run with the settings the model records (variants do) or else the recommended ones
+(``heimdall.runtime``), on the requested providers with CPU as the fallback.
 
 Inputs must be ``(B, 3, 128, 32)``, finite and floating point. float32 is used as is; other
 floating dtypes (float64 is what numpy and JSON give by default) are converted to float32, the
@@ -27,11 +29,10 @@ from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
 from heimdall.errors import InputError, RegistryError
 from heimdall.files import sha256_file
-from heimdall.storage import download_model, open_store
+from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, open_session, recorded_settings
+from heimdall.storage import download_model, download_verified, open_store
 
 log = structlog.get_logger(__name__)
-
-CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,6 @@ def check_features(features: object) -> np.ndarray:
             f"sample(s) {bad[:10].tolist()}{' …' if len(bad) > 10 else ''}"
         )
     return array
-
-
-def select_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """Requested providers this onnxruntime build offers, with CPU always last as the fallback."""
-    available = set(ort.get_available_providers())
-    wanted = list(requested or [CPU])
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        log.warning("inference.providers_unavailable", missing=missing, available=sorted(available))
-    chosen = [p for p in wanted if p in available and p != CPU]
-    return [*chosen, CPU]
 
 
 class LocalizationModel:
@@ -127,13 +117,7 @@ class LocalizationModel:
                     "was recorded for it; the bytes were altered after registration or upload. "
                     "Do not serve it; register the model again."
                 )
-            chosen = select_providers(providers)
-            try:
-                session = ort.InferenceSession(str(local), providers=chosen)
-            except Exception as exc:  # onnxruntime raises its own untyped errors
-                raise InputError(
-                    f"{redact_uri(text)}: onnxruntime cannot load the model ({exc})"
-                ) from exc
+            session = _open(local, providers, redact_uri(text))
         model = cls(session, uri=text, sha256=sha256, version=version)
         log.info(
             "inference.model_loaded",
@@ -182,6 +166,19 @@ def predict_file(
     )
 
 
+def _open(local: Path, providers: Sequence[str] | None, name: str) -> ort.InferenceSession:
+    """A session with the settings ``local`` records, else with the recommended ones.
+
+    ONNX Runtime reads the metadata while it loads the file (reading it first with onnx would
+    parse a large model twice), so a model that records other settings is opened again.
+    """
+    session = open_session(local, providers=providers, name=name)
+    recorded = recorded_settings(session.get_modelmeta().custom_metadata_map)
+    if recorded == RECOMMENDED_SESSION_SETTINGS:
+        return session
+    return open_session(local, recorded, providers=providers, name=name)
+
+
 def _fetch(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | None, str | None]:
     """A local ``.onnx`` for ``uri``, the sha256 its bytes must have (if known), its version."""
     if uri.startswith("models:/"):
@@ -219,12 +216,7 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         )
     folder = key.rpartition("/")[0]
     for name in registry.external_data(info.metadata).values():
-        data = store.get(bucket, f"{folder}/{name}", tmp / name)
         recorded = store.head(bucket, f"{folder}/{name}")
         expected = recorded.metadata.get("sha256") if recorded is not None else None
-        if expected is not None and sha256_file(data) != expected:
-            raise RegistryError(
-                f"{store.uri(bucket, f'{folder}/{name}')} does not match its recorded sha256 "
-                f"{expected}; the stored bytes were altered"
-            )
+        download_verified(store, bucket, f"{folder}/{name}", tmp / name, expected)
     return store.get(bucket, key, tmp / registry.MODEL_FILE), info.metadata.get("sha256")

@@ -1,4 +1,4 @@
-"""Faster variants of an exported LocalizationNet, and the ONNX Runtime settings that run it best.
+"""Faster variants of an exported LocalizationNet: int8 and fp16 copies gated against PyTorch.
 
 Variants are new ONNX files next to the fp32 export, float32 IO kept, each gated against the
 PyTorch model by ``verify.verify_parity`` before anyone may publish it:
@@ -8,8 +8,8 @@ PyTorch model by ``verify.verify_parity`` before anyone may publish it:
 - ``fp16``: weights and activations in float16, for GPUs; the ops that compute the outputs
   from the head's last Gemm stay float32 so degrees are not rounded to fp16's 0.03° step.
 
-``RECOMMENDED_SESSION_SETTINGS`` is what ``benchmarks/bench_inference.py --tune`` measured best
-on the reference machine; loaders should build their sessions with ``session_options()``.
+Each variant records the session settings it should run with (``heimdall.runtime``) in its
+metadata, where serving and the registry read them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
-import onnxruntime as ort
 import structlog
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -36,31 +35,23 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from heimdall.checkpoint import sha256_file
+from heimdall.contract import INPUT_NAME
 from heimdall.data import generate
 from heimdall.errors import ExportError, InputError
-from heimdall.model import INPUT_NAME, LocalizationNet
+from heimdall.files import sha256_file
+from heimdall.model import LocalizationNet
+from heimdall.runtime import (
+    RECOMMENDED_SESSION_SETTINGS,
+    OptimizationLevel,
+    SessionSettings,
+    open_session,
+)
 from heimdall.verify import Gates, ParityResult, verify_parity
 
 log = structlog.get_logger(__name__)
 
-OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 Variant = Literal["int8", "fp16"]
 VARIANTS: tuple[Variant, ...] = ("int8", "fp16")
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-# Preferred order when present; CPU is always the fallback.
-PROVIDER_PREFERENCE = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "OpenVINOExecutionProvider",
-    "CPUExecutionProvider",
-)
-METADATA_KEY_SESSION = "heimdall.ort_session"
 METADATA_KEY_VARIANT = "heimdall.variant"
 METADATA_KEY_SOURCE = "heimdall.variant_source_sha256"
 METADATA_KEY_RECIPE = "heimdall.variant_recipe"
@@ -82,90 +73,6 @@ VARIANT_GATES = Gates(
 )
 
 
-@dataclass(frozen=True)
-class SessionSettings:
-    """ONNX Runtime session options as data: JSON-able, storable in ONNX metadata.
-
-    ``intra_op_threads=0`` lets ONNX Runtime use one thread per physical core.
-    ``allow_spinning`` lets idle workers busy-wait for the next op of a run;
-    ``stop_spinning_after_run`` (``session.force_spinning_stop``) puts them to sleep when the
-    run ends: without it, one worker per thread keeps a core busy between runs.
-    """
-
-    graph_optimization_level: OptimizationLevel = "all"
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    parallel_execution: bool = False
-    allow_spinning: bool = True
-    stop_spinning_after_run: bool = True
-    enable_mem_pattern: bool = True
-    enable_cpu_mem_arena: bool = True
-    denormal_as_zero: bool = False
-
-    def __post_init__(self) -> None:
-        if self.graph_optimization_level not in _LEVELS:
-            raise InputError(
-                f"unknown graph optimization level {self.graph_optimization_level!r}; "
-                f"choose one of {', '.join(_LEVELS)}"
-            )
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise InputError("thread counts must be >= 0 (0 means ONNX Runtime's default)")
-
-    def to_session_options(self, threads: int | None = None) -> ort.SessionOptions:
-        """A fresh ``ort.SessionOptions``; ``threads`` overrides ``intra_op_threads``."""
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _LEVELS[self.graph_optimization_level]
-        options.intra_op_num_threads = self.intra_op_threads if threads is None else threads
-        options.inter_op_num_threads = self.inter_op_threads
-        options.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL
-            if self.parallel_execution
-            else ort.ExecutionMode.ORT_SEQUENTIAL
-        )
-        options.enable_mem_pattern = self.enable_mem_pattern
-        options.enable_cpu_mem_arena = self.enable_cpu_mem_arena
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
-        )
-        options.add_session_config_entry(
-            "session.inter_op.allow_spinning", "1" if self.allow_spinning else "0"
-        )
-        options.add_session_config_entry(
-            "session.force_spinning_stop", "1" if self.stop_spinning_after_run else "0"
-        )
-        options.add_session_config_entry(
-            "session.set_denormal_as_zero", "1" if self.denormal_as_zero else "0"
-        )
-        return options
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    def to_metadata(self) -> dict[str, str]:
-        return {METADATA_KEY_SESSION: json.dumps(self.to_dict(), sort_keys=True)}
-
-    @classmethod
-    def from_metadata(cls, props: Mapping[str, str]) -> SessionSettings | None:
-        """The settings stored in an ONNX file's ``metadata_props``, or None when absent."""
-        raw = props.get(METADATA_KEY_SESSION)
-        if raw is None:
-            return None
-        try:
-            return cls(**json.loads(raw))
-        except (ValueError, TypeError) as exc:
-            raise InputError(
-                f"{METADATA_KEY_SESSION} metadata is not valid settings: {exc}"
-            ) from exc
-
-
-# Measured with benchmarks/bench_inference.py --tune (tiny, fp32, batch 1, 2-core AMD EPYC;
-# latency relative to this, see benchmarks/README.md): "extended" 1.5-1.9× and "basic"
-# 1.6-2.0× (no NCHWc kernels for the 7×7 depthwise convs); no spinning 1.2-1.4×; parallel
-# execution 2.0-2.2× (the graph is a chain); memory pattern, arena, denormals as zero and
-# spinning between runs within noise. Stopping the spin after a run frees the core a worker
-# would keep busy for ~40 ms after every request.
-RECOMMENDED_SESSION_SETTINGS = SessionSettings()
-
 # The candidates --tune measures; each differs from the recommendation in one setting
 # (parallel execution comes with the inter-op threads it needs).
 SESSION_CANDIDATES: dict[str, SessionSettings] = {
@@ -185,19 +92,6 @@ SESSION_CANDIDATES: dict[str, SessionSettings] = {
     ),
     "denormal-as-zero": dataclasses.replace(RECOMMENDED_SESSION_SETTINGS, denormal_as_zero=True),
 }
-
-
-def session_options(
-    threads: int | None = None, settings: SessionSettings = RECOMMENDED_SESSION_SETTINGS
-) -> ort.SessionOptions:
-    """Session options to serve LocalizationNet with (the measured recommendation by default)."""
-    return settings.to_session_options(threads=threads)
-
-
-def preferred_providers(available: Sequence[str] | None = None) -> list[str]:
-    """Installed execution providers in preference order: TensorRT, CUDA, OpenVINO, then CPU."""
-    present = set(ort.get_available_providers() if available is None else available)
-    return [p for p in PROVIDER_PREFERENCE if p in present or p == "CPUExecutionProvider"]
 
 
 @dataclass(frozen=True)
@@ -360,10 +254,7 @@ def save_optimized(
         staged = Path(tmp) / output.name
         options = settings.to_session_options()
         options.optimized_model_filepath = str(staged)
-        try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ExportError(f"ONNX Runtime cannot optimize {source}: {exc}") from exc
+        open_session(source, options)
         _stamp(staged, source, f"optimized-{level}", {"graph_optimization_level": level})
         staged.replace(output)
     log.info("optimized_model_written", source=str(source), path=str(output), level=level)

@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Literal
 
 import onnxruntime as ort
+import structlog
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from heimdall.errors import InputError
+
+log = structlog.get_logger(__name__)
 
 OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 _LEVELS = {
@@ -25,6 +29,7 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+CPU = "CPUExecutionProvider"
 # Preferred order when present; CPU is always the fallback.
 PROVIDER_PREFERENCE = (
     "TensorrtExecutionProvider",
@@ -33,6 +38,21 @@ PROVIDER_PREFERENCE = (
     "CPUExecutionProvider",
 )
 METADATA_KEY_SESSION = "heimdall.ort_session"
+# What ONNX Runtime raises when it cannot load or run a model: its own exception types share no
+# base class but Exception, and its Python layer raises the builtins.
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoModel,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+    ort_state.EPFail,
+)
 
 
 @dataclass(frozen=True)
@@ -77,22 +97,37 @@ class SessionSettings:
         )
         options.enable_mem_pattern = self.enable_mem_pattern
         options.enable_cpu_mem_arena = self.enable_cpu_mem_arena
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
-        )
-        options.add_session_config_entry(
-            "session.inter_op.allow_spinning", "1" if self.allow_spinning else "0"
-        )
-        options.add_session_config_entry(
-            "session.force_spinning_stop", "1" if self.stop_spinning_after_run else "0"
-        )
-        options.add_session_config_entry(
-            "session.set_denormal_as_zero", "1" if self.denormal_as_zero else "0"
-        )
+        for key, value in self.config_entries().items():
+            options.add_session_config_entry(key, value)
         return options
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    def config_entries(self) -> dict[str, str]:
+        """The settings ONNX Runtime takes as session config entries rather than attributes."""
+        flag = {True: "1", False: "0"}
+        return {
+            "session.intra_op.allow_spinning": flag[self.allow_spinning],
+            "session.inter_op.allow_spinning": flag[self.allow_spinning],
+            "session.force_spinning_stop": flag[self.stop_spinning_after_run],
+            "session.set_denormal_as_zero": flag[self.denormal_as_zero],
+        }
+
+    def to_mlflow_options(self) -> dict[str, object]:
+        """The settings as MLflow's ONNX flavor ``onnx_session_options``.
+
+        MLflow's loader applies thread counts, execution mode, the optimization level and
+        ``extra_session_config`` only (it skips zeros: 0 threads and level "disable" read as
+        ONNX Runtime's defaults); memory pattern and arena are left at ONNX Runtime's default.
+        """
+        return {
+            "graph_optimization_level": int(_LEVELS[self.graph_optimization_level]),
+            "intra_op_num_threads": self.intra_op_threads,
+            "inter_op_num_threads": self.inter_op_threads,
+            "execution_mode": "parallel" if self.parallel_execution else "sequential",
+            "extra_session_config": self.config_entries(),
+        }
 
     def to_metadata(self) -> dict[str, str]:
         return {METADATA_KEY_SESSION: json.dumps(self.to_dict(), sort_keys=True)}
@@ -120,6 +155,11 @@ class SessionSettings:
 RECOMMENDED_SESSION_SETTINGS = SessionSettings()
 
 
+def recorded_settings(props: Mapping[str, str]) -> SessionSettings:
+    """The settings a model records in its metadata (variants do), else the recommendation."""
+    return SessionSettings.from_metadata(props) or RECOMMENDED_SESSION_SETTINGS
+
+
 def session_options(
     threads: int | None = None, settings: SessionSettings = RECOMMENDED_SESSION_SETTINGS
 ) -> ort.SessionOptions:
@@ -130,27 +170,45 @@ def session_options(
 def preferred_providers(available: Sequence[str] | None = None) -> list[str]:
     """Installed execution providers in preference order: TensorRT, CUDA, OpenVINO, then CPU."""
     present = set(ort.get_available_providers() if available is None else available)
-    return [p for p in PROVIDER_PREFERENCE if p in present or p == "CPUExecutionProvider"]
+    return [p for p in PROVIDER_PREFERENCE if p in present or p == CPU]
+
+
+def select_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Requested providers this onnxruntime build offers, in order, with CPU last as the fallback.
+
+    Missing ones are logged and skipped; ``None`` means CPU only.
+    """
+    available = set(ort.get_available_providers())
+    wanted = list(requested or [CPU])
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        log.warning("runtime.providers_unavailable", missing=missing, available=sorted(available))
+    return [*(p for p in wanted if p in available and p != CPU), CPU]
 
 
 def open_session(
-    path: Path | str,
+    model: Path | str | bytes,
     settings: SessionSettings | ort.SessionOptions = RECOMMENDED_SESSION_SETTINGS,
     *,
     threads: int | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] | None = None,
+    name: str | None = None,
 ) -> ort.InferenceSession:
-    """An ONNX Runtime session for ``path``; InputError when ONNX Runtime cannot load the file.
+    """An ONNX Runtime session for a file (or serialized bytes) on :func:`select_providers`.
 
     ``settings`` may be ready-made ``ort.SessionOptions`` (e.g. with profiling enabled), in which
-    case ``threads`` is ignored.
+    case ``threads`` is ignored. ``name`` is what errors call the model (default: the path);
+    InputError, in one line, when ONNX Runtime cannot load it.
     """
     options = (
         settings
         if isinstance(settings, ort.SessionOptions)
         else settings.to_session_options(threads=threads)
     )
+    label = name or (f"a {len(model)}-byte model" if isinstance(model, bytes) else str(model))
+    source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise InputError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+        return ort.InferenceSession(source, options, providers=select_providers(providers))
+    except ORT_ERRORS as exc:
+        reason = " ".join(str(exc).split())
+        raise InputError(f"{label}: ONNX Runtime cannot load the model: {reason}") from exc

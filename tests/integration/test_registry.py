@@ -29,6 +29,7 @@ from heimdall.files import sha256_file
 from heimdall.inference import LocalizationModel
 from heimdall.legacy import register_with_mlflow
 from heimdall.model import LocalizationNet, ModelConfig
+from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS
 from heimdall.storage import ObjectStore, upload_model
 from heimdall.validate import get_model_metadata
 from tests.fixtures.mlflow_server import MlflowBackend
@@ -428,3 +429,31 @@ def test_an_export_with_external_data_registers_and_loads_as_one_unit(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded_mlflow.tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(version.uri)
     assert np.abs(pyfunc.predict(atto.features)["positions"] - atto.expected[0]).max() <= 1e-6
+
+
+def test_the_registered_mlmodel_carries_the_recommended_session_settings(
+    embedded_mlflow: MlflowBackend,
+    atto: Export,
+    model_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    version = register(embedded_mlflow, atto, model_name, f"models/localization/{model_name}.onnx")
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded_mlflow.tracking_uri)
+
+    local = Path(mlflow.artifacts.download_artifacts(version.uri))
+    options = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["onnx"][
+        "onnx_session_options"
+    ]
+    assert options == RECOMMENDED_SESSION_SETTINGS.to_mlflow_options()
+    assert options["graph_optimization_level"] == int(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert options["extra_session_config"]["session.force_spinning_stop"] == "1"
+
+    pyfunc = mlflow.pyfunc.load_model(version.uri)
+    session = pyfunc.get_raw_model()
+    assert (
+        session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    )
+    predicted = pyfunc.predict(atto.features)
+    np.testing.assert_array_equal(predicted["positions"], atto.expected[0])
+    np.testing.assert_array_equal(predicted["uncertainties"], atto.expected[1])

@@ -18,14 +18,8 @@ from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.export import ExportResult
-from heimdall.inference import (
-    CPU,
-    LocalizationModel,
-    Prediction,
-    check_features,
-    predict_file,
-    select_providers,
-)
+from heimdall.inference import LocalizationModel, Prediction, check_features, predict_file
+from heimdall.runtime import CPU, SessionSettings
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +69,44 @@ def test_an_mlflow_model_directory_loads_through_its_model_onnx(
     assert model.predict(features).positions.shape == (3, 2)
 
 
+def test_load_runs_the_recommended_session_settings(
+    atto_onnx: ExportResult, settings: Settings
+) -> None:
+    model = LocalizationModel.load(atto_onnx.path, settings=settings)
+
+    options = model.session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_load_runs_the_session_settings_a_model_records(
+    atto_onnx: ExportResult, tmp_path: Path, settings: Settings
+) -> None:
+    proto = onnx.load(str(atto_onnx.path))
+    recorded = SessionSettings(graph_optimization_level="extended", stop_spinning_after_run=False)
+    onnx.helper.set_model_props(
+        proto,
+        {**{p.key: p.value for p in proto.metadata_props}, **recorded.to_metadata()},
+    )
+    path = tmp_path / "recorded.onnx"
+    onnx.save(proto, str(path))
+
+    model = LocalizationModel.load(path, settings=settings)
+
+    options = model.session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert options.get_session_config_entry("session.force_spinning_stop") == "0"
+
+
+def test_an_unloadable_file_is_one_input_error_line(tmp_path: Path, settings: Settings) -> None:
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx file\n" * 4)
+
+    with pytest.raises(InputError, match=r"broken\.onnx: ONNX Runtime cannot load the model") as e:
+        LocalizationModel.load(path, settings=settings)
+    assert "\n" not in str(e.value)
+
+
 def test_a_model_with_other_inputs_and_outputs_is_refused(
     tmp_path: Path, settings: Settings
 ) -> None:
@@ -98,14 +130,6 @@ def test_missing_model_and_unknown_scheme_are_clear_errors(
         LocalizationModel.load(tmp_path / "absent.onnx", settings=settings)
     with pytest.raises(InputError, match="models:/NAME@alias"):
         LocalizationModel.load("gs://bucket/model.onnx", settings=settings)
-
-
-def test_unavailable_providers_fall_back_to_cpu() -> None:
-    chosen = select_providers(["NoSuchExecutionProvider"])
-
-    assert chosen == [CPU]
-    assert select_providers(None) == [CPU]
-    assert select_providers(["CUDAExecutionProvider"])[-1] == CPU
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.export import ExportResult
+from heimdall.files import sha256_file
 from heimdall.model import INPUT_NAME, LocalizationNet
+from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, SessionSettings
 from heimdall.validate import validate_onnx_model
 
 TASK_SAMPLES = 32
@@ -59,44 +61,11 @@ def _props(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def test_session_settings_round_trip_through_metadata() -> None:
-    settings = optimize.SessionSettings(graph_optimization_level="extended", allow_spinning=False)
-    assert optimize.SessionSettings.from_metadata(settings.to_metadata()) == settings
-    assert optimize.SessionSettings.from_metadata({}) is None
-
-
-def test_session_settings_reject_unknown_level_and_bad_metadata() -> None:
-    with pytest.raises(InputError, match="optimization level"):
-        optimize.SessionSettings(graph_optimization_level="max")  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="not valid settings"):
-        optimize.SessionSettings.from_metadata({optimize.METADATA_KEY_SESSION: '{"x": 1}'})
-
-
-def test_session_options_apply_every_setting() -> None:
-    settings = optimize.SessionSettings(
-        graph_optimization_level="extended", allow_spinning=False, enable_mem_pattern=False
-    )
-    options = optimize.session_options(threads=3, settings=settings)
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    assert options.intra_op_num_threads == 3
-    assert options.enable_mem_pattern is False
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-
-
 def test_session_candidates_differ_from_the_recommendation_in_one_way() -> None:
-    recommended = optimize.RECOMMENDED_SESSION_SETTINGS.to_dict()
+    recommended = RECOMMENDED_SESSION_SETTINGS.to_dict()
     for name, candidate in optimize.SESSION_CANDIDATES.items():
         changed = {k for k, v in candidate.to_dict().items() if recommended[k] != v}
         assert (name == "recommended") == (not changed)
-
-
-def test_preferred_providers_put_gpus_first_and_cpu_last() -> None:
-    available = ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider"]
-    assert optimize.preferred_providers(available) == [
-        "CUDAExecutionProvider",
-        "CPUExecutionProvider",
-    ]
-    assert optimize.preferred_providers([]) == ["CPUExecutionProvider"]
 
 
 def test_int8_variant_passes_its_gate_and_keeps_the_contract(
@@ -126,8 +95,8 @@ def test_variants_record_what_they_are_and_their_source(
     for variant in (int8, fp16):
         props = _props(variant.path)
         assert props[optimize.METADATA_KEY_VARIANT] == variant.variant
-        assert props[optimize.METADATA_KEY_SOURCE] == optimize.sha256_file(onnx_path)
-        assert optimize.SessionSettings.from_metadata(props) is not None
+        assert props[optimize.METADATA_KEY_SOURCE] == sha256_file(onnx_path)
+        assert SessionSettings.from_metadata(props) == RECOMMENDED_SESSION_SETTINGS
         assert all(props[k] == v for k, v in source.items())
 
 
@@ -178,6 +147,14 @@ def test_quantize_refuses_bad_output_paths(onnx_path: Path, name: str) -> None:
 def test_quantize_refuses_zero_calibration_samples(onnx_path: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="calibration"):
         optimize.quantize_int8(onnx_path, tmp_path / "q.onnx", calibration=0)
+
+
+def test_save_optimized_of_an_unloadable_file_is_an_input_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+
+    with pytest.raises(InputError, match=r"broken\.onnx: ONNX Runtime cannot load the model"):
+        optimize.save_optimized(broken, tmp_path / "opt.onnx")
 
 
 def test_save_optimized_basic_passes_the_checker_and_agrees(

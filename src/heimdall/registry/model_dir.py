@@ -188,7 +188,10 @@ def _write_mlflow_model(path: Path, checked: ValidationResult, info: Mapping[str
     ``mlflow.onnx.save_model`` gets an empty ModelProto, so it writes MLmodel (flavors,
     signature from the file's IO spec, input example), the environment files and a placeholder
     ``model.onnx`` that is dropped here: the real one is the server-side copy beside these files.
+    The flavor carries the session settings serving uses, so ``mlflow.pyfunc`` users get them.
     """
+    from heimdall.runtime import recorded_settings
+
     signature = ModelSignature(
         inputs=Schema([_mlflow_spec(s) for s in checked.inputs]),
         outputs=Schema([_mlflow_spec(s) for s in checked.outputs]),
@@ -200,6 +203,7 @@ def _write_mlflow_model(path: Path, checked: ValidationResult, info: Mapping[str
         signature=signature,
         input_example=example,
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+        onnx_session_options=recorded_settings(checked.metadata_props).to_mlflow_options(),
         metadata={"heimdall": dict(info)},
     )
     (path / MODEL_FILE).unlink()
