@@ -29,6 +29,10 @@ console = Console(stderr=True)
 out = Console()
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+ForceOpt = typer.Option(
+    False, "--force", help="Move the alias even if quality gates fail (needs --reason)."
+)
+ReasonOpt = typer.Option(None, "--reason", help="Why --force is used; recorded with the move.")
 
 
 @app.callback()
@@ -366,6 +370,8 @@ def _publish(
     create_bucket: bool | None = None,
     output_dir: Path | None = None,
     bench: bool = True,
+    force: bool = False,
+    reason: str | None = None,
 ) -> PublishResult:
     from heimdall.pipeline import publish as run_publish
 
@@ -381,6 +387,8 @@ def _publish(
             create_bucket=create_bucket,
             output_dir=output_dir,
             bench=bench,
+            force=force,
+            reason=reason,
             progress=None if as_json else display.step,
             upload_progress=None if as_json else display.bytes,
         )
@@ -406,6 +414,8 @@ def publish(
     ),
     output_dir: Path = typer.Option(None, help="Where the ONNX files and report go."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Time PyTorch vs ONNX Runtime."),
+    force: bool = ForceOpt,
+    reason: str = ReasonOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Export, verify, benchmark, upload and register a checkpoint (re-runs are idempotent)."""
@@ -420,6 +430,8 @@ def publish(
         create_bucket=create_bucket,
         output_dir=output_dir,
         bench=bench,
+        force=force,
+        reason=reason,
     )
     if as_json:
         emit(result, True, "published")
@@ -469,13 +481,22 @@ def promote(
     name: str = typer.Argument(..., help="Registered model name."),
     version: str = typer.Argument(..., help="Version number to promote."),
     to: str = typer.Option("production", "--to", help="Alias to move."),
+    force: bool = ForceOpt,
+    reason: str = ReasonOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Move an alias to a version if its gates pass (READY, verified, bytes unchanged)."""
-    from heimdall.registry import promote as run_promote
+    """Move an alias to a version if every gate passes.
+
+    Gates: READY, verified, bytes unchanged, better than the centre baseline, not worse than
+    the alias's current holder.
+    """
+    from heimdall.gates import promote as run_promote
 
     with errors(as_json):
-        emit(run_promote(name, version, to=to, settings=_settings(ctx)), as_json, "promote")
+        change = run_promote(
+            name, version, to=to, force=force, reason=reason, settings=_settings(ctx)
+        )
+        emit(change, as_json, "promote")
 
 
 @app.command()

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     mlflow_timeout_s: float = Field(
         default=30.0, gt=0, validation_alias=AliasChoices("HEIMDALL_MLFLOW_TIMEOUT_S")
     )
+    # Quality gates before an alias or stage moves (see heimdall.gates).
+    gate_baseline_fraction: float = Field(
+        default=0.5, gt=0, validation_alias=AliasChoices("HEIMDALL_GATE_BASELINE_FRACTION")
+    )
+    gate_champion_tolerance: float = Field(
+        default=0.02, ge=0, validation_alias=AliasChoices("HEIMDALL_GATE_CHAMPION_TOLERANCE")
+    )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
 

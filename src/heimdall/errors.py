@@ -39,6 +39,10 @@ class RegistryError(HeimdallError):
     """The MLflow tracking server or model registry failed."""
 
 
+class GateError(HeimdallError):
+    """A model did not pass the quality gates of an alias or stage; it stays registered."""
+
+
 class LockTimeoutError(HeimdallError):
     """Another process held a lock for longer than the caller would wait."""
 

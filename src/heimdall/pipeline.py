@@ -14,43 +14,53 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import structlog
 
 from heimdall.bench import PYTORCH, BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
 from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings, redact_uri
-from heimdall.data import generate, haversine_km
-from heimdall.errors import HeimdallError, InputError, PublishError
+from heimdall.data import HELDOUT_SEED
+from heimdall.errors import GateError, HeimdallError, InputError, PublishError
 from heimdall.export import export_to_onnx
-from heimdall.inference import LocalizationModel
+from heimdall.gates import (
+    HELDOUT_SAMPLES,
+    GatePolicy,
+    HeldOut,
+    check_override,
+    evaluate_heldout,
+    judge,
+    move_alias_gated,
+)
+from heimdall.machine import is_busy
 from heimdall.model import LocalizationNet
 from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantResult, build_variant
 from heimdall.registry import (
     DEFAULT_ALIAS,
+    Gate,
     RegisteredVersion,
+    Registration,
     check_registration,
     log_run_files,
+    log_run_metrics,
     register_model,
-    set_alias,
+    set_stage,
 )
 from heimdall.report import ReportPaths, write_report
 from heimdall.storage import ObjectStore, UploadResult, check_bucket, open_store, upload_model
 from heimdall.train import TrainConfig, TrainResult, train
 from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
-from heimdall.verify import HELDOUT_SEED, ParityResult, verify_parity
+from heimdall.verify import ParityResult, verify_parity
 
 log = structlog.get_logger(__name__)
 
 FP32 = "fp32"
 BENCH_BATCH_SIZES = (1, 8, 32)
 VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
-HELDOUT_SAMPLES = 256
 DEMO_SEED = HELDOUT_SEED + 1  # demo predictions use samples no gate and no training run has seen
 
 # Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
@@ -88,6 +98,8 @@ class PublishedModel:
     reused_version: bool
     alias: str | None
     metadata: Mapping[str, Any]
+    heldout: HeldOut
+    gates: tuple[Gate, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -102,30 +114,8 @@ class PublishedModel:
             "reused_version": self.reused_version,
             "alias": self.alias,
             "run_id": self.version.run_id,
-        }
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """ONNX Runtime predictions on a held-out synthetic set, for the report and the demo."""
-
-    samples: int
-    seed: int
-    version: str | None
-    median_error_km: float
-    p90_error_km: float
-    true: list[list[float]] = field(repr=False)
-    predicted: list[list[float]] = field(repr=False)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "samples": self.samples,
-            "seed": self.seed,
-            "version": self.version,
-            "median_error_km": self.median_error_km,
-            "p90_error_km": self.p90_error_km,
-            "true": self.true,
-            "predicted": self.predicted,
+            "heldout_median_error_km": self.heldout.median_error_km,
+            "gates": [g.to_dict() for g in self.gates],
         }
 
 
@@ -230,20 +220,25 @@ def publish(
     verify_batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES,
     progress: StepProgress | None = None,
     upload_progress: BytesProgress | None = None,
+    force: bool = False,
+    reason: str | None = None,
 ) -> PublishResult:
     """Export, verify, benchmark, upload and register a LocalizationNet checkpoint.
 
     ``source`` is a checkpoint path (or a loaded one, or a model). ``variants`` lists what to
     publish: ``fp32`` always, plus ``int8``/``fp16``, each registered as its own version (tag
     ``variant``, alias ``<alias>-<variant>``) only when it passes its gates. ``create_bucket``
-    defaults to True for the local store and False for S3. Raises PublishError naming the
-    failed step and what already exists; re-running finishes the job.
+    defaults to True for the local store and False for S3. An alias (or stage) moves only to a
+    version that passes the quality gates (``heimdall.gates``); ``force`` with a ``reason``
+    overrides them, recorded. Raises PublishError naming the failed step and what already
+    exists; re-running finishes the job.
     """
     settings = settings or load_settings()
     name = name or settings.model_name
     wanted = _check_variants(variants)
     check_registration(name, alias, stage)
     check_bucket(settings.bucket)
+    check_override(force, reason)
     for variant in wanted:
         if alias is not None:
             check_registration(name, f"{alias}-{variant}")
@@ -280,7 +275,9 @@ def publish(
             f"IR {validation.ir_version}, opset {validation.opset_version}, batch axis symbolic"
         )
     with run.step("verify"):
-        parity = verify_parity(exported.path, model, verify_batch_sizes)
+        parity = verify_parity(
+            exported.path, model, verify_batch_sizes, checkpoint_sha256=loaded.sha256
+        )
         worst = max(d.max_abs for d in parity.diffs)
         task = parity.task
         run.note(
@@ -313,7 +310,8 @@ def publish(
                 model, files, batch_sizes=BENCH_BATCH_SIZES, budget_s=bench_budget_s, peak=False
             )
             speedup = timings.timing(FP32, 1).speedup_vs_pytorch
-            run.note(f"batch 1: ONNX Runtime {speedup:.2f}× PyTorch eager")
+            busy = " (machine busy: not a reliable figure)" if is_busy(timings.environment) else ""
+            run.note(f"batch 1: ONNX Runtime {speedup:.2f}× PyTorch eager{busy}")
         else:
             run.note("not asked for", "skipped")
 
@@ -321,28 +319,28 @@ def publish(
         heldout = evaluate_heldout(exported.path, settings=settings)
         run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
 
-    make_bucket = (not settings.uses_s3) if create_bucket is None else create_bucket
-    to_publish = [(FP32, exported.path, parity)] + [(v.variant, v.path, v.parity) for v in passing]
-    published = [
-        _publish_one(
-            run,
-            variant,
-            path,
-            variant_parity,
-            model=model,
-            loaded=loaded,
-            training_run=training_run,
-            timings=timings,
-            settings=settings,
-            store=store,
-            name=name,
-            alias=alias,
-            stage=stage if variant == FP32 else None,
-            create_bucket=make_bucket,
-            upload_progress=upload_progress,
+    shared = _Shared(
+        model=model,
+        loaded=loaded,
+        training_run=training_run,
+        timings=timings,
+        settings=settings,
+        store=store or open_store(settings),
+        name=name,
+        alias=alias,
+        create_bucket=(not settings.uses_s3) if create_bucket is None else create_bucket,
+        upload_progress=upload_progress,
+        force=force,
+        reason=reason,
+    )
+    published = [_publish_one(run, shared, FP32, exported.path, parity, heldout, stage)]
+    for built in passing:
+        with run.step(f"heldout[{built.variant}]"):
+            evaluation = evaluate_heldout(built.path, settings=settings)
+            run.note(f"median error {evaluation.median_error_km:.1f} km")
+        published.append(
+            _publish_one(run, shared, built.variant, built.path, built.parity, evaluation)
         )
-        for variant, path, variant_parity in to_publish
-    ]
 
     partial = PublishResult(
         name=name,
@@ -385,34 +383,102 @@ def publish(
     return result
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What every variant's upload, registration and alias move share within one publish."""
+
+    model: LocalizationNet
+    loaded: LoadedCheckpoint
+    training_run: str | None
+    timings: BenchmarkResult | None
+    settings: Settings
+    store: ObjectStore
+    name: str
+    alias: str | None
+    create_bucket: bool
+    upload_progress: BytesProgress | None
+    force: bool
+    reason: str | None
+
+
 def _publish_one(
     run: _Run,
+    shared: _Shared,
     variant: str,
     path: Path,
     parity: ParityResult | None,
-    *,
-    model: LocalizationNet,
-    loaded: LoadedCheckpoint,
-    training_run: str | None,
-    timings: BenchmarkResult | None,
-    settings: Settings,
-    store: ObjectStore | None,
-    name: str,
-    alias: str | None,
-    stage: str | None,
-    create_bucket: bool,
-    upload_progress: BytesProgress | None,
+    evaluation: HeldOut,
+    stage: str | None = None,
 ) -> PublishedModel:
-    """Upload (verified), describe, register and alias one variant's ONNX file."""
+    """Upload (verified), describe and register one variant; move its alias behind the gates."""
     label = "" if variant == FP32 else f"[{variant}]"
+    uploaded = _upload_step(run, shared, variant, path, label)
+    with run.step(f"metadata{label}"):
+        metadata = get_model_metadata(
+            path,
+            shared.model,
+            shared.training_run,
+            checkpoint_sha256=shared.loaded.sha256,
+            parity=parity,
+            timings=_timing_summary(shared.timings, variant),
+        )
+        metadata.update({"variant": variant, "s3_uri": uploaded.uri})
+        run.note(f"sha256 {metadata['sha256']}")
+    registration = _register_step(run, shared, variant, uploaded, metadata, evaluation, label)
+    version = registration.version
+    target = _alias_for(shared.alias, variant)
+    gates: tuple[Gate, ...] = ()
+    with run.step(f"alias{label}"):
+        if target is None:
+            gates = _judge_without_alias(shared, evaluation, stage)
+            run.note("no alias asked for", "skipped")
+        else:
+            change = move_alias_gated(
+                shared.name,
+                version.version,
+                target,
+                candidate=evaluation,
+                settings=shared.settings,
+                store=shared.store,
+                force=shared.force,
+                reason=shared.reason,
+            )
+            gates = change.gates
+            version = replace(version, aliases=tuple(sorted({*version.aliases, target})))
+            run.note(
+                f"{shared.name}@{target} → version {change.version} (gates passed"
+                + (f"; forced: {shared.reason})" if shared.force else ")"),
+                "reused" if change.action == "unchanged" else "ok",
+            )
+        if stage is not None:  # the legacy stage moves behind the same gates
+            version = set_stage(shared.name, version.version, stage, settings=shared.settings)
+    return PublishedModel(
+        variant=variant,
+        onnx_path=path,
+        upload=uploaded,
+        version=version,
+        reused_version=not registration.created,
+        alias=target,
+        metadata=metadata,
+        heldout=evaluation,
+        gates=gates,
+    )
+
+
+def _alias_for(alias: str | None, variant: str) -> str | None:
+    if alias is None:
+        return None
+    return alias if variant == FP32 else f"{alias}-{variant}"
+
+
+def _upload_step(run: _Run, shared: _Shared, variant: str, path: Path, label: str) -> UploadResult:
     with run.step(f"upload{label}"):
-        store = store or open_store(settings)
         uploaded = upload_model(
             path,
-            store,
-            settings.bucket,
-            create_bucket=create_bucket,
-            progress=upload_progress,
+            shared.store,
+            shared.settings.bucket,
+            create_bucket=shared.create_bucket,
+            progress=shared.upload_progress,
             metadata={"variant": variant},
         )
         run.existing[f"uploaded{label}"] = uploaded.uri
@@ -420,87 +486,59 @@ def _publish_one(
             f"{uploaded.uri} (already stored, not sent again)" if uploaded.reused else uploaded.uri,
             "reused" if uploaded.reused else "ok",
         )
-    with run.step(f"metadata{label}"):
-        metadata = get_model_metadata(
-            path,
-            model,
-            training_run,
-            checkpoint_sha256=loaded.sha256,
-            parity=parity,
-            timings=_timing_summary(timings, variant),
-        )
-        metadata.update({"variant": variant, "s3_uri": uploaded.uri})
-        run.note(f"sha256 {metadata['sha256']}")
+    return uploaded
+
+
+def _register_step(
+    run: _Run,
+    shared: _Shared,
+    variant: str,
+    uploaded: UploadResult,
+    metadata: dict[str, Any],
+    evaluation: HeldOut,
+    label: str,
+) -> Registration:
+    """The version holding these bytes (found or made), with its held-out numbers recorded."""
+    name = shared.name
     with run.step(f"register{label}"):
         registration = register_model(
             uploaded.uri,
             sha256=uploaded.sha256,
             name=name,
             metadata=metadata,
-            stage=stage,
-            run_id=training_run,
-            tags={"variant": variant},
-            settings=settings,
-            store=store,
+            run_id=shared.training_run,
+            tags={"variant": variant, **evaluation.tags(), **_bench_tags(shared.timings, variant)},
+            settings=shared.settings,
+            store=shared.store,
         )
-        version, reused = registration.version, not registration.created
+        version = registration.version
+        if registration.created and version.run_id:
+            log_run_metrics(version.run_id, evaluation.metrics(), settings=shared.settings)
         altered = (
             f" (version(s) {', '.join(registration.altered)} of these bytes no longer hold them)"
             if registration.altered
             else ""
         )
-        if reused:
+        if not registration.created:
             run.note(f"{name} version {version.version} already holds these bytes", "reused")
         else:
             run.note(f"{name} version {version.version}{altered}")
         run.existing[f"version{label}"] = f"{name} version {version.version}"
-    target = None if alias is None else alias if variant == FP32 else f"{alias}-{variant}"
-    with run.step(f"alias{label}"):
-        if target is None:
-            run.note("no alias asked for", "skipped")
-        else:
-            change = set_alias(
-                name, version.version, target, settings=settings, store=store, action="publish"
-            )
-            version = replace(version, aliases=tuple(sorted({*version.aliases, target})))
-            run.note(
-                f"{name}@{target} → version {change.version}",
-                "reused" if change.action == "unchanged" else "ok",
-            )
-    return PublishedModel(
-        variant=variant,
-        onnx_path=path,
-        upload=uploaded,
-        version=version,
-        reused_version=reused,
-        alias=target,
-        metadata=metadata,
-    )
+    return registration
 
 
-def evaluate_heldout(
-    onnx_uri: Path | str,
-    *,
-    samples: int = HELDOUT_SAMPLES,
-    seed: int = HELDOUT_SEED,
-    settings: Settings | None = None,
-) -> HeldOut:
-    """Localization error of a model (path or URI) on a held-out synthetic set, via ORT."""
-    if samples < 1:
-        raise InputError(f"samples must be at least 1, got {samples}")
-    served = LocalizationModel.load(onnx_uri, settings=settings)
-    features, labels = generate(samples, seed=seed)
-    positions = served.predict(features).positions
-    errors = haversine_km(positions.astype(np.float64), labels.astype(np.float64))
-    return HeldOut(
-        samples=samples,
-        seed=seed,
-        version=served.version,
-        median_error_km=round(float(np.median(errors)), 3),
-        p90_error_km=round(float(np.percentile(errors, 90)), 3),
-        true=np.round(labels, 4).tolist(),
-        predicted=np.round(positions, 4).tolist(),
-    )
+def _judge_without_alias(
+    shared: _Shared, evaluation: HeldOut, stage: str | None
+) -> tuple[Gate, ...]:
+    """With no alias to move, a requested stage still moves only behind the baseline gate."""
+    gates = judge(evaluation, None, GatePolicy.from_settings(shared.settings))
+    failed = [g for g in gates if not g.passed]
+    if stage is not None and failed and not shared.force:
+        raise GateError(
+            f"did not pass the {failed[0].name} gate: {failed[0].detail}; the stage did not "
+            "move. Override with --force --reason TEXT"
+        )
+    return gates
 
 
 def report_document(result: PublishResult, steps: Sequence[StepRecord]) -> dict[str, Any]:
@@ -533,6 +571,12 @@ def report_document(result: PublishResult, steps: Sequence[StepRecord]) -> dict[
         "parity_task": result.parity.task.to_dict() if result.parity.task else None,
         "variants": [v.to_dict() for v in result.variants],
         "heldout": result.heldout.to_dict(),
+        # The decision: every gate of every published variant, with threshold, value, verdict.
+        "gates": [
+            {"variant": p.variant, "alias": p.alias, **g.to_dict()}
+            for p in result.published
+            for g in p.gates
+        ],
     }
     if result.benchmark is not None:
         bench = result.benchmark
@@ -554,7 +598,24 @@ def report_document(result: PublishResult, steps: Sequence[StepRecord]) -> dict[
             for t in bench.timings
         ]
         document["environment"] = bench.to_dict()["environment"]
+        # A speed-up measured while other work held the cores is labelled, never a plain figure.
+        document["machine_busy"] = is_busy(bench.environment)
     return document
+
+
+def _bench_tags(timings: BenchmarkResult | None, variant: str) -> dict[str, str]:
+    """Batch-1 latency and speed-up as version tags, labelled when the machine was busy."""
+    try:
+        timing = timings.timing(variant, 1) if timings is not None else None
+    except KeyError:  # not timed at batch 1
+        timing = None
+    if timings is None or timing is None or timing.speedup_vs_pytorch is None:
+        return {}
+    return {
+        "bench.p50_ms_batch1": f"{timing.p50_ms:.3f}",
+        "bench.speedup_batch1": f"{timing.speedup_vs_pytorch:.2f}",
+        "bench.machine_busy": str(is_busy(timings.environment)).lower(),
+    }
 
 
 def _timing_summary(timings: BenchmarkResult | None, variant: str) -> dict[str, object] | None:
@@ -564,6 +625,7 @@ def _timing_summary(timings: BenchmarkResult | None, variant: str) -> dict[str, 
     rows = [t for t in timings.timings if t.engine in (variant, PYTORCH)]
     return {
         "threads": timings.threads,
+        "machine_busy": is_busy(timings.environment),
         "p50_ms": {f"{t.engine}@{t.batch_size}": round(t.p50_ms, 3) for t in rows},
         "speedup_vs_pytorch": {
             str(t.batch_size): t.speedup_vs_pytorch for t in rows if t.engine == variant
@@ -713,10 +775,11 @@ class DemoResult:
             "version": self.served_version,
             "stored_at": primary.upload.uri,
             "sha256": primary.upload.sha256,
-            "parity": f"passed (max abs diff {worst:.1e})",
+            "parity": f"passed (max abs diff {worst:.1e} normalized region units)",
             "speedup_batch1": _round(self.publish.speedup(1), 2),
             "median_error_km": round(self.served_median_error_km, 1),
-            "baseline_median_error_km": round(self.training.baseline_median_error_km, 1),
+            "baseline_median_error_km": round(self.publish.heldout.baseline_median_error_km, 1),
+            "gates": {g.name: "passed" if g.passed else "failed" for g in primary.gates},
             "report": str(self.publish.report.html) if self.publish.report else None,
             "seconds": round(self.seconds, 1),
         }

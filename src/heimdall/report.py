@@ -110,6 +110,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _decision(report: dict[str, Any]) -> str:
+    """The held-out baseline and every gate with its threshold, value and verdict."""
+    held = report.get("heldout") or {}
+    baseline = (
+        f"<p>Held-out set {html.escape(str(held.get('identity', '—')))}: median error "
+        f"{_fmt(held.get('median_error_km'))} km; always predicting the region centre "
+        f"{_fmt(held.get('baseline_median_error_km'))} km.</p>"
+    )
+    rows = [
+        {
+            "variant": g.get("variant"),
+            "alias": g.get("alias"),
+            "gate": g.get("name"),
+            "threshold and value": g.get("detail"),
+            "verdict": "pass" if g.get("passed") else "FAIL",
+        }
+        for g in report.get("gates", [])
+    ]
+    return baseline + _table(rows)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "—"
@@ -139,11 +160,18 @@ def render_html(report: dict[str, Any]) -> str:
         _table([{"field": k, "value": v} for k, v in card.items()]),
         "<h2>Steps</h2>",
         _table(report.get("steps", [])),
+        "<h2>Decision: quality gates</h2>",
+        _decision(report),
         "<h2>Parity PyTorch vs ONNX Runtime</h2>",
         _table(report.get("parity", [])),
     ]
     if report.get("latency_ms"):
         sections += ["<h2>Latency distribution</h2>", _latency_plot(report["latency_ms"])]
+    if report.get("machine_busy"):
+        sections.append(
+            "<p class=bad><b>Machine busy</b> while timing: other processes held the cores, so "
+            "these latencies and speed-ups are not reliable figures.</p>"
+        )
     if report.get("throughput"):
         sections += [
             "<h2>Throughput</h2>",

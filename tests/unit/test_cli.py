@@ -22,6 +22,7 @@ from heimdall.cli import app
 from heimdall.data import generate
 from heimdall.export import ExportResult
 from heimdall.model import LocalizationNet, ModelConfig
+from tests.fixtures.mlflow_server import GATES_OPEN_ENV
 
 # Whatever the developer's shell exports must not point these tests at a real server.
 _FOREIGN_ENV = (
@@ -73,6 +74,7 @@ class Home:
     def run(self, *args: str | Path) -> Result:
         env: dict[str, str | None] = dict.fromkeys(_FOREIGN_ENV)
         env.update(HEIMDALL_DATA_DIR=str(self.data_dir), HEIMDALL_MODEL_NAME=self.name)
+        env.update(GATES_OPEN_ENV)
         with logging_restored():
             return CliRunner().invoke(app, [str(a) for a in args], env=env)
 

@@ -16,7 +16,7 @@ from heimdall.legacy import register_with_mlflow
 from heimdall.registry import AliasEvent
 from heimdall.registry.aliases import holders_of
 from heimdall.registry.client import call, explain
-from heimdall.registry.versions import _verification
+from heimdall.registry.lineage import verification_of
 from heimdall.storage import LocalStore, upload_model
 from tests.fixtures.process import free_port
 
@@ -154,7 +154,7 @@ def test_a_rollback_to_a_version_not_on_the_stack_still_ends_on_it() -> None:
 def test_verification_is_read_from_the_parity_record(
     metadata: dict[str, object], expected: str
 ) -> None:
-    assert _verification(metadata) == expected
+    assert verification_of(metadata) == expected
 
 
 def test_a_locked_sqlite_database_is_retried_and_other_errors_are_not() -> None:

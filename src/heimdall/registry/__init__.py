@@ -4,7 +4,10 @@
   per-model registry lock;
 - ``model_dir``: the write-once MLflow model folder of each registration;
 - ``versions``: one version per sha256 and model name, found again by its stored bytes;
-- ``aliases``: alias moves behind gates, their history, rollback.
+- ``lineage``: the facts a version's tags carry and the run its metadata goes to;
+- ``names``: model names, aliases, stages and ``models:/`` URIs the registry accepts;
+- ``aliases``: alias moves behind the integrity gates, their history, rollback (the quality
+  gates sit above the registry, in ``heimdall.gates``).
 
 Where the bytes live, for an upload at ``<root>/models/localization/vX.onnx``::
 
@@ -21,8 +24,11 @@ from heimdall.registry.aliases import (
     HISTORY_TAG,
     AliasChange,
     AliasEvent,
+    AliasMovedError,
     Gate,
     ModelDetails,
+    alias_holder,
+    move_alias,
     promote,
     rollback,
     set_alias,
@@ -34,20 +40,20 @@ from heimdall.registry.model_dir import (
     model_dir_uri,
     stored_sha256,
 )
+from heimdall.registry.names import PRODUCTION, STAGES, check_registration
 from heimdall.registry.versions import (
     INTEGRITY_TAG,
-    PRODUCTION,
-    STAGES,
     ModelSummary,
     RegisteredVersion,
     Registration,
-    check_registration,
     find_version_by_sha256,
     list_models,
     log_run_files,
+    log_run_metrics,
     register_model,
     resolve_model_uri,
     set_stage,
+    tag_version,
 )
 
 __all__ = [
@@ -59,17 +65,21 @@ __all__ = [
     "STAGES",
     "AliasChange",
     "AliasEvent",
+    "AliasMovedError",
     "Gate",
     "ModelDetails",
     "ModelSummary",
     "RegisteredVersion",
     "Registration",
+    "alias_holder",
     "check_registration",
     "external_data",
     "find_version_by_sha256",
     "list_models",
     "log_run_files",
+    "log_run_metrics",
     "model_dir_uri",
+    "move_alias",
     "promote",
     "register_model",
     "resolve_model_uri",
@@ -78,4 +88,5 @@ __all__ = [
     "set_stage",
     "show_model",
     "stored_sha256",
+    "tag_version",
 ]

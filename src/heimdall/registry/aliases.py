@@ -17,20 +17,14 @@ from typing import Any
 
 import structlog
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from heimdall.config import DEFAULT_ALIAS, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
 from heimdall.registry.client import call, model_lock, search_versions, session
 from heimdall.registry.model_dir import version_bytes_problem
-from heimdall.registry.versions import (
-    PRODUCTION,
-    RegisteredVersion,
-    aliases_of,
-    check_alias,
-    check_name,
-    get_version,
-    to_version,
-)
+from heimdall.registry.names import PRODUCTION, check_alias, check_name
+from heimdall.registry.versions import RegisteredVersion, aliases_of, get_version, to_version
 from heimdall.storage import ObjectStore, open_store
 
 log = structlog.get_logger(__name__)
@@ -104,6 +98,13 @@ class ModelDetails:
         }
 
 
+class AliasMovedError(RegistryError):
+    """The alias changed holder between a caller's decision and the move; decide again."""
+
+
+_ANY = object()  # expected_previous: move whatever holds the alias now
+
+
 def set_alias(
     name: str,
     version: str | int,
@@ -116,13 +117,13 @@ def set_alias(
     """Point ``alias`` at ``version`` if it is READY and verified.
 
     Its bytes are not read again: registration has just verified them. For ``production`` use
-    :func:`promote`, which does.
+    :func:`promote`, which does. Quality gates live above the registry (``heimdall.gates``).
     """
     check_name(name)
     check_alias(alias)
     if alias == PRODUCTION:
         raise InputError(f"move {PRODUCTION!r} with promote, which checks the gates first")
-    return _move(name, version, alias, action, settings, store, read_bytes=False)
+    return move_alias(name, version, alias, action=action, settings=settings, store=store)
 
 
 def promote(
@@ -138,36 +139,69 @@ def promote(
     Gates: the version is READY, its verification was recorded as passed, and the stored
     ``model.onnx`` still has the registered sha256 (read back in full).
     """
-    check_name(name)
-    check_alias(to)
-    return _move(name, version, to, "promote", settings, store, read_bytes=True)
+    return move_alias(
+        name, version, to, action="promote", read_bytes=True, settings=settings, store=store
+    )
 
 
-def _move(
+def move_alias(
     name: str,
     version: str | int,
     alias: str,
-    action: str,
-    settings: Settings | None,
-    store: ObjectStore | None,
     *,
-    read_bytes: bool,
+    action: str,
+    expected_previous: object = _ANY,
+    gates: tuple[Gate, ...] = (),
+    reason: str | None = None,
+    read_bytes: bool = False,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
 ) -> AliasChange:
+    """Move ``alias`` to ``version`` behind the integrity gates, holding the model's lock.
+
+    ``expected_previous`` (a version or None) makes the move conditional: if another process
+    moved the alias since the caller decided, AliasMovedError is raised and nothing moves.
+    ``gates`` are the caller's own verdicts (all passed, or overridden with a ``reason``),
+    reported with the integrity gates; the ``reason`` goes into the history and a version tag.
+    """
+    check_name(name)
+    check_alias(alias)
     settings = settings or load_settings()
     store = store or open_store(settings)
     with session(settings, f"move {alias!r} of {name} to version {version}") as client:
         target = get_version(client, name, str(version))
         with model_lock(client, name, wait_s=max(4 * settings.mlflow_timeout_s, 60.0)):
             current = aliases_of(call(client.get_registered_model, name)).get(alias)
+            if expected_previous is not _ANY and current != expected_previous:
+                raise AliasMovedError(
+                    f"{name}@{alias} moved to version {current} while version {target.version} "
+                    f"was judged against version {expected_previous}"
+                )
             if current == target.version:
                 return AliasChange(name, alias, target.version, current, "unchanged")
             move = f"move {alias!r} of {name} to version {target.version}"
-            gates = passed_gates(store, target, move, read_bytes=read_bytes)
-            move_alias(client, name, alias, target.version, action)
+            checked = passed_gates(store, target, move, read_bytes=read_bytes)
+            if reason:
+                tag = f"heimdall.forced.{alias}"
+                call(client.set_model_version_tag, name, target.version, tag, reason)
+            _record_move(client, name, alias, target.version, action, reason)
     log.info(
         "registry.alias_moved", name=name, alias=alias, version=target.version, previous=current
     )
-    return AliasChange(name, alias, target.version, current, action, gates)
+    return AliasChange(name, alias, target.version, current, action, (*checked, *gates))
+
+
+def alias_holder(name: str, alias: str, *, settings: Settings | None = None) -> str | None:
+    """The version ``alias`` points at now, or None (also when the model does not exist)."""
+    check_name(name)
+    settings = settings or load_settings()
+    with session(settings, f"read alias {alias!r} of {name}") as client:
+        try:
+            return aliases_of(call(client.get_registered_model, name)).get(alias)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
 
 
 def rollback(
@@ -201,7 +235,7 @@ def rollback(
             gates = passed_gates(
                 store, target, f"roll {name}@{alias} back to version {target.version}"
             )
-            move_alias(client, name, alias, target.version, "rollback")
+            _record_move(client, name, alias, target.version, "rollback")
     log.info(
         "registry.rolled_back", name=name, alias=alias, version=target.version, previous=current
     )
@@ -241,7 +275,7 @@ def show_model(
 # --- history ----------------------------------------------------------------------------------
 
 
-def move_alias(
+def _record_move(
     client: MlflowClient,
     name: str,
     alias: str,

@@ -10,8 +10,6 @@ same bytes published by N processes at once give one version, and the others rep
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid
 import warnings
@@ -26,28 +24,30 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from heimdall.config import DEFAULT_MODEL_NAME, Settings, heimdall_version, load_settings
+from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
-from heimdall.registry import client as mlflow_client
 from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
+from heimdall.registry.lineage import describe, facts_of, lineage_run, verification_of
 from heimdall.registry.model_dir import (
     check_upload,
     remove_staged,
     stage_model_dir,
     version_bytes_problem,
 )
+from heimdall.registry.names import (
+    canonical_stage,
+    check_name,
+    check_sha256,
+    parse_models_uri,
+)
 from heimdall.storage import ObjectStore, open_store
 from heimdall.validate import ValidationResult
 
 log = structlog.get_logger(__name__)
 
-PRODUCTION = "production"
 INTEGRITY_TAG = "heimdall.integrity"
 REGISTRATION_TAG = "heimdall.registration_id"
-STAGES = {"staging": "Staging", "production": "Production", "archived": "Archived", "none": "None"}
 _READY_TIMEOUT_S = 60.0
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_ALIAS = re.compile(r"[A-Za-z0-9_\-]+")
 RESERVED_TAGS = {
     "framework",
     "format",
@@ -165,20 +165,20 @@ def register_model(
             return _reuse(client, found, legacy_stage, altered)
 
     def mlmodel_metadata(checked: ValidationResult, digest: str) -> dict[str, str]:
-        return {"sha256": digest, "onnx_uri": onnx_uri, **_facts(meta, checked)}
+        return {"sha256": digest, "onnx_uri": onnx_uri, **facts_of(meta, checked)}
 
     staged = stage_model_dir(store, onnx_uri, sha256, mlmodel_metadata)
-    facts = _facts(meta, staged.validation)
+    facts = facts_of(meta, staged.validation)
     version_tags = {
         "framework": "pytorch",
         "format": "onnx",
         "sha256": staged.sha256,
         "onnx_uri": onnx_uri,
-        "verification": _verification(meta),
+        "verification": verification_of(meta),
         **facts,
         **(tags or {}),
     }
-    text = description or _describe(facts, staged.sha256)
+    text = description or describe(facts, staged.sha256)
     created: ModelVersion | None = None
     creating = False  # from here on a version may exist that points at the staged folder
     try:
@@ -188,7 +188,7 @@ def register_model(
                 found, altered = _intact_version(client, store, name, staged.sha256)
                 if found is None:
                     training_run = run_id or facts.get("training_run_id")
-                    lineage = _lineage_run(client, settings, training_run, staged.sha256, meta)
+                    lineage = lineage_run(client, settings, training_run, staged.sha256, meta)
                     creating = True
                     created = _create_version(
                         client, name, staged.source, lineage, version_tags, text
@@ -286,7 +286,7 @@ def find_version_by_sha256(
 
 def resolve_model_uri(uri: str, *, settings: Settings | None = None) -> RegisteredVersion:
     """The version that ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``…/latest`` names."""
-    name, alias, number = _parse_models_uri(uri)
+    name, alias, number = parse_models_uri(uri)
     settings = settings or load_settings()
     with session(settings, f"resolve {uri}") as client:
         if alias is not None:
@@ -327,6 +327,35 @@ def log_run_files(
     with session(settings, f"log {len(paths)} file(s) to run {run_id}") as client:
         for path in paths:
             call(client.log_artifact, run_id, str(path), artifact_path)
+
+
+def log_run_metrics(
+    run_id: str, metrics: Mapping[str, float], *, settings: Settings | None = None
+) -> None:
+    """Record numbers users filter on (held-out error, latency) as MLflow run metrics."""
+    from mlflow.entities import Metric
+
+    if not run_id:
+        raise InputError("run_id must not be empty")
+    settings = settings or load_settings()
+    now = int(time.time() * 1000)
+    entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    with session(settings, f"log {len(entries)} metric(s) to run {run_id}") as client:
+        call(client.log_batch, run_id, metrics=entries)
+
+
+def tag_version(
+    name: str, version: str, tags: Mapping[str, str], *, settings: Settings | None = None
+) -> None:
+    """Add tags to a version (facts about it, never the verified ones it was registered with)."""
+    check_name(name)
+    reserved = sorted(set(tags) & RESERVED_TAGS)
+    if reserved:
+        raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
+    settings = settings or load_settings()
+    with session(settings, f"tag {name} version {version}") as client:
+        for key, value in tags.items():
+            call(client.set_model_version_tag, name, version, key, value)
 
 
 def list_models(*, settings: Settings | None = None) -> list[ModelSummary]:
@@ -464,163 +493,6 @@ def to_version(mv: ModelVersion) -> RegisteredVersion:
         description=mv.description or None,
         tags=dict(sorted(tags.items())),
     )
-
-
-# --- tags, lineage ----------------------------------------------------------------------------
-
-
-def _facts(metadata: Mapping[str, Any], checked: ValidationResult) -> dict[str, str]:
-    """Lineage facts from the metadata, else from what the exporter stamped into the file."""
-    props = checked.metadata_props
-    facts = {
-        "opset": str(checked.opset_version),
-        "heimdall_version": _text(metadata.get("heimdall_version"))
-        or props.get("heimdall.version")
-        or heimdall_version(),
-        "checkpoint_sha256": _text(metadata.get("checkpoint_sha256"))
-        or props.get("heimdall.checkpoint_sha256"),
-        "backbone": _text(metadata.get("backbone")) or props.get("heimdall.backbone"),
-        "training_run_id": _text(metadata.get("run_id")) or props.get("heimdall.training_run_id"),
-    }
-    return {k: v for k, v in facts.items() if v}
-
-
-def _verification(metadata: Mapping[str, Any]) -> str:
-    """``passed`` or ``failed`` from ``metadata["parity"]`` (as ``get_model_metadata`` writes)."""
-    parity = metadata.get("parity")
-    passed = parity.get("passed") if isinstance(parity, Mapping) else None
-    if passed is None:
-        return "missing"
-    return "passed" if passed is True else "failed"
-
-
-def _describe(facts: Mapping[str, str], sha256: str) -> str:
-    return (
-        f"LocalizationNet ({facts.get('backbone', 'unknown')} backbone) as ONNX opset "
-        f"{facts['opset']}, sha256 {sha256}. Input mel_spectrogram float32 (B, 3, 128, 32); "
-        "outputs positions (B, 2) [lat, lon] in degrees and uncertainties (B, 2)."
-    )
-
-
-def _lineage_run(
-    client: MlflowClient,
-    settings: Settings,
-    training_run: str | None,
-    sha256: str,
-    metadata: Mapping[str, Any],
-) -> str:
-    """The training run if this server knows it, else a new export run; log the metadata there."""
-    artifact = f"onnx_metadata/{sha256[:12]}.json"
-    text = json.dumps(metadata, indent=2, sort_keys=True, default=str)
-    if training_run and _run_exists(client, training_run):
-        call(client.log_text, training_run, text, artifact)
-        return training_run
-    if training_run:
-        log.warning("registry.training_run_unknown", run_id=training_run)
-    experiment = _experiment_id(client, settings)
-    tags = {"heimdall.kind": "export", "heimdall.sha256": sha256}
-    if training_run:
-        tags["heimdall.training_run_id"] = training_run
-    run = call(client.create_run, experiment, run_name=f"export-{sha256[:12]}", tags=tags)
-    run_id = str(run.info.run_id)
-    call(client.log_text, run_id, text, artifact)
-    call(client.set_terminated, run_id)
-    return run_id
-
-
-def _run_exists(client: MlflowClient, run_id: str) -> bool:
-    try:
-        call(client.get_run, run_id)
-    except MlflowException as exc:  # unknown here, or not even an MLflow run id
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return False
-        raise
-    return True
-
-
-def _experiment_id(client: MlflowClient, settings: Settings) -> str:
-    name = settings.experiment_name
-    experiment = call(client.get_experiment_by_name, name)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    try:
-        return str(
-            call(
-                client.create_experiment,
-                name,
-                artifact_location=settings.experiment_artifact_location,
-            )
-        )
-    except MlflowException as exc:  # another registration created it first
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    experiment = call(client.get_experiment_by_name, name)
-    if experiment is None:
-        raise RegistryError(f"experiment {name!r} vanished while it was being created")
-    return str(experiment.experiment_id)
-
-
-# --- small checks -----------------------------------------------------------------------------
-
-
-def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    body = uri.removeprefix("models:/") if uri.startswith("models:/") else None
-    if body and "@" in body and "/" not in body:
-        name, alias = body.split("@", 1)
-        if name and alias:
-            return name, alias, None
-    if body and body.count("/") == 1:
-        name, number = body.split("/")
-        if name and (number.isdigit() or number == "latest"):
-            return name, None, number
-    raise InputError(
-        f"not a registry URI: {uri!r}; use models:/NAME@alias, models:/NAME/VERSION or "
-        "models:/NAME/latest"
-    )
-
-
-def check_sha256(sha256: str) -> None:
-    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-        raise InputError(f"sha256 must be 64 lowercase hex characters, got {sha256!r}")
-
-
-def check_name(name: str) -> None:
-    if not name or "'" in name or "/" in name or "@" in name or is_lock(name):
-        raise InputError(
-            f"invalid registered model name {name!r}: no quotes, '/' or '@', and not starting "
-            f"with {mlflow_client.LOCK_PREFIX!r}"
-        )
-
-
-def check_alias(alias: str) -> None:
-    if not _ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias):
-        raise InputError(
-            f"invalid alias {alias!r}: use letters, digits, '_' and '-' (not 'latest' or 'v<N>')"
-        )
-
-
-def canonical_stage(stage: str) -> str:
-    canonical = STAGES.get(stage.lower())
-    if canonical is None:
-        raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES.values())}")
-    return canonical
-
-
-def check_registration(name: str, alias: str | None = None, stage: str | None = None) -> None:
-    """Raise InputError now for a name, alias or stage that registering would refuse later.
-
-    ``production`` is refused too: only ``promote`` moves it, behind its gates.
-    """
-    check_name(name)
-    if alias is not None:
-        check_alias(alias)
-        if alias == PRODUCTION:
-            raise InputError(
-                f"alias {PRODUCTION!r} is moved only by promote, which checks the gates first; "
-                f"publish to 'staging', then run: heimdall promote {name} VERSION"
-            )
-    if stage is not None:
-        canonical_stage(stage)
 
 
 def _text(value: object) -> str | None:

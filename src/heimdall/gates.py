@@ -1,0 +1,298 @@
+"""Quality gates: an alias or stage only moves to a model at least as good as what it replaces.
+
+Every candidate is measured on one held-out set anyone can reproduce: synthetic samples named by
+(generator version, seed, size), the same for every candidate. Two gates, in MLflow's own
+vocabulary (``MetricThreshold`` checked by ``mlflow.validate_evaluation_results``):
+
+- ``baseline``: the median localization error is at most ``baseline_fraction`` of the error of
+  always predicting the region centre on the same set (``HEIMDALL_GATE_BASELINE_FRACTION``,
+  default 0.5: the demo model sits near 0.2, a 2-epoch model trained on 128 samples near 1.0);
+- ``champion``: not worse than the version that holds the target alias now by more than
+  ``champion_tolerance`` (``HEIMDALL_GATE_CHAMPION_TOLERANCE``, default 2 %), the champion
+  evaluated at decision time from its stored, sha256-checked bytes.
+
+A candidate that fails keeps its version (the work is kept), tagged with the failed gate and its
+numbers; nothing moves, and :class:`GateError` names the gate. ``force=True`` with a ``reason``
+overrides, and the reason is recorded in the version's tags and the alias history.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from mlflow.models import MetricThreshold
+from mlflow.models.evaluation import EvaluationResult
+from mlflow.models.evaluation.validation import (
+    ModelValidationFailedException,
+    validate_evaluation_results,
+)
+
+from heimdall import registry
+from heimdall.config import Settings, load_settings
+from heimdall.data import GENERATOR_VERSION, HELDOUT_SEED, RFScenario, generate, haversine_km
+from heimdall.errors import GateError, InputError
+from heimdall.inference import LocalizationModel
+from heimdall.registry import AliasChange, Gate
+from heimdall.storage import ObjectStore, open_store
+
+log = structlog.get_logger(__name__)
+
+HELDOUT_SAMPLES = 256
+GATE_TAG = "heimdall.gate."  # + alias: the failed gates of the last refused move, as JSON
+FORCED_TAG = "heimdall.forced."  # + alias: why a move overrode failing gates
+_METRIC = "median_error_km"
+_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class HeldOutSet:
+    """A reproducible synthetic held-out set: the same arrays for the same identity."""
+
+    generator: int = GENERATOR_VERSION
+    seed: int = HELDOUT_SEED
+    size: int = HELDOUT_SAMPLES
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise InputError(f"samples must be at least 1, got {self.size}")
+
+    @property
+    def identity(self) -> str:
+        return f"synthetic-v{self.generator}/seed-{self.seed}/n-{self.size}"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """ONNX Runtime predictions of one model on a held-out set, and the centre baseline."""
+
+    samples: int
+    seed: int
+    identity: str
+    version: str | None
+    sha256: str
+    median_error_km: float
+    p90_error_km: float
+    baseline_median_error_km: float  # always predicting the region centre, same set
+    true: list[list[float]] = field(repr=False)
+    predicted: list[list[float]] = field(repr=False)
+
+    @property
+    def baseline_ratio(self) -> float:
+        return self.median_error_km / self.baseline_median_error_km
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def tags(self) -> dict[str, str]:
+        """What a version records of its evaluation, so users can filter on it."""
+        return {
+            "heldout.set": self.identity,
+            "heldout.median_km": f"{self.median_error_km:.3f}",
+            "heldout.p90_km": f"{self.p90_error_km:.3f}",
+            "heldout.baseline_km": f"{self.baseline_median_error_km:.3f}",
+        }
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "heldout_median_km": self.median_error_km,
+            "heldout_p90_km": self.p90_error_km,
+            "heldout_baseline_km": self.baseline_median_error_km,
+        }
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """The thresholds every alias or stage move is judged by."""
+
+    baseline_fraction: float = 0.5
+    champion_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.baseline_fraction <= 0 or self.champion_tolerance < 0:
+            raise InputError(
+                "the baseline fraction must be positive and the champion tolerance at least 0"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GatePolicy:
+        return cls(settings.gate_baseline_fraction, settings.gate_champion_tolerance)
+
+
+def evaluate_heldout(
+    model: Path | str,
+    *,
+    samples: int = HELDOUT_SAMPLES,
+    seed: int = HELDOUT_SEED,
+    settings: Settings | None = None,
+) -> HeldOut:
+    """Localization error of a model (path or URI, sha256-checked when registered) via ORT."""
+    heldout = HeldOutSet(seed=seed, size=samples)
+    served = LocalizationModel.load(model, settings=settings)
+    features, labels = generate(heldout.size, seed=heldout.seed)
+    positions = served.predict(features).positions
+    truth = labels.astype(np.float64)
+    errors = haversine_km(positions.astype(np.float64), truth)
+    centre = np.broadcast_to(np.asarray(RFScenario().center), truth.shape)
+    return HeldOut(
+        samples=heldout.size,
+        seed=heldout.seed,
+        identity=heldout.identity,
+        version=served.version,
+        sha256=served.sha256,
+        median_error_km=round(float(np.median(errors)), 3),
+        p90_error_km=round(float(np.percentile(errors, 90)), 3),
+        baseline_median_error_km=round(float(np.median(haversine_km(centre, truth))), 3),
+        true=np.round(labels, 4).tolist(),
+        predicted=np.round(positions, 4).tolist(),
+    )
+
+
+def judge(candidate: HeldOut, champion: HeldOut | None, policy: GatePolicy) -> tuple[Gate, ...]:
+    """The baseline and champion gates of ``candidate``, each with its threshold and value."""
+    limit = policy.baseline_fraction * candidate.baseline_median_error_km
+    gates = [
+        Gate(
+            "baseline",
+            _passes(candidate.median_error_km, limit),
+            f"median {candidate.median_error_km:.2f} km, limit {limit:.2f} km "
+            f"({policy.baseline_fraction:g} × centre baseline "
+            f"{candidate.baseline_median_error_km:.2f} km)",
+        )
+    ]
+    if champion is None:
+        gates.append(Gate("champion", True, "no other version holds the alias"))
+    else:
+        ceiling = champion.median_error_km * (1 + policy.champion_tolerance)
+        gates.append(
+            Gate(
+                "champion",
+                _passes(candidate.median_error_km, ceiling),
+                f"median {candidate.median_error_km:.2f} km, limit {ceiling:.2f} km (champion "
+                f"version {champion.version} {champion.median_error_km:.2f} km "
+                f"+ {policy.champion_tolerance:.0%})",
+            )
+        )
+    return tuple(gates)
+
+
+def _passes(value: float, ceiling: float) -> bool:
+    """MLflow's own threshold check: ``value <= ceiling`` for a lower-is-better metric."""
+    try:
+        validate_evaluation_results(
+            {_METRIC: MetricThreshold(threshold=ceiling, greater_is_better=False)},
+            EvaluationResult(metrics={_METRIC: value}, artifacts={}),
+        )
+    except ModelValidationFailedException:
+        return False
+    return True
+
+
+def move_alias_gated(
+    name: str,
+    version: str,
+    alias: str,
+    *,
+    candidate: HeldOut | None = None,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
+    policy: GatePolicy | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    action: str = "publish",
+    read_bytes: bool = False,
+) -> AliasChange:
+    """Point ``alias`` at ``version`` only if it passes the baseline and champion gates.
+
+    ``candidate`` is the version's evaluation when the caller has it (publish just made it from
+    the same bytes); otherwise it is measured from the stored bytes. The champion is measured
+    now; if another process moves the alias meanwhile, the decision is taken again.
+    """
+    check_override(force, reason)
+    settings = settings or load_settings()
+    store = store or open_store(settings)
+    policy = policy or GatePolicy.from_settings(settings)
+    for _ in range(_ATTEMPTS):
+        holder = registry.alias_holder(name, alias, settings=settings)
+        mine = candidate or evaluate_heldout(f"models:/{name}/{version}", settings=settings)
+        champion = (
+            evaluate_heldout(f"models:/{name}/{holder}", settings=settings)
+            if holder is not None and holder != version
+            else None
+        )
+        gates = judge(mine, champion, policy)
+        failed = [g for g in gates if not g.passed]
+        if failed and not force:
+            _record_refusal(name, version, alias, failed, settings)
+            raise GateError(
+                f"{name} version {version} did not pass the {failed[0].name} gate for "
+                f"{alias!r}: {failed[0].detail}. It stays registered (tag {GATE_TAG}{alias}); "
+                "nothing moved. Override with --force --reason TEXT"
+            )
+        try:
+            return registry.move_alias(
+                name,
+                version,
+                alias,
+                action=action,
+                expected_previous=holder,
+                gates=gates,
+                reason=reason if force else None,
+                read_bytes=read_bytes,
+                settings=settings,
+                store=store,
+            )
+        except registry.AliasMovedError:
+            log.info("gates.champion_changed", name=name, alias=alias)
+    raise GateError(
+        f"{name}@{alias} kept moving while version {version} was judged ({_ATTEMPTS} tries); "
+        "run the command again"
+    )
+
+
+def promote(
+    name: str,
+    version: str,
+    *,
+    to: str = registry.PRODUCTION,
+    force: bool = False,
+    reason: str | None = None,
+    settings: Settings | None = None,
+    store: ObjectStore | None = None,
+) -> AliasChange:
+    """Point ``to`` at ``version`` behind every gate: READY, verified, bytes, baseline, champion."""
+    return move_alias_gated(
+        name,
+        version,
+        to,
+        settings=settings,
+        store=store,
+        force=force,
+        reason=reason,
+        action="promote",
+        read_bytes=True,
+    )
+
+
+def check_override(force: bool, reason: str | None) -> None:
+    """``force`` needs a reason (it is recorded); a reason without ``force`` is a mistake."""
+    if force and not (reason and reason.strip()):
+        raise InputError("--force needs --reason TEXT: the reason is recorded with the move")
+    if reason and not force:
+        raise InputError("--reason is only used with --force")
+
+
+def _record_refusal(
+    name: str, version: str, alias: str, failed: list[Gate], settings: Settings
+) -> None:
+    detail = json.dumps([g.to_dict() for g in failed], separators=(",", ":"))
+    registry.tag_version(name, version, {f"{GATE_TAG}{alias}": detail}, settings=settings)
+    log.warning("gates.refused", name=name, version=version, alias=alias, gates=detail)
+
+
+def gates_summary(gates: tuple[Gate, ...]) -> list[dict[str, Any]]:
+    return [g.to_dict() for g in gates]

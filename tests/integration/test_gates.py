@@ -1,0 +1,183 @@
+"""Quality gates before alias moves, against the embedded store and mlflow server + SeaweedFS.
+
+The models are constant predictors, so their held-out errors are known without training: the
+``centre`` model always answers the region centre (its error *is* the centre baseline), the
+``offset`` model a point away from it (worse than the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from heimdall import gates, registry
+from heimdall.checkpoint import save_checkpoint
+from heimdall.config import Settings
+from heimdall.errors import GateError, PublishError
+from heimdall.export import export_to_onnx
+from heimdall.model import LocalizationNet, ModelConfig
+from heimdall.pipeline import publish
+from heimdall.storage import upload_model
+from tests.fixtures.mlflow_server import MlflowBackend
+
+pytestmark = pytest.mark.integration
+
+
+def constant_model(offset: tuple[float, float]) -> LocalizationNet:
+    """Predicts ``centre + offset × scale`` whatever the input."""
+    torch.manual_seed(0)
+    model = LocalizationNet(ModelConfig(backbone="atto")).eval()
+    with torch.no_grad():
+        model.position_head[-1].weight.zero_()
+        model.position_head[-1].bias.copy_(torch.tensor(offset))
+    return model
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("gate-models")
+    offsets = {"centre": (0.0, 0.0), "centre-again": (0.0, 1e-7), "offset": (0.4, 0.4)}
+    files = {}
+    for label, offset in offsets.items():
+        files[label] = export_to_onnx(constant_model(offset), folder / f"{label}.onnx").path
+    return files
+
+
+@pytest.fixture(params=["embedded", "server"])
+def backend(request: pytest.FixtureRequest) -> MlflowBackend:
+    fixture = "embedded_mlflow" if request.param == "embedded" else "mlflow_server"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+def settings_for(backend: MlflowBackend, fraction: float = 0.5) -> Settings:
+    """Real thresholds (the fixtures open the gates for tests of other behaviour)."""
+    return backend.settings(gate_baseline_fraction=fraction, gate_champion_tolerance=0.02)
+
+
+def register(backend: MlflowBackend, settings: Settings, path: Path, name: str) -> str:
+    store = backend.store()
+    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
+    return registry.register_model(
+        uploaded.uri,
+        name=name,
+        metadata={"parity": {"passed": True}},
+        settings=settings,
+        store=store,
+    ).version.version
+
+
+def unique(label: str) -> str:
+    return f"gates-{label}-{os.urandom(3).hex()}"
+
+
+def test_a_model_no_better_than_the_centre_gets_a_version_and_no_alias(
+    backend: MlflowBackend, onnx_files: dict[str, Path]
+) -> None:
+    settings, name = settings_for(backend), unique("baseline")
+    version = register(backend, settings, onnx_files["centre"], name)
+
+    with pytest.raises(GateError, match=r"did not pass the baseline gate for 'staging'"):
+        gates.move_alias_gated(name, version, "staging", settings=settings)
+
+    shown = registry.show_model(name, settings=settings)
+    assert [v.version for v in shown.versions] == [version]  # the work is kept
+    assert shown.aliases == {}
+    failed = json.loads(shown.versions[0].tags[f"{gates.GATE_TAG}staging"])
+    assert [g["name"] for g in failed] == ["baseline"] and "limit" in failed[0]["detail"]
+
+
+def test_a_challenger_worse_than_the_champion_gets_no_alias_unless_forced_with_a_reason(
+    backend: MlflowBackend, onnx_files: dict[str, Path]
+) -> None:
+    # A lenient baseline so the centre model may hold the alias; the champion gate still bites.
+    settings, name = settings_for(backend, fraction=2.0), unique("champion")
+    champion = register(backend, settings, onnx_files["centre"], name)
+    gates.move_alias_gated(name, champion, "staging", settings=settings)
+    worse = register(backend, settings, onnx_files["offset"], name)
+
+    with pytest.raises(GateError, match=r"champion gate .*champion version " + champion):
+        gates.move_alias_gated(name, worse, "staging", settings=settings)
+    assert registry.alias_holder(name, "staging", settings=settings) == champion
+
+    change = gates.move_alias_gated(
+        name, worse, "staging", settings=settings, force=True, reason="field test of the offset"
+    )
+
+    assert (change.version, change.previous) == (worse, champion)
+    assert any(g.name == "champion" and not g.passed for g in change.gates)
+    shown = registry.show_model(name, settings=settings)
+    assert shown.aliases["staging"] == worse
+    assert shown.alias_history["staging"][-1].reason == "field test of the offset"
+    tags = registry.show_model(name, worse, settings=settings).versions[0].tags
+    assert tags["heimdall.forced.staging"] == "field test of the offset"
+
+
+def test_an_equal_challenger_passes_within_the_tolerance(
+    embedded_mlflow: MlflowBackend, onnx_files: dict[str, Path]
+) -> None:
+    settings, name = settings_for(embedded_mlflow, fraction=2.0), unique("equal")
+    champion = register(embedded_mlflow, settings, onnx_files["centre"], name)
+    gates.move_alias_gated(name, champion, "staging", settings=settings)
+    equal = register(embedded_mlflow, settings, onnx_files["centre-again"], name)
+
+    change = gates.move_alias_gated(name, equal, "staging", settings=settings)
+
+    assert change.version == equal and all(g.passed for g in change.gates)
+
+
+def test_promote_applies_the_same_gates(
+    backend: MlflowBackend, onnx_files: dict[str, Path]
+) -> None:
+    settings, name = settings_for(backend, fraction=2.0), unique("promote")
+    good = register(backend, settings, onnx_files["centre"], name)
+    worse = register(backend, settings, onnx_files["offset"], name)
+    assert gates.promote(name, good, settings=settings).version == good
+
+    with pytest.raises(GateError, match="champion gate for 'production'"):
+        gates.promote(name, worse, settings=settings)
+    with pytest.raises(GateError, match="baseline gate for 'canary'"):
+        gates.promote(name, good, settings=settings_for(backend, fraction=0.5), to="canary")
+
+    assert registry.alias_holder(name, "production", settings=settings) == good
+
+
+def test_publish_keeps_a_model_that_fails_its_gates_and_moves_nothing(
+    embedded_mlflow: MlflowBackend, tmp_path: Path
+) -> None:
+    settings = embedded_mlflow.settings(
+        data_dir=tmp_path / "data", gate_baseline_fraction=0.5, gate_champion_tolerance=0.02
+    )
+    checkpoint = tmp_path / "centre.safetensors"
+    save_checkpoint(constant_model((0.0, 0.0)), checkpoint)
+    name = unique("publish")
+
+    with pytest.raises(PublishError, match=r"at step 'alias'.*baseline gate") as failure:
+        publish(
+            checkpoint,
+            settings=settings,
+            name=name,
+            bench=False,
+            stage="Staging",
+            verify_batch_sizes=(1,),
+        )
+
+    assert "version 1" in str(failure.value)
+    (version,) = registry.show_model(name, settings=settings).versions
+    assert version.aliases == () and version.stage is None
+    assert version.tags["heldout.set"].startswith("synthetic-v1/")
+    assert float(version.tags["heldout.median_km"]) == pytest.approx(
+        float(version.tags["heldout.baseline_km"]), rel=1e-3
+    )
+
+
+def test_force_needs_a_reason_before_any_work(tmp_path: Path) -> None:
+    from heimdall.errors import InputError
+
+    with pytest.raises(InputError, match="--force needs --reason"):
+        publish(tmp_path / "missing.safetensors", force=True)
+    with pytest.raises(InputError, match="only used with --force"):
+        gates.check_override(False, "why not")
