@@ -48,7 +48,8 @@ class LockTimeoutError(HeimdallError):
 
 
 class PublishError(HeimdallError):
-    """A publish step failed; says which, why, and what already exists (re-running finishes)."""
+    """A publish step failed; says which, why, what already exists, and whether re-running
+    can finish the job."""
 
     def __init__(
         self,
@@ -61,9 +62,33 @@ class PublishError(HeimdallError):
         self.reason = reason
         self.existing = dict(existing or {})
         self.steps = list(steps or [])
+        super().__init__(step, reason)
+
+    @property
+    def retryable(self) -> bool:
+        """False when the cause lies in the inputs or a gate: the same command fails again."""
+        return not isinstance(self.__cause__, _DETERMINISTIC)
+
+    def __str__(self) -> str:
+        # Composed when shown, not in __init__: ``raise ... from cause`` sets the cause after.
         done = "; ".join(f"{k}: {v}" for k, v in self.existing.items()) or "nothing"
-        super().__init__(
-            f"publish failed at step {step!r}: {reason}. Already done: {done}. Fix the cause "
-            "and run the same command again: stored bytes and registered versions are found "
-            "by sha256 and reused, never duplicated"
-        )
+        message = f"publish failed at step {self.step!r}: {self.reason.rstrip('. ')}. "
+        message += f"Already done: {done}"
+        if self.retryable:
+            message += (
+                ". Fix the cause and run the same command again: stored bytes and registered "
+                "versions are found by sha256 and reused, never duplicated"
+            )
+        return message
+
+
+# Causes that re-running the same command cannot get past.
+_DETERMINISTIC = (
+    GateError,
+    InputError,
+    CheckpointError,
+    VerificationError,
+    ValidationError,
+    ExportError,
+    ConfigError,
+)

@@ -25,6 +25,7 @@ from typing import Literal
 
 import onnx
 import structlog
+from google.protobuf.message import DecodeError
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -37,7 +38,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from heimdall.contract import INPUT_NAME
 from heimdall.data import generate
-from heimdall.errors import ExportError, InputError
+from heimdall.errors import ExportError, InputError, ValidationError
 from heimdall.files import sha256_file
 from heimdall.model import LocalizationNet
 from heimdall.runtime import (
@@ -332,12 +333,26 @@ def _paths(onnx_path: Path | str, output_path: Path | str) -> tuple[Path, Path]:
     source, output = Path(onnx_path), Path(output_path)
     if not source.is_file():
         raise InputError(f"ONNX file not found: {source}")
+    _check_onnx(source)
     if output.suffix != ".onnx":
         raise InputError(f"output path must end in .onnx, got {output.name}")
     if output.resolve() == source.resolve():
         raise InputError(f"output {output} would overwrite its source; pick another name")
     output.parent.mkdir(parents=True, exist_ok=True)
     return source, output
+
+
+def _check_onnx(source: Path) -> None:
+    """Refuse a file that is not an ONNX model before quantizers fail on it in their own words."""
+    try:
+        graph = onnx.load(str(source), load_external_data=False).graph
+    except DecodeError:
+        graph = None
+    if graph is None or not graph.node:
+        raise ValidationError(
+            f"{source} is not an ONNX model (no graph could be read from it); pass the .onnx "
+            "file `heimdall export` wrote"
+        )
 
 
 def _stamp(path: Path, source: Path, variant: str, recipe: Mapping[str, object]) -> None:

@@ -15,6 +15,7 @@ from heimdall.errors import InputError, StorageError
 from heimdall.files import sha256_chunks
 
 MiB = 1024 * 1024
+MAX_KEY_BYTES = 1024  # S3's limit, UTF-8 encoded
 # There is no registered media type for ONNX; S3 servers and browsers handle opaque bytes well.
 CONTENT_TYPE = "application/octet-stream"
 
@@ -150,11 +151,17 @@ def check_bucket(bucket: str) -> None:
 
 
 def check_key(key: str) -> None:
-    """Raise InputError unless ``key`` is '/'-separated names without '.' or '..'."""
+    """Raise InputError unless ``key`` is '/'-separated names without '.' or '..', at most
+    1024 bytes (S3's limit)."""
     parts = key.split("/")
     if not key or "\\" in key or "\x00" in key or any(p in {"", ".", ".."} for p in parts):
         raise InputError(
             f"invalid object key {key!r}: use non-empty '/'-separated names without '.' or '..'"
+        )
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InputError(
+            f"object key {key[:40]!r}… is {len(key.encode())} bytes; keys are at most "
+            f"{MAX_KEY_BYTES} bytes: choose a shorter key (--key)"
         )
 
 

@@ -30,6 +30,9 @@ from heimdall.storage.base import (
 
 log = structlog.get_logger(__name__)
 
+# File names are at most 255 bytes on common filesystems, less the metadata's ".json".
+_MAX_NAME_BYTES = 255 - len(".json")
+
 
 class LocalStore(ObjectStore):
     """Buckets as directories under ``root``: the embedded default, no server needed.
@@ -112,11 +115,12 @@ class LocalStore(ObjectStore):
 
     def head(self, bucket: str, key: str) -> ObjectInfo | None:
         path = self._path(bucket, key)
-        if not path.is_file():
-            return None
-        stat = path.stat()
-        meta_path = self._meta_path(bucket, key)
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        with self._errors(f"reading {self.uri(bucket, key)}"):
+            if not path.is_file():
+                return None
+            stat = path.stat()
+            meta_path = self._meta_path(bucket, key)
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         return ObjectInfo(
             key=key,
             size=stat.st_size,
@@ -175,6 +179,14 @@ class LocalStore(ObjectStore):
     def _path(self, bucket: str, key: str) -> Path:
         check_bucket(bucket)
         check_key(key)
+        # Each key part is a file name here, and its metadata file adds ".json".
+        longest = max(key.split("/"), key=lambda part: len(part.encode()))
+        if len(longest.encode()) > _MAX_NAME_BYTES:
+            raise InputError(
+                f"object key part {longest[:40]!r}… is {len(longest.encode())} bytes; the local "
+                f"store keeps each '/'-separated part to {_MAX_NAME_BYTES} bytes (a file name): "
+                "choose a shorter key (--key)"
+            )
         return self.root / bucket / key
 
     def _meta_path(self, bucket: str, key: str) -> Path:
