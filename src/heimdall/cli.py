@@ -11,10 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from heimdall.config import DEFAULT_ALIAS, Settings, configure_logging, load_settings, redact_uri
+from heimdall.config import (
+    DEFAULT_ALIAS,
+    Settings,
+    configure_logging,
+    heimdall_version,
+    load_settings,
+    redact_uri,
+)
 from heimdall.errors import HeimdallError, PublishError
 
 if TYPE_CHECKING:
@@ -23,9 +32,13 @@ if TYPE_CHECKING:
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
+    # Click's plain help: flags read as flags (no "<bool>"), defaults shown, brackets kept.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
     help="Publish LocalizationNet: checkpoint → verified ONNX → object store → MLflow registry.",
 )
-console = Console(stderr=True)
+# Messages on stderr are one line each, whatever the width: a log or a pipe reads them whole.
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
@@ -35,17 +48,34 @@ ForceOpt = typer.Option(
 ReasonOpt = typer.Option(None, "--reason", help="Why --force is used; recorded with the move.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"heimdall {heimdall_version()}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
     data_dir: Path | None = typer.Option(
-        None, help="Embedded store directory \\[env HEIMDALL_DATA_DIR]."
+        None,
+        help="Embedded store: MLflow database and objects "
+        "[env HEIMDALL_DATA_DIR; default: .heimdall].",
     ),
     log_level: str | None = typer.Option(
-        None, help="DEBUG, INFO, WARNING or ERROR \\[env HEIMDALL_LOG_LEVEL, default WARNING]."
+        None,
+        metavar="[DEBUG|INFO|WARNING|ERROR]",
+        help="Lowest level of log events printed [env HEIMDALL_LOG_LEVEL; default: WARNING].",
     ),
     log_json: bool | None = typer.Option(
-        None, "--log-json", help="Logs as JSON lines on stderr \\[env HEIMDALL_LOG_JSON]."
+        None, "--log-json", help="Logs as JSON lines on stderr [env HEIMDALL_LOG_JSON]."
+    ),
+    _version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print heimdall's version and exit.",
     ),
 ) -> None:
     with errors(False):
@@ -76,18 +106,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 4 significant digits for people (``--json`` keeps every digit)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _cell(value: Any) -> Text:
+    """A table cell as literal text: brackets in values are not Rich markup."""
+    value = _rounded(value)
+    if isinstance(value, dict | list):
+        return Text(json.dumps(value, default=str, ensure_ascii=False))
+    return Text(str(value))
+
+
 def emit(result: Any, as_json: bool, title: str) -> None:
     """Print a result: JSON on stdout for programs, a key/value table for people."""
     data = _plain(result)
     if as_json:
         out.print_json(json.dumps(data, default=str))
         return
-    table = Table(title=title, show_header=False)
-    table.add_column("field", style="bold")
+    table = Table(title=escape(title), show_header=False)
+    table.add_column("field", style="bold", overflow="fold")
     table.add_column("value", overflow="fold")
     for key, value in data.items() if isinstance(data, dict) else [("result", data)]:
-        shown = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
-        table.add_row(key, shown)
+        table.add_row(Text(str(key)), _cell(value))
     out.print(table)
 
 
@@ -104,11 +152,14 @@ def errors(as_json: bool) -> Iterator[None]:
                 document.update(step=exc.step, existing=exc.existing, steps=exc.steps)
             out.print_json(json.dumps(document, default=str))
         else:
-            console.print(f"[red]error[/red] ({type(exc).__name__}): {message}")
+            # One line: a message quoting a third-party error may hold newlines of its own.
+            line = Text(" ".join(message.split()))
+            console.print(Text.assemble(("error", "red"), f" ({type(exc).__name__}): ", line))
         raise typer.Exit(1) from None
 
 
 def progress_bar() -> Progress:
+    """A transient bar on a terminal; nothing at all on a pipe or in a log file."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -116,13 +167,20 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=True,
+        disable=not console.is_terminal,
     )
 
 
-@app.command()
+@app.command(short_help="Train on synthetic RF data and save the best checkpoint.")
 def train(
     ctx: typer.Context,
-    output: Path = typer.Option(None, "-o", "--output", help="Checkpoint path (.safetensors)."),
+    output: Path = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Checkpoint path [default: <data dir>/checkpoints/localization-<backbone>"
+        ".safetensors].",
+    ),
     backbone: str = typer.Option("atto", help="ConvNeXt size: atto, femto, pico, nano, tiny, …"),
     epochs: int = typer.Option(None, help="Training epochs."),
     samples: int = typer.Option(None, help="Synthetic training samples."),
@@ -176,7 +234,10 @@ def export_cmd(
     opset: int = typer.Option(None, help="ONNX opset (default chosen by measurement)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Export a checkpoint to ONNX (atomic, deterministic, provenance in the file)."""
+    """Export a checkpoint to ONNX: atomic, deterministic, traceable.
+
+    The file records the checkpoint's sha256, the model config and heimdall's version.
+    """
     from heimdall.export import export_checkpoint
 
     with errors(as_json):
@@ -186,27 +247,50 @@ def export_cmd(
 
 @app.command()
 def validate(model: Path = typer.Argument(..., help="ONNX file."), as_json: bool = JsonOpt) -> None:
-    """Check an ONNX file: checker, IO contract, symbolic batch axis, external data."""
+    """Check an ONNX file: checker, IO contract, batch axis, files."""
     from heimdall.validate import validate_onnx_model
 
     with errors(as_json):
-        emit(validate_onnx_model(model), as_json, "validation")
+        result = validate_onnx_model(model)
+    emit(result, as_json, "validation")
+    if not as_json:
+        verdict = Text.assemble(
+            ("valid", "green"),
+            f": {model} passes the ONNX checker and LocalizationNet's IO contract "
+            f"(opset {result.opset_version})",
+        )
+        out.print(verdict, soft_wrap=True)
 
 
 def parity_table(result: dict[str, Any]) -> Table:
     table = Table(title="parity PyTorch vs ONNX Runtime")
     for col in ("output", "batch", "max abs", "max rel", "MAE", "worst input"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for d in result["diffs"]:
         table.add_row(
-            d["output"],
+            Text(d["output"]),
             str(d["batch_size"]),
             f"{d['max_abs']:.2e}",
             f"{d['max_rel']:.2e}",
             f"{d['mae']:.2e}",
-            d["worst_input"],
+            Text(d["worst_input"]),
         )
     return table
+
+
+def _thresholds(gates: dict[str, Any]) -> str:
+    """The gates a parity check applied, in words with their units."""
+    elementwise = ", ".join(
+        f"{label} ≤ {gates[key]:.3g}"
+        for key, label in (("max_abs", "max abs"), ("max_rel", "max rel"), ("mae", "MAE"))
+        if gates.get(key) is not None
+    )
+    parts = [f"{elementwise} (normalized region units)"] if elementwise else []
+    if gates.get("mean_distance_m") is not None:
+        parts.append(f"held-out mean distance ≤ {gates['mean_distance_m']:.3g} m")
+    if gates.get("median_error_increase_rel") is not None:
+        parts.append(f"median error increase ≤ {gates['median_error_increase_rel']:.1%}")
+    return "; ".join(parts)
 
 
 @app.command()
@@ -216,9 +300,10 @@ def verify(
     batch_sizes: str = typer.Option("1,2,3,8,64", help="Comma-separated batch sizes."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Check the file was exported from the checkpoint, then compare ONNX Runtime with PyTorch.
+    """Compare ONNX Runtime with PyTorch on the source checkpoint.
 
-    Exit 1 when the lineage differs or a gate fails.
+    First checks that the file was exported from the checkpoint. Exit 1 when the lineage
+    differs or a gate fails.
     """
     import warnings
 
@@ -238,7 +323,7 @@ def verify(
             return
         if result.lineage == "unrecorded":
             console.print(
-                f"[yellow]warning[/yellow]: {model} records no checkpoint sha256; "
+                f"[yellow]warning[/yellow]: {escape(str(model))} records no checkpoint sha256; "
                 "its lineage was not checked"
             )
         out.print(parity_table(data))
@@ -248,7 +333,8 @@ def verify(
                 f"held-out task check: mean distance {task['mean_distance_m']:.3g} m, "
                 f"median error change {task['median_error_change_km']:+.3g} km"
             )
-        out.print("[green]parity passed[/green]")
+        verdict = Text.assemble(("parity passed", "green"), f": {_thresholds(data['gates'])}")
+        out.print(verdict, soft_wrap=True)
 
 
 def _int_list(text: str) -> list[int]:
@@ -265,15 +351,19 @@ def upload(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="ONNX file (its .data sidecar goes with it)."),
     bucket: str = typer.Option(
-        None, help="Bucket \\[env HEIMDALL_BUCKET, default heimdall-models]."
+        None, help="Bucket [env HEIMDALL_BUCKET; default: heimdall-models]."
     ),
     key: str = typer.Option(
-        None, help="Object key (default models/localization/v<UTC time>.onnx)."
+        None,
+        help="Object key [default: models/localization/v<UTC time>-<sha256 prefix>.onnx].",
     ),
     create_bucket: bool = typer.Option(False, "--create-bucket", help="Create a missing bucket."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Validate an ONNX model as `validate` does, then upload it, verified by reading it back."""
+    """Validate an ONNX model, upload it, and read it back.
+
+    Validation is the one `validate` does; nothing it refuses is stored.
+    """
     from heimdall.storage import open_store, upload_model
     from heimdall.validate import validate_onnx_model
 
@@ -299,8 +389,9 @@ def upload(
             )
     if result.replaced_stale is not None and not as_json:
         console.print(
-            f"[yellow]warning[/yellow]: the stored bytes at {result.replaced_stale} no longer "
-            f"match their sha256; left as they are, uploaded afresh to {result.key}"
+            f"[yellow]warning[/yellow]: the stored bytes at {escape(result.replaced_stale)} no "
+            f"longer match their sha256; left as they are, uploaded afresh to "
+            f"{escape(result.key)}"
         )
     emit(result, as_json, "upload")
 
@@ -313,22 +404,36 @@ def predict(
     as_json: bool = JsonOpt,
 ) -> None:
     """Predict positions and uncertainties for a saved feature batch."""
-    from heimdall.inference import predict_file
+    from heimdall.inference import LocalizationModel, load_features
 
     with errors(as_json):
-        result = predict_file(model_uri, features, settings=_settings(ctx))
-        data = _plain(result)
-        if as_json:
-            emit(data, True, "prediction")
-            return
-        table = Table(title=f"predictions ({model_uri})")
-        for col in ("#", "lat", "lon", "σx", "σy"):
-            table.add_column(col)
-        for i, (pos, unc) in enumerate(zip(data["positions"], data["uncertainties"], strict=True)):
-            table.add_row(
-                str(i), f"{pos[0]:.4f}", f"{pos[1]:.4f}", f"{unc[0]:.3f}", f"{unc[1]:.3f}"
-            )
-        out.print(table)
+        batch = load_features(features)
+        served = LocalizationModel.load(model_uri, settings=_settings(ctx))
+        data = _plain(served.predict(batch))
+    if as_json:
+        emit(data, True, "prediction")
+        return
+    version = f"version {served.version}, " if served.version else ""
+    served_line = f"model: {redact_uri(model_uri)} ({version}sha256 {served.sha256})"
+    out.print(Text(served_line), soft_wrap=True)
+    table = Table()
+    for col in ("#", "lat", "lon", "σx", "σy"):
+        table.add_column(col, justify="right")
+    for i, (pos, unc) in enumerate(zip(data["positions"], data["uncertainties"], strict=True)):
+        table.add_row(str(i), f"{pos[0]:.4f}", f"{pos[1]:.4f}", f"{unc[0]:.3f}", f"{unc[1]:.3f}")
+    out.print(table)
+    units = _sigma_units(served.session.get_modelmeta().custom_metadata_map)
+    out.print(Text(units), soft_wrap=True)
+
+
+def _sigma_units(metadata: dict[str, str]) -> str:
+    """What the columns measure; σ is in the model's normalized region units, not degrees."""
+    units = "lat, lon in degrees; σx, σy in normalized region units"
+    try:
+        lat, lon = json.loads(metadata["heimdall.normalization"])["scale"]
+    except (KeyError, TypeError, ValueError):
+        return f"{units} (× the region's half-extent gives degrees)"
+    return f"{units} (σx × {lat:g}° and σy × {lon:g}°, the region's half-extent, give degrees)"
 
 
 class StepDisplay:
@@ -343,9 +448,11 @@ class StepDisplay:
         if status == "start":
             self.tasks[name] = self.bar.add_task(name, total=None, info="")
             return
-        mark = {"ok": "[green]✓[/green]", "reused": "[cyan]=[/cyan]", "skipped": "·"}
+        mark = {"ok": ("✓", "green"), "reused": ("=", "cyan"), "skipped": ("·", "")}
         self.bar.update(self.tasks[name], total=1, completed=1, info=detail, visible=False)
-        console.print(f"{mark.get(status, '[red]✗[/red]')} {name:<10} {detail}")
+        if status not in mark:  # the error line that follows says why, once
+            detail = "failed"
+        console.print(Text.assemble(mark.get(status, ("✗", "red")), f" {name:<10} {detail}"))
 
     def bytes(self, done: int, total: int) -> None:
         if self.upload is None:
@@ -403,7 +510,11 @@ def _publish(
 def publish(
     ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .ckpt)."),
-    name: str = typer.Option(None, help="Registered model name \\[env HEIMDALL_MODEL_NAME]."),
+    name: str = typer.Option(
+        None,
+        help="Registered model name [env HEIMDALL_MODEL_NAME; default: "
+        "heimdall-localization-onnx].",
+    ),
     alias: str = typer.Option(
         DEFAULT_ALIAS, help="Alias to point at the new version ('' for none)."
     ),
@@ -418,7 +529,10 @@ def publish(
     reason: str = ReasonOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Export, verify, benchmark, upload and register a checkpoint (re-runs are idempotent)."""
+    """Export, verify, benchmark, upload and register a checkpoint.
+
+    Re-runs are idempotent: stored bytes and registered versions are found by sha256.
+    """
     result = _publish(
         ctx,
         checkpoint,
@@ -437,7 +551,7 @@ def publish(
         emit(result, True, "published")
 
 
-@app.command()
+@app.command(short_help="Train and publish a demo model, then predict with it by alias.")
 def demo(
     ctx: typer.Context,
     backbone: str = typer.Option("atto", help="ConvNeXt size of the demo model."),
@@ -527,17 +641,17 @@ def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
         if as_json:
             emit(models, True, "models")
             return
+        if not models:
+            out.print("no registered models")
+            return
         table = Table(title="registered models")
-        columns = list(models[0]) if models else ["name"]
+        columns = list(models[0])
         for col in columns:
-            table.add_column(col)
+            # Names are never cut: a narrow terminal folds them onto more lines instead.
+            table.add_column(col, overflow="fold")
         for row in models:
             table.add_row(*(_cell(row[c]) for c in columns))
         out.print(table)
-
-
-def _cell(value: Any) -> str:
-    return json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
 
 
 @models_app.command("show")
@@ -563,7 +677,10 @@ def bench_cmd(
     threads: int = typer.Option(None, help="Threads for both runtimes (default: cores)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Time PyTorch eager vs ONNX Runtime on the same inputs in one process."""
+    """Time PyTorch eager vs ONNX Runtime on the same inputs.
+
+    Both run in this process with the same number of threads.
+    """
     from heimdall.bench import benchmark
     from heimdall.checkpoint import load_checkpoint
 
@@ -590,7 +707,10 @@ def optimize(
     calibration: int = typer.Option(256, help="Calibration samples for --int8."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Build int8/fp16 variants and gate them; exit 1 if any fails its gate."""
+    """Build int8/fp16 variants and gate them against PyTorch.
+
+    Exit 1 if any fails its gate.
+    """
     from heimdall.checkpoint import load_checkpoint
     from heimdall.errors import InputError, VerificationError
     from heimdall.optimize import Variant, build_variant

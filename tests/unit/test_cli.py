@@ -18,7 +18,8 @@ import torch
 from typer.testing import CliRunner, Result
 
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
-from heimdall.cli import app
+from heimdall.cli import app, emit
+from heimdall.config import heimdall_version
 from heimdall.data import generate
 from heimdall.export import ExportResult
 from heimdall.model import LocalizationNet, ModelConfig
@@ -53,9 +54,14 @@ def logging_restored() -> Iterator[None]:
     root = logging.getLogger()
     handlers = [(h, list(h.filters)) for h in root.handlers]
     levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    mlflow_level = os.environ.get("MLFLOW_LOGGING_LEVEL")
     try:
         yield
     finally:
+        if mlflow_level is None:
+            os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+        else:
+            os.environ["MLFLOW_LOGGING_LEVEL"] = mlflow_level
         structlog.configure(**saved)
         root.handlers = [h for h, _ in handlers]
         for handler, filters in handlers:
@@ -180,7 +186,7 @@ def test_models_show_json_has_versions_and_alias_history(registry: Registry) -> 
     assert [v["version"] for v in shown["versions"]] == ["2", "1"]
     assert {v["verification"] for v in shown["versions"]} == {"passed"}
     assert [(e["action"], e["version"]) for e in shown["alias_history"]["staging"]] == [
-        ("set", "1")
+        ("publish", "1")
     ]
 
 
@@ -206,6 +212,8 @@ def test_promote_then_rollback_moves_production_back_and_refuses_without_history
         "ready": True,
         "verification": True,
         "sha256": True,
+        "baseline": True,
+        "champion": True,
     }
     assert "RegistryError" in refused and "no earlier holder" in refused
     assert (second["version"], second["previous"]) == ("2", "1")
@@ -310,3 +318,87 @@ def test_a_failed_publish_as_json_names_the_step_and_what_exists(tmp_path: Path)
     assert (document["error"], document["step"]) == ("PublishError", "verify")
     assert set(document["existing"]) == {"onnx_file"}
     assert [s["step"] for s in document["steps"]][-1] == "verify"
+
+
+def test_version_option_prints_the_package_version() -> None:
+    with logging_restored():
+        result = CliRunner().invoke(app, ["--version"])
+
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"heimdall {heimdall_version()}"
+
+
+def test_help_shows_flags_as_flags_and_the_defaults() -> None:
+    with logging_restored():  # the callback configures logging before --help exits
+        result = CliRunner().invoke(app, ["publish", "--help"])
+
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert lines["--force"].split()[1] == "Move"  # no value placeholder after a flag
+    assert "[default: staging]" in result.stdout
+    assert "--bench / --no-bench" in result.stdout
+
+
+def test_human_tables_show_brackets_and_symbols_as_written_and_round_floats(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    emit({"order": "[lat, lon]", "seconds": 12.3456789, "gain": {"speedup": "2.5×"}}, False, "t")
+
+    shown = capsys.readouterr().out
+    assert "[lat, lon]" in shown
+    assert "12.35" in shown and "12.3456" not in shown
+    assert "2.5×" in shown and "\\u00d7" not in shown
+
+
+def test_models_list_folds_a_long_name_instead_of_cutting_it(registry: Registry) -> None:
+    result = registry.home.run("models", "list")
+
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    name_cells = [row.split("│")[1].strip() for row in rows]
+    assert "".join(name_cells) == registry.home.name
+
+
+def test_predict_names_the_served_version_its_sha256_and_the_units(
+    registry: Registry, tmp_path: Path
+) -> None:
+    features, _ = generate(2, seed=5)
+    np.save(tmp_path / "features.npy", features)
+
+    result = registry.home.run(
+        "predict", f"models:/{registry.home.name}@staging", tmp_path / "features.npy"
+    )
+
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"model: models:/{registry.home.name}@staging (version 1, sha256 ")
+    assert registry.first["published"][0]["sha256"] in first
+    assert result.stdout.splitlines()[-1].startswith(
+        "lat, lon in degrees; σx, σy in normalized region units"
+    )
+
+
+def test_validate_ends_with_its_verdict(atto_onnx: ExportResult, tmp_path: Path) -> None:
+    result = Home(tmp_path / "data", "unused").run("validate", atto_onnx.path)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == (
+        f"valid: {atto_onnx.path} passes the ONNX checker and LocalizationNet's IO contract "
+        f"(opset {atto_onnx.opset_version})"
+    )
+
+
+def test_verify_states_the_thresholds_it_passed(
+    atto_checkpoint: LoadedCheckpoint, atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    result = Home(tmp_path / "data", "unused").run(
+        "verify", atto_onnx.path, "--checkpoint", atto_checkpoint.path, "--batch-sizes", "1"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == (
+        "parity passed: max abs ≤ 2e-06, MAE ≤ 5e-07 (normalized region units); "
+        "held-out mean distance ≤ 1 m"
+    )
