@@ -25,7 +25,8 @@ from heimdall.data import generate
 from heimdall.errors import PublishError
 from heimdall.inference import LocalizationModel
 from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.pipeline import PublishResult, publish
+from heimdall.pipeline import publish
+from heimdall.results import PublishResult
 from tests.fixtures.mlflow_server import MlflowBackend
 from tests.fixtures.process import free_port, unavailable
 
