@@ -31,6 +31,7 @@ from heimdall.config import redact_uri
 from heimdall.data import generate
 from heimdall.errors import HeimdallError, InputError, RegistryError
 from heimdall.files import sha256_chunks, sha256_file
+from heimdall.runtime import recorded_settings
 from heimdall.storage import ObjectInfo, ObjectStore
 from heimdall.validate import TensorSpec, ValidationResult, validate_onnx_model
 
@@ -190,8 +191,6 @@ def _write_mlflow_model(path: Path, checked: ValidationResult, info: Mapping[str
     ``model.onnx`` that is dropped here: the real one is the server-side copy beside these files.
     The flavor carries the session settings serving uses, so ``mlflow.pyfunc`` users get them.
     """
-    from heimdall.runtime import recorded_settings
-
     signature = ModelSignature(
         inputs=Schema([_mlflow_spec(s) for s in checked.inputs]),
         outputs=Schema([_mlflow_spec(s) for s in checked.outputs]),
