@@ -25,8 +25,9 @@ from heimdall.errors import (
 if TYPE_CHECKING:
     from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
     from heimdall.inference import LocalizationModel
+    from heimdall.legacy import ONNXExporter, export_and_register_model
     from heimdall.model import LocalizationNet, ModelConfig
-    from heimdall.pipeline import export_and_register_model, publish
+    from heimdall.pipeline import publish
 
 _LAZY = {
     "LoadedCheckpoint": "heimdall.checkpoint",
@@ -35,7 +36,8 @@ _LAZY = {
     "LocalizationModel": "heimdall.inference",
     "LocalizationNet": "heimdall.model",
     "ModelConfig": "heimdall.model",
-    "export_and_register_model": "heimdall.pipeline",
+    "ONNXExporter": "heimdall.legacy",
+    "export_and_register_model": "heimdall.legacy",
     "publish": "heimdall.pipeline",
 }
 
@@ -56,6 +58,7 @@ __all__ = [
     "LocalizationModel",
     "LocalizationNet",
     "ModelConfig",
+    "ONNXExporter",
     "PublishError",
     "RegistryError",
     "StorageError",

@@ -111,9 +111,9 @@ def provenance(
 def export_to_onnx(
     model: LocalizationNet,
     output_path: Path | str,
-    *,
     opset_version: int | None = None,
     do_constant_folding: bool = True,
+    *,
     exporter: Exporter = DEFAULT_EXPORTER,
     external_data: bool | None = None,
     checkpoint_sha256: str | None = None,
@@ -121,6 +121,7 @@ def export_to_onnx(
 ) -> ExportResult:
     """Export ``model`` to ``output_path`` atomically, with a symbolic ``batch_size`` axis.
 
+    The first four parameters keep the original API's order, ``(model, path, 14, True)``.
     ``opset_version=None`` takes the exporter's default (``DEFAULT_OPSETS``).
     ``external_data=None`` writes weights to ``<name>.onnx.data`` only when they approach the
     2 GB protobuf limit; ``True`` forces it. The model's train/eval mode is restored afterwards.

@@ -147,11 +147,16 @@ def get_model_metadata(
     onnx_path: Path | str,
     model: LocalizationNet,
     run_id: str | None,
+    *,
     checkpoint_sha256: str | None = None,
     parity: SupportsToDict | Mapping[str, object] | None = None,
     timings: SupportsToDict | Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """A JSON-serialisable record of a validated ONNX file and the model it came from."""
+    """A JSON-serialisable record of a validated ONNX file and the model it came from.
+
+    Keyword-only past ``run_id``: the original API's fourth argument is ``inference_metrics``
+    (``heimdall.legacy.get_model_metadata``), which must never land in another field.
+    """
     result = validate_onnx_model(onnx_path)
     params = model.get_params_count()
     files = [result.path, *result.external_data_files]
