@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from heimdall.config import heimdall_version
-from heimdall.errors import CheckpointError
+from heimdall.errors import CheckpointError, InputError
 from heimdall.files import sha256_file
 from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig, load_exact
 
@@ -118,15 +119,32 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: the file needs arbitrary code to unpickle, which heimdall "
-            "never runs. Re-save the weights as a plain state dict or as safetensors."
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({exc}); the file may be truncated"
-        ) from exc
+        if _NEEDS_CODE.search(str(exc)):
+            raise CheckpointError(
+                f"{path}: refused to load: the file needs arbitrary code to unpickle, which "
+                "heimdall never runs. Re-save the weights as a plain state dict or as safetensors."
+            ) from exc
+        raise CheckpointError(_not_a_checkpoint(path)) from exc
+    # The unpickler meets arbitrary bytes in a foreign file: random data ends in IndexError,
+    # KeyError, UnicodeDecodeError and friends as often as in an UnpicklingError.
+    except Exception as exc:
+        raise CheckpointError(_not_a_checkpoint(path)) from exc
     return _unwrap(payload, path)
+
+
+# torch's weights-only unpickler says so when a pickle names code (a global, a reduce call);
+# every other UnpicklingError is a file that is not a pickle torch wrote.
+_NEEDS_CODE = re.compile(
+    r"not an allowed global|is blocked|call reduce for unrecognized function|"
+    r"Can only create new object"
+)
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    return (
+        f"{path}: not a PyTorch checkpoint, or it is corrupt or truncated; use a file saved "
+        "with torch.save or a .safetensors file"
+    )
 
 
 def load_torchvision_weights(backbone: ConvNeXt, path: Path) -> None:
@@ -225,7 +243,10 @@ def _config_from(meta: Mapping[str, Any], state: Mapping[str, Tensor], path: Pat
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: model config is not valid JSON ({exc})") from exc
     if isinstance(raw, Mapping):
-        return ModelConfig.from_dict(dict(raw))
+        try:
+            return ModelConfig.from_dict(dict(raw))
+        except (CheckpointError, InputError) as exc:
+            raise CheckpointError(f"{path}: the model config it records is invalid: {exc}") from exc
     # The region normalization lives in the state dict too; the defaults would silently move
     # every prediction to another region.
     defaults = ModelConfig(backbone=infer_backbone(state))

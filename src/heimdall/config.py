@@ -20,9 +20,10 @@ from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
-from pydantic import AliasChoices, Field, SecretStr, field_serializer
+from pydantic import AliasChoices, Field, SecretStr, field_serializer, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from structlog.dev import plain_traceback
@@ -35,6 +36,9 @@ DEFAULT_ALIAS = "staging"
 DEFAULT_EXPERIMENT = "heimdall-localization"
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# What MLflow's own loggers get at import; read once, so a user's choice is kept.
+_USER_MLFLOW_LOGGING_LEVEL = os.environ.get("MLFLOW_LOGGING_LEVEL")
 
 
 # Fields that may carry ``user:password@``; what Settings shows of them is redacted.
@@ -44,6 +48,20 @@ _URI_FIELDS = ("tracking_uri", "registry_uri", "artifact_uri", "s3_endpoint_url"
 def redact_uri(uri: str) -> str:
     """Drop any ``user:password@`` part of a URI so it can be logged or shown."""
     return _USERINFO.sub(r"\g<scheme>***@", uri)
+
+
+def check_endpoint_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is ``http(s)://host[:port]`` (an S3 endpoint)."""
+    problem = f"S3 endpoint {redact_uri(url)!r} is not http(s)://host[:port]"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when it is not a number in 0-65535
+    except ValueError:
+        raise ValueError(f"{problem}: the port is not a number from 1 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{problem}, e.g. http://127.0.0.1:8333")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
+        raise ValueError(f"{problem}: leave out any path, query or port 0")
 
 
 def _sqlalchemy_uri(uri: str) -> str:
@@ -113,6 +131,20 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _http_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_endpoint_url(value)
+        return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() and str() both come from here; SecretStr fields already hide themselves.
@@ -249,9 +281,14 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except PydanticValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
+            # A validator's own message, without pydantic's "Value error, " in front.
+            + (str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"])
+            for e in exc.errors()
         )
-        raise ConfigError(f"invalid settings ({problems}); check the environment") from None
+        raise ConfigError(
+            f"invalid settings ({problems}); check the environment and the options"
+        ) from None
 
 
 def _scrubber(secrets: Iterable[str]) -> Any:
@@ -303,15 +340,17 @@ class _ScrubbingRecordFactory:
 def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
     """Set up structlog: console or JSON lines on stderr, secrets and URI passwords scrubbed."""
     scrub = _scrubber(secrets)
+    if level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"unknown log level {level!r}; use {', '.join(LOG_LEVELS)}")
     numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
-    # MLflow and alembic log their own INFO chatter through stdlib logging; keep it to warnings
-    # unless the user asked for DEBUG.
+    # MLflow and alembic log their own INFO chatter ("Creating initial MLflow database
+    # tables...") through stdlib logging; keep it to warnings unless the user asked for DEBUG.
+    # Importing mlflow resets its logger's level from MLFLOW_LOGGING_LEVEL, and heimdall
+    # imports it late, so both are set.
+    quiet = "DEBUG" if numeric <= logging.DEBUG else "WARNING"
+    os.environ["MLFLOW_LOGGING_LEVEL"] = _USER_MLFLOW_LOGGING_LEVEL or quiet
     for name in ("mlflow", "alembic", "botocore", "urllib3"):
-        logging.getLogger(name).setLevel(
-            logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
-        )
+        logging.getLogger(name).setLevel(quiet)
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr))
@@ -343,3 +382,13 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _quiet_by_default() -> None:
+    """Used as a library, heimdall logs warnings and errors only until the host configures
+    structlog (or calls configure_logging): structlog's own default prints every INFO event."""
+    if not structlog.is_configured():
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+_quiet_by_default()

@@ -178,11 +178,48 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"unknown model config fields: {sorted(unknown)}")
-        values = dict(data)
-        for key in ("head_hidden", "center", "scale"):
-            if key in values:
-                values[key] = tuple(values[key])  # type: ignore[arg-type]
+        values = {key: _config_value(key, value) for key, value in data.items()}
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _is_number(value: object, kind: type) -> bool:
+    """An int, or a float where ``kind`` is float (JSON's true/false are not numbers here)."""
+    allowed = (int, float) if kind is float else (int,)
+    return isinstance(value, allowed) and not isinstance(value, bool)
+
+
+# What each ModelConfig field holds in its JSON form (see ModelConfig.to_dict).
+_PAIRS = {"head_hidden": int, "center": float, "scale": float}
+_NUMBERS = ("dropout", "uncertainty_min", "uncertainty_max")
+_EXPECTED = {
+    "backbone": "a string",
+    "head_hidden": "two integers",
+    "center": "two numbers",
+    "scale": "two numbers",
+    "extra": "an object of strings",
+    **dict.fromkeys(_NUMBERS, "a number"),
+}
+
+
+def _config_value(key: str, value: object) -> object:
+    """One field of a stored config, type-checked: a checkpoint's JSON is not trusted."""
+    if key == "backbone" and isinstance(value, str):
+        return value
+    if key in _NUMBERS and _is_number(value, float):
+        return float(value)  # type: ignore[arg-type]
+    if key in _PAIRS and isinstance(value, list | tuple) and len(value) == 2:
+        kind = _PAIRS[key]
+        if all(_is_number(v, kind) for v in value):
+            return tuple(kind(v) for v in value)
+    strings = isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+    if key == "extra" and strings:
+        return dict(value)  # type: ignore[call-overload]
+    raise CheckpointError(
+        f"model config field {key!r} must be {_EXPECTED[key]}, got {value!r}; "
+        "re-save the checkpoint with heimdall.checkpoint.save_checkpoint"
+    )
 
 
 @dataclass(frozen=True)

@@ -531,6 +531,46 @@ def test_invalid_config_json_in_metadata_is_a_checkpoint_error(
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("uncertainty_min", "abc"),
+        ("dropout", True),
+        ("head_hidden", [256]),
+        ("center", ["45", 8.5]),
+        ("backbone", 3),
+        ("extra", {"note": 1}),
+    ],
+)
+def test_config_value_of_the_wrong_type_is_a_checkpoint_error_naming_the_field(
+    model: LocalizationNet, tmp_path: Path, field: str, value: object
+) -> None:
+    path = tmp_path / "m.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    stored = {**model.config.to_dict(), field: value}
+    save_file(state, str(path), metadata={"heimdall_config": json.dumps(stored)})
+    with pytest.raises(CheckpointError, match=f"m.safetensors: .*config field '{field}'"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(bytes((i * 7919 + 13) % 256 for i in range(4096)), id="random-bytes"),
+        pytest.param(b"\x80\x02h\x05.", id="keyerror-pickle"),
+        pytest.param(b"this is not a checkpoint\n", id="text"),
+    ],
+)
+def test_bytes_that_are_no_torch_file_are_called_corrupt_not_unsafe(
+    tmp_path: Path, data: bytes
+) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
+        load_checkpoint(path)
+    assert "arbitrary code" not in str(info.value)
+
+
 def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 

@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,6 +25,7 @@ from heimdall.config import (
     load_settings,
     redact_uri,
 )
+from heimdall.errors import ConfigError
 
 ENV_NAMES = (
     "HEIMDALL_DATA_DIR",
@@ -63,7 +66,12 @@ def restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
     factory = logging.getLogRecordFactory()
     handlers = list(logging.getLogger().handlers)
+    mlflow_level = os.environ.get("MLFLOW_LOGGING_LEVEL")
     yield
+    if mlflow_level is None:
+        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+    else:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = mlflow_level
     structlog.configure(**saved)
     logging.setLogRecordFactory(factory)
     logging.getLogger().handlers = handlers
@@ -328,9 +336,66 @@ def test_log_level_filters_lower_events(capsys: pytest.CaptureFixture[str]) -> N
     assert "shown-info-event" in err
 
 
-def test_unknown_log_level_is_rejected() -> None:
-    with pytest.raises(ValueError, match="CHATTY"):
+def test_unknown_log_level_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="CHATTY"):
         configure_logging("CHATTY")
+
+
+def test_unknown_log_level_in_the_environment_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HEIMDALL_LOG_LEVEL", "LOUD")
+    with pytest.raises(ConfigError, match="HEIMDALL_LOG_LEVEL: unknown log level 'LOUD'"):
+        load_settings()
+
+
+def test_log_level_from_the_environment_is_upper_cased(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEIMDALL_LOG_LEVEL", "info")
+    assert load_settings().log_level == "INFO"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["not-a-url", "ftp://s3.example", "http://", "http://host:99999", "http://host/bucket"],
+)
+def test_s3_endpoint_that_is_not_http_host_port_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("HEIMDALL_S3_ENDPOINT_URL", url)
+    with pytest.raises(ConfigError, match=r"HEIMDALL_S3_ENDPOINT_URL: .*http\(s\)://host\[:port\]"):
+        load_settings()
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_heimdall_used_as_a_library_prints_warnings_but_no_info_events() -> None:
+    done = run_python(
+        "import structlog, heimdall.checkpoint\n"
+        "log = structlog.get_logger('heimdall.test')\n"
+        "log.info('library-info-event'); log.warning('library-warning-event')"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "library-info-event" not in done.stdout + done.stderr
+    assert "library-warning-event" in done.stdout + done.stderr
+
+
+def test_mlflow_info_lines_are_hidden_at_the_default_level(tmp_path: Path) -> None:
+    done = run_python(
+        "from heimdall.config import configure_logging, load_settings\n"
+        f"settings = load_settings(data_dir={str(tmp_path)!r})\n"
+        "configure_logging(settings.log_level)\n"
+        "from heimdall.registry import list_models\n"
+        "list_models(settings=settings)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mlflow.db").is_file()
+    assert "Creating initial MLflow database tables" not in done.stderr
+    assert " INFO " not in done.stderr
 
 
 @pytest.mark.usefixtures("restore_logging")
