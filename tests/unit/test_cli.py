@@ -180,7 +180,7 @@ def test_models_show_json_has_versions_and_alias_history(registry: Registry) -> 
     assert [v["version"] for v in shown["versions"]] == ["2", "1"]
     assert {v["verification"] for v in shown["versions"]} == {"passed"}
     assert [(e["action"], e["version"]) for e in shown["alias_history"]["staging"]] == [
-        ("set", "1")
+        ("publish", "1")
     ]
 
 
@@ -206,6 +206,8 @@ def test_promote_then_rollback_moves_production_back_and_refuses_without_history
         "ready": True,
         "verification": True,
         "sha256": True,
+        "baseline": True,
+        "champion": True,
     }
     assert "RegistryError" in refused and "no earlier holder" in refused
     assert (second["version"], second["previous"]) == ("2", "1")
