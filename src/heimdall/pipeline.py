@@ -23,7 +23,7 @@ import structlog
 
 from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
-from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings, redact_uri
+from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.errors import GateError, HeimdallError, InputError, PublishError
 from heimdall.export import export_to_onnx
 from heimdall.gates import (
@@ -488,63 +488,3 @@ def _check_variants(variants: Sequence[str] | str) -> list[Variant]:
         if variant not in chosen:
             chosen.append(variant)
     return chosen
-
-
-# --- the original API ------------------------------------------------------------------------
-
-
-def export_and_register_model(
-    pytorch_model: LocalizationNet,
-    run_id: str | None,
-    s3_client: ObjectStore | None = None,
-    mlflow_tracker: Settings | None = None,
-    output_dir: Path = Path("/tmp/onnx_exports"),
-    model_name: str = DEFAULT_MODEL_NAME,
-) -> dict[str, Any]:
-    """The original workflow's shape: a dict with ``success`` and ``error``, never a raise.
-
-    ``s3_client`` is the object store (default: from settings) and ``mlflow_tracker`` the
-    settings naming the tracking server (default: from the environment).
-    """
-    try:
-        result = publish(
-            pytorch_model,
-            settings=mlflow_tracker,
-            store=s3_client,
-            name=model_name,
-            stage="Staging",
-            output_dir=output_dir,
-            run_id=run_id,
-        )
-    except HeimdallError as exc:
-        failed = exc if isinstance(exc, PublishError) else None
-        return {
-            "success": False,
-            "s3_uri": failed.existing.get("uploaded") if failed else None,
-            "model_info": None,
-            "metadata": None,
-            "inference_metrics": None,
-            "registration": None,
-            "error": str(exc),
-            "failed_step": failed.step if failed else None,
-            "steps": failed.steps if failed else [],
-        }
-    primary = result.primary
-    return {
-        "success": True,
-        "s3_uri": primary.upload.uri,
-        "model_info": result.validation.to_dict(),
-        "metadata": dict(primary.metadata),
-        "inference_metrics": {
-            "parity": result.parity.to_dict(),
-            "timings": timing_summary(result.benchmark, FP32),
-        },
-        "registration": {
-            **primary.version.to_dict(),
-            "model_name": primary.version.name,
-            "model_version": primary.version.version,
-        },
-        "error": None,
-        "failed_step": None,
-        "steps": [s.to_dict() for s in result.steps],
-    }

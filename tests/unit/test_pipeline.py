@@ -17,8 +17,9 @@ from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
 from heimdall.errors import InputError, PublishError
 from heimdall.gates import evaluate_heldout
+from heimdall.legacy import export_and_register_model
 from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.pipeline import export_and_register_model, publish
+from heimdall.pipeline import publish
 from heimdall.report import REPORT_SCHEMA_VERSION
 from heimdall.results import PublishResult
 from heimdall.storage import open_store
