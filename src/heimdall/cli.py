@@ -27,7 +27,7 @@ from heimdall.config import (
 from heimdall.errors import HeimdallError, PublishError
 
 if TYPE_CHECKING:
-    from heimdall.pipeline import PublishResult
+    from heimdall.results import PublishResult
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -195,7 +195,7 @@ def train(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train LocalizationNet on synthetic RF data and save the best checkpoint."""
-    from heimdall.pipeline import train_with_settings
+    from heimdall.demo import train_with_settings
     from heimdall.train import TrainConfig
 
     settings = _settings(ctx)
@@ -560,7 +560,7 @@ def demo(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a demo model, publish it, load it back by alias and predict held-out samples."""
-    from heimdall.pipeline import run_demo
+    from heimdall.demo import run_demo
     from heimdall.train import TrainConfig
 
     settings = _settings(ctx)

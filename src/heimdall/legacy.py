@@ -42,9 +42,11 @@ from heimdall.config import (
     load_settings,
     redact_uri,
 )
-from heimdall.errors import HeimdallError, InputError, VerificationError
+from heimdall.errors import HeimdallError, InputError, PublishError, VerificationError
+from heimdall.gates import move_alias_gated
 from heimdall.model import LocalizationNet
-from heimdall.registry import register_model, set_alias
+from heimdall.registry import register_model, set_stage
+from heimdall.results import FP32, timing_summary
 from heimdall.storage import LocalStore, ObjectStore, open_store, upload_model
 from heimdall.verify import verify_parity
 
@@ -231,21 +233,23 @@ def register_with_mlflow(
 ) -> dict[str, Any]:
     """Register ``s3_uri`` (expected sha256 from ``metadata``); the version as a dict.
 
-    Sets the legacy ``stage`` as asked and, when parity verification passed, the ``staging``
-    alias; ``production`` moves only through ``promote``.
+    When parity verification passed, the ``staging`` alias and then the legacy ``stage`` move
+    behind the quality gates (``heimdall.gates``; GateError when they refuse, the version
+    kept); ``production`` moves only through ``promote``.
     """
     registration = register_model(
         s3_uri,
         sha256=str(metadata["sha256"]) if metadata.get("sha256") else None,
         name=model_name,
         metadata=metadata,
-        stage=stage,
         settings=settings,
         store=store,
     )
     version = registration.version
     if version.verification == "passed":
-        set_alias(model_name, version.version, DEFAULT_ALIAS, settings=settings, store=store)
+        move_alias_gated(model_name, version.version, DEFAULT_ALIAS, settings=settings, store=store)
+        if stage:
+            version = set_stage(model_name, version.version, stage, settings=settings)
         version = replace(version, aliases=tuple(sorted({*version.aliases, DEFAULT_ALIAS})))
     else:
         log.warning("legacy.alias_not_moved", name=model_name, version=version.version)
@@ -318,7 +322,7 @@ def export_and_register_model(
     except HeimdallError as exc:
         return _failed(str(exc))
     try:
-        result = pipeline.export_and_register_model(
+        result = _publish_as_dict(
             pytorch_model, run_id, store, settings, Path(output_dir), model_name
         )
     except Exception as exc:  # the seed promises a dict, never a raise
@@ -342,4 +346,57 @@ def _failed(error: str) -> dict[str, Any]:
         "error": error,
         "failed_step": None,
         "steps": [],
+    }
+
+
+def _publish_as_dict(
+    pytorch_model: LocalizationNet,
+    run_id: str | None,
+    s3_client: ObjectStore | None = None,
+    mlflow_tracker: Settings | None = None,
+    output_dir: Path = Path("/tmp/onnx_exports"),
+    model_name: str = DEFAULT_MODEL_NAME,
+) -> dict[str, Any]:
+    """Publish and answer in the seed's dict; heimdall's own errors become ``success: False``."""
+    try:
+        result = pipeline.publish(
+            pytorch_model,
+            settings=mlflow_tracker,
+            store=s3_client,
+            name=model_name,
+            stage="Staging",
+            output_dir=output_dir,
+            run_id=run_id,
+        )
+    except HeimdallError as exc:
+        failed = exc if isinstance(exc, PublishError) else None
+        return {
+            "success": False,
+            "s3_uri": failed.existing.get("uploaded") if failed else None,
+            "model_info": None,
+            "metadata": None,
+            "inference_metrics": None,
+            "registration": None,
+            "error": str(exc),
+            "failed_step": failed.step if failed else None,
+            "steps": failed.steps if failed else [],
+        }
+    primary = result.primary
+    return {
+        "success": True,
+        "s3_uri": primary.upload.uri,
+        "model_info": result.validation.to_dict(),
+        "metadata": dict(primary.metadata),
+        "inference_metrics": {
+            "parity": result.parity.to_dict(),
+            "timings": timing_summary(result.benchmark, FP32),
+        },
+        "registration": {
+            **primary.version.to_dict(),
+            "model_name": primary.version.name,
+            "model_version": primary.version.version,
+        },
+        "error": None,
+        "failed_step": None,
+        "steps": [s.to_dict() for s in result.steps],
     }

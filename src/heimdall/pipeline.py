@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,14 +21,12 @@ from typing import Any
 import safetensors.torch
 import structlog
 
-from heimdall.bench import PYTORCH, BenchmarkResult, benchmark
+from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
-from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings, redact_uri
-from heimdall.data import HELDOUT_SEED
+from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.errors import GateError, HeimdallError, InputError, PublishError
 from heimdall.export import export_to_onnx
 from heimdall.gates import (
-    HELDOUT_SAMPLES,
     GatePolicy,
     HeldOut,
     check_override,
@@ -42,7 +40,6 @@ from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantRes
 from heimdall.registry import (
     DEFAULT_ALIAS,
     Gate,
-    RegisteredVersion,
     Registration,
     check_registration,
     log_run_files,
@@ -50,113 +47,29 @@ from heimdall.registry import (
     register_model,
     set_stage,
 )
-from heimdall.report import ReportPaths, write_report
+from heimdall.report import write_report
+from heimdall.results import (
+    FP32,
+    PublishedModel,
+    PublishResult,
+    StepRecord,
+    bench_tags,
+    report_document,
+    timing_summary,
+)
 from heimdall.storage import ObjectStore, UploadResult, check_bucket, open_store, upload_model
-from heimdall.train import TrainConfig, TrainResult, train
-from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
+from heimdall.validate import get_model_metadata, validate_onnx_model
 from heimdall.verify import ParityResult, verify_parity
 
 log = structlog.get_logger(__name__)
 
-FP32 = "fp32"
 BENCH_BATCH_SIZES = (1, 8, 32)
 VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
-DEMO_SEED = HELDOUT_SEED + 1  # demo predictions use samples no gate and no training run has seen
 
 # Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
 # "failed".
 StepProgress = Callable[[str, str, str], None]
 BytesProgress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One step of a publish run and how long it took."""
-
-    name: str
-    status: str  # ok | reused | skipped | failed
-    seconds: float
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "step": self.name,
-            "status": self.status,
-            "seconds": self.seconds,
-            "detail": self.detail,
-        }
-
-
-@dataclass(frozen=True)
-class PublishedModel:
-    """One variant's verified bytes in the object store and its registry version."""
-
-    variant: str
-    onnx_path: Path
-    upload: UploadResult
-    version: RegisteredVersion
-    reused_version: bool
-    alias: str | None
-    metadata: Mapping[str, Any]
-    heldout: HeldOut
-    gates: tuple[Gate, ...] = ()
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "variant": self.variant,
-            "onnx_path": str(self.onnx_path),
-            "uri": self.upload.uri,
-            "sha256": self.upload.sha256,
-            "size_bytes": self.upload.size,
-            "uploaded": not self.upload.reused,
-            "version": self.version.version,
-            "model_uri": self.version.uri,
-            "reused_version": self.reused_version,
-            "alias": self.alias,
-            "run_id": self.version.run_id,
-            "heldout_median_error_km": self.heldout.median_error_km,
-            "gates": [g.to_dict() for g in self.gates],
-        }
-
-
-@dataclass(frozen=True)
-class PublishResult:
-    """Everything a publish run made and measured; ``published[0]`` is the fp32 model."""
-
-    name: str
-    checkpoint_sha256: str
-    published: tuple[PublishedModel, ...]
-    validation: ValidationResult
-    parity: ParityResult
-    variants: tuple[VariantResult, ...]
-    benchmark: BenchmarkResult | None
-    heldout: HeldOut
-    steps: tuple[StepRecord, ...]
-    report: ReportPaths | None
-
-    @property
-    def primary(self) -> PublishedModel:
-        return self.published[0]
-
-    def speedup(self, batch_size: int = 1) -> float | None:
-        """ONNX Runtime fp32 vs PyTorch eager at ``batch_size`` (above 1: ONNX is faster)."""
-        if self.benchmark is None:
-            return None
-        return self.benchmark.timing(FP32, batch_size).speedup_vs_pytorch
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "success": True,
-            "name": self.name,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "published": [p.to_dict() for p in self.published],
-            "parity_passed": self.parity.passed,
-            "speedup_batch1": self.speedup(1),
-            "heldout_median_error_km": self.heldout.median_error_km,
-            "variants": [v.to_dict() for v in self.variants],
-            "steps": [s.to_dict() for s in self.steps],
-            "report": str(self.report.html) if self.report else None,
-        }
 
 
 class _Run:
@@ -420,7 +333,7 @@ def _publish_one(
             shared.training_run,
             checkpoint_sha256=shared.loaded.sha256,
             parity=parity,
-            timings=_timing_summary(shared.timings, variant),
+            timings=timing_summary(shared.timings, variant),
         )
         metadata.update({"variant": variant, "s3_uri": uploaded.uri})
         run.note(f"sha256 {metadata['sha256']}")
@@ -507,7 +420,7 @@ def _register_step(
             name=name,
             metadata=metadata,
             run_id=shared.training_run,
-            tags={"variant": variant, **evaluation.tags(), **_bench_tags(shared.timings, variant)},
+            tags={"variant": variant, **evaluation.tags(), **bench_tags(shared.timings, variant)},
             settings=shared.settings,
             store=shared.store,
         )
@@ -539,98 +452,6 @@ def _judge_without_alias(
             "move. Override with --force --reason TEXT"
         )
     return gates
-
-
-def report_document(result: PublishResult, steps: Sequence[StepRecord]) -> dict[str, Any]:
-    """The report's content: model card, steps, parity, latency, throughput, held-out set."""
-    primary = result.primary
-    meta = primary.metadata
-    card = {
-        "name": result.name,
-        "version": primary.version.version,
-        "model_uri": primary.version.uri,
-        "stored_at": primary.upload.uri,
-        "sha256": primary.upload.sha256,
-        "size_bytes": primary.upload.size,
-        "backbone": meta.get("backbone"),
-        "parameters": meta.get("parameters"),
-        "inputs": meta.get("inputs"),
-        "outputs": meta.get("outputs"),
-        "opset": meta.get("opset_version"),
-        "producer": meta.get("producer"),
-        "checkpoint_sha256": result.checkpoint_sha256,
-        "training_run_id": meta.get("run_id"),
-        "lineage_run_id": primary.version.run_id,
-        "variants": [p.variant for p in result.published],
-    }
-    document: dict[str, Any] = {
-        "success": True,
-        "model_card": card,
-        "steps": [s.to_dict() for s in steps],
-        "parity": [d.to_dict() for d in result.parity.diffs],
-        "parity_task": result.parity.task.to_dict() if result.parity.task else None,
-        "variants": [v.to_dict() for v in result.variants],
-        "heldout": result.heldout.to_dict(),
-        # The decision: every gate of every published variant, with threshold, value, verdict.
-        "gates": [
-            {"variant": p.variant, "alias": p.alias, **g.to_dict()}
-            for p in result.published
-            for g in p.gates
-        ],
-    }
-    if result.benchmark is not None:
-        bench = result.benchmark
-        document["latency_ms"] = {t.engine: {} for t in bench.timings}
-        document["throughput"] = {t.engine: {} for t in bench.timings}
-        for t in bench.timings:
-            document["latency_ms"][t.engine][str(t.batch_size)] = list(t.samples_ms)
-            document["throughput"][t.engine][str(t.batch_size)] = t.throughput
-        document["benchmark"] = [
-            {
-                "engine": t.engine,
-                "batch": t.batch_size,
-                "p50_ms": t.p50_ms,
-                "p90_ms": t.p90_ms,
-                "p99_ms": t.p99_ms,
-                "samples_per_s": t.throughput,
-                "speedup_vs_pytorch": t.speedup_vs_pytorch,
-            }
-            for t in bench.timings
-        ]
-        document["environment"] = bench.to_dict()["environment"]
-        # A speed-up measured while other work held the cores is labelled, never a plain figure.
-        document["machine_busy"] = is_busy(bench.environment)
-    return document
-
-
-def _bench_tags(timings: BenchmarkResult | None, variant: str) -> dict[str, str]:
-    """Batch-1 latency and speed-up as version tags, labelled when the machine was busy."""
-    try:
-        timing = timings.timing(variant, 1) if timings is not None else None
-    except KeyError:  # not timed at batch 1
-        timing = None
-    if timings is None or timing is None or timing.speedup_vs_pytorch is None:
-        return {}
-    return {
-        "bench.p50_ms_batch1": f"{timing.p50_ms:.3f}",
-        "bench.speedup_batch1": f"{timing.speedup_vs_pytorch:.2f}",
-        "bench.machine_busy": str(is_busy(timings.environment)).lower(),
-    }
-
-
-def _timing_summary(timings: BenchmarkResult | None, variant: str) -> dict[str, object] | None:
-    """p50 latencies of this variant and PyTorch, per batch size, for the metadata record."""
-    if timings is None:
-        return None
-    rows = [t for t in timings.timings if t.engine in (variant, PYTORCH)]
-    return {
-        "threads": timings.threads,
-        "machine_busy": is_busy(timings.environment),
-        "p50_ms": {f"{t.engine}@{t.batch_size}": round(t.p50_ms, 3) for t in rows},
-        "speedup_vs_pytorch": {
-            str(t.batch_size): t.speedup_vs_pytorch for t in rows if t.engine == variant
-        },
-    }
 
 
 def _load(source: Path | str | LoadedCheckpoint | LocalizationNet) -> LoadedCheckpoint:
@@ -667,162 +488,3 @@ def _check_variants(variants: Sequence[str] | str) -> list[Variant]:
         if variant not in chosen:
             chosen.append(variant)
     return chosen
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-# --- the original API ------------------------------------------------------------------------
-
-
-def export_and_register_model(
-    pytorch_model: LocalizationNet,
-    run_id: str | None,
-    s3_client: ObjectStore | None = None,
-    mlflow_tracker: Settings | None = None,
-    output_dir: Path = Path("/tmp/onnx_exports"),
-    model_name: str = DEFAULT_MODEL_NAME,
-) -> dict[str, Any]:
-    """The original workflow's shape: a dict with ``success`` and ``error``, never a raise.
-
-    ``s3_client`` is the object store (default: from settings) and ``mlflow_tracker`` the
-    settings naming the tracking server (default: from the environment).
-    """
-    try:
-        result = publish(
-            pytorch_model,
-            settings=mlflow_tracker,
-            store=s3_client,
-            name=model_name,
-            stage="Staging",
-            output_dir=output_dir,
-            run_id=run_id,
-        )
-    except HeimdallError as exc:
-        failed = exc if isinstance(exc, PublishError) else None
-        return {
-            "success": False,
-            "s3_uri": failed.existing.get("uploaded") if failed else None,
-            "model_info": None,
-            "metadata": None,
-            "inference_metrics": None,
-            "registration": None,
-            "error": str(exc),
-            "failed_step": failed.step if failed else None,
-            "steps": failed.steps if failed else [],
-        }
-    primary = result.primary
-    return {
-        "success": True,
-        "s3_uri": primary.upload.uri,
-        "model_info": result.validation.to_dict(),
-        "metadata": dict(primary.metadata),
-        "inference_metrics": {
-            "parity": result.parity.to_dict(),
-            "timings": _timing_summary(result.benchmark, FP32),
-        },
-        "registration": {
-            **primary.version.to_dict(),
-            "model_name": primary.version.name,
-            "model_version": primary.version.version,
-        },
-        "error": None,
-        "failed_step": None,
-        "steps": [s.to_dict() for s in result.steps],
-    }
-
-
-def train_with_settings(
-    config: TrainConfig,
-    output: Path,
-    settings: Settings,
-    *,
-    progress: Callable[[int, int, float, float], None] | None = None,
-) -> TrainResult:
-    """Train and log the run to the tracking store and experiment that ``settings`` name."""
-    return train(
-        config,
-        output,
-        tracking_uri=settings.resolved_tracking_uri,
-        experiment_name=settings.experiment_name,
-        artifact_location=settings.experiment_artifact_location,
-        progress=progress,
-        timeout_s=settings.mlflow_timeout_s,
-    )
-
-
-# --- the demo --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DemoResult:
-    """What ``heimdall demo`` did, end to end."""
-
-    training: TrainResult
-    publish: PublishResult
-    served_uri: str
-    served_version: str | None
-    served_median_error_km: float
-    served_samples: int
-    seconds: float
-
-    def summary(self) -> dict[str, object]:
-        primary = self.publish.primary
-        worst = max(d.max_abs for d in self.publish.parity.diffs)
-        return {
-            "model": self.served_uri,
-            "version": self.served_version,
-            "stored_at": primary.upload.uri,
-            "sha256": primary.upload.sha256,
-            "parity": f"passed (max abs diff {worst:.1e} normalized region units)",
-            "speedup_batch1": _round(self.publish.speedup(1), 2),
-            "median_error_km": round(self.served_median_error_km, 1),
-            "baseline_median_error_km": round(self.publish.heldout.baseline_median_error_km, 1),
-            "gates": {g.name: "passed" if g.passed else "failed" for g in primary.gates},
-            "report": str(self.publish.report.html) if self.publish.report else None,
-            "seconds": round(self.seconds, 1),
-        }
-
-    def to_dict(self) -> dict[str, object]:
-        return {"summary": self.summary(), "publish": self.publish.to_dict()}
-
-
-def run_demo(
-    *,
-    settings: Settings | None = None,
-    config: TrainConfig | None = None,
-    alias: str = DEFAULT_ALIAS,
-    samples: int = HELDOUT_SAMPLES,
-    train_progress: Callable[[int, int, float, float], None] | None = None,
-    progress: StepProgress | None = None,
-    upload_progress: BytesProgress | None = None,
-) -> DemoResult:
-    """Train the demo model, publish it, load it back by alias and predict held-out samples."""
-    if samples < 1:
-        raise InputError(f"samples must be at least 1, got {samples}")
-    started = time.perf_counter()
-    settings = settings or load_settings()
-    config = config or TrainConfig()
-    check_registration(settings.model_name, alias)
-    checkpoint = settings.resolved_data_dir / "checkpoints" / f"demo-{config.backbone}.safetensors"
-    trained = train_with_settings(config, checkpoint, settings, progress=train_progress)
-    published = publish(
-        trained.checkpoint,
-        settings=settings,
-        alias=alias,
-        create_bucket=True,
-        progress=progress,
-        upload_progress=upload_progress,
-    )
-    uri = f"models:/{published.name}@{alias}"
-    served = evaluate_heldout(uri, samples=samples, seed=DEMO_SEED, settings=settings)
-    return DemoResult(
-        training=trained,
-        publish=published,
-        served_uri=uri,
-        served_version=served.version,
-        served_median_error_km=served.median_error_km,
-        served_samples=served.samples,
-        seconds=time.perf_counter() - started,
-    )

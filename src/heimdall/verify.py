@@ -22,20 +22,19 @@ import structlog
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
-from heimdall.data import generate, haversine_km
+from heimdall.data import HELDOUT_SEED, generate, haversine_km
 from heimdall.errors import InputError, VerificationError
 from heimdall.export import METADATA_PREFIX
 from heimdall.model import LocalizationNet
+from heimdall.runtime import ORT_ERRORS, open_session
 from heimdall.validate import check_external_data
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 3, 8, 64)
 # Held-out set: train.py draws seed (default 0) and seed + 1_000_003; this is neither.
-HELDOUT_SEED = 917_401
 HELDOUT_SAMPLES = 256
 INPUT_KINDS = ("synthetic", "normal", "zeros", "large")
 LARGE_SCALE = 1e3
@@ -47,15 +46,6 @@ LINEAGE_KEY = METADATA_PREFIX + "checkpoint_sha256"
 NORMALIZED_OUTPUT = "heimdall_verify_normalized_positions"
 _PASS_THROUGH_OPS = {"Cast", "Identity"}
 _CHUNK = 64
-_ORT_ERRORS = (
-    RuntimeError,
-    ort_state.Fail,
-    ort_state.InvalidArgument,
-    ort_state.InvalidGraph,
-    ort_state.NoSuchFile,
-    ort_state.NotImplemented,
-    ort_state.RuntimeException,
-)
 
 
 class LineageWarning(UserWarning):
@@ -322,13 +312,7 @@ def _session(proto: onnx.ModelProto, path: Path, threads: int) -> ort.InferenceS
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
     )
-    try:
-        session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-    except _ORT_ERRORS as exc:
-        raise VerificationError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
-    return session
+    return open_session(proto.SerializeToString(), options, name=str(path))
 
 
 OrtRun = Callable[[np.ndarray], list[np.ndarray]]
@@ -341,7 +325,7 @@ def _ort_runner(session: ort.InferenceSession, path: Path) -> OrtRun:
     def run(x: np.ndarray) -> list[np.ndarray]:
         try:
             return list(session.run(names, {INPUT_NAME: x}))
-        except _ORT_ERRORS as exc:
+        except ORT_ERRORS as exc:
             raise VerificationError(
                 f"{path}: ONNX Runtime failed on a batch of shape {x.shape}: {exc}"
             ) from exc

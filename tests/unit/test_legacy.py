@@ -274,7 +274,7 @@ def test_workflow_returns_a_dict_when_the_library_raises_something_unexpected(
     def broken(*args: object, **kwargs: object) -> dict[str, object]:
         raise AttributeError("'NoneType' object has no attribute 'version'")
 
-    monkeypatch.setattr(legacy.pipeline, "export_and_register_model", broken)
+    monkeypatch.setattr(legacy.pipeline, "publish", broken)
 
     result = legacy.export_and_register_model(
         atto_checkpoint.model, None, LocalStore(tmp_path / "objects")

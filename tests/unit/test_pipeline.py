@@ -16,9 +16,12 @@ from safetensors.torch import save_file
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
 from heimdall.errors import InputError, PublishError
+from heimdall.gates import evaluate_heldout
+from heimdall.legacy import export_and_register_model
 from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.pipeline import PublishResult, evaluate_heldout, export_and_register_model, publish
+from heimdall.pipeline import publish
 from heimdall.report import REPORT_SCHEMA_VERSION
+from heimdall.results import PublishResult
 from heimdall.storage import open_store
 from tests.fixtures.mlflow_server import MlflowBackend
 
@@ -357,7 +360,7 @@ def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:
 def test_demo_trains_publishes_and_serves_the_staging_alias(
     embedded_mlflow: MlflowBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from heimdall.pipeline import run_demo
+    from heimdall.demo import run_demo
     from heimdall.train import TrainConfig
 
     monkeypatch.chdir(tmp_path)

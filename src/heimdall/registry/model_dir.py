@@ -31,6 +31,7 @@ from heimdall.config import redact_uri
 from heimdall.data import generate
 from heimdall.errors import HeimdallError, InputError, RegistryError
 from heimdall.files import sha256_chunks, sha256_file
+from heimdall.runtime import recorded_settings
 from heimdall.storage import ObjectInfo, ObjectStore
 from heimdall.validate import TensorSpec, ValidationResult, validate_onnx_model
 
@@ -72,11 +73,20 @@ def stored_sha256(store: ObjectStore, uri: str) -> str | None:
 
 def version_bytes_problem(store: ObjectStore, source: str, sha256: str) -> str | None:
     """Why the ``model.onnx`` of a version's ``source`` is not ``sha256`` now, or None if it is."""
-    uri = f"{source}/{MODEL_FILE}"
     try:
-        digest = stored_sha256(store, uri)
+        return changed_bytes(store, source, sha256)
     except HeimdallError as exc:
-        return f"cannot read {uri}: {exc}"
+        return f"cannot read {source}/{MODEL_FILE}: {exc}"
+
+
+def changed_bytes(store: ObjectStore, source: str, sha256: str) -> str | None:
+    """How the stored ``model.onnx`` of ``source`` differs from ``sha256`` (None: it does not).
+
+    Raises when the bytes cannot be read (a failure says nothing about them), and InputError
+    when ``source`` lies in another object store than ``store``.
+    """
+    uri = f"{source}/{MODEL_FILE}"
+    digest = stored_sha256(store, uri)
     if digest is None:
         return f"{uri} is missing"
     if digest != sha256:
@@ -190,8 +200,6 @@ def _write_mlflow_model(path: Path, checked: ValidationResult, info: Mapping[str
     ``model.onnx`` that is dropped here: the real one is the server-side copy beside these files.
     The flavor carries the session settings serving uses, so ``mlflow.pyfunc`` users get them.
     """
-    from heimdall.runtime import recorded_settings
-
     signature = ModelSignature(
         inputs=Schema([_mlflow_spec(s) for s in checked.inputs]),
         outputs=Schema([_mlflow_spec(s) for s in checked.outputs]),

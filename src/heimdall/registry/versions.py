@@ -29,10 +29,10 @@ from heimdall.errors import InputError, RegistryError
 from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
 from heimdall.registry.lineage import describe, facts_of, lineage_run, verification_of
 from heimdall.registry.model_dir import (
+    changed_bytes,
     check_upload,
     remove_staged,
     stage_model_dir,
-    version_bytes_problem,
 )
 from heimdall.registry.names import (
     canonical_stage,
@@ -236,7 +236,9 @@ def _intact_version(
 ) -> tuple[RegisteredVersion | None, tuple[str, ...]]:
     """The oldest READY version of these bytes whose stored bytes still match, and the altered.
 
-    A version whose bytes changed is tagged ``heimdall.integrity`` so no one reuses it again.
+    A version whose bytes changed is tagged ``heimdall.integrity`` so no one reuses it again; a
+    version stored in another object store is skipped, untagged; a failed read raises (it says
+    nothing about the bytes, so it must not mark them).
     """
     altered: list[str] = []
     for mv in _versions_of(client, name, sha256):
@@ -244,7 +246,10 @@ def _intact_version(
         if version.tags.get(INTEGRITY_TAG) or version.status != "READY":
             altered += [version.version] if version.tags.get(INTEGRITY_TAG) else []
             continue
-        problem = version_bytes_problem(store, version.source, sha256)
+        try:
+            problem = changed_bytes(store, version.source, sha256)
+        except InputError:  # its source is in another object store: not reusable from here
+            continue
         if problem is None:
             return version, tuple(altered)
         log.warning(
