@@ -9,6 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+# Importing config keeps heimdall's log events at WARNING until the host configures logging,
+# whichever heimdall module is imported first.
+from heimdall import config as _config  # noqa: F401
 from heimdall.errors import (
     CheckpointError,
     ConfigError,

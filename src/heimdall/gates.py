@@ -291,7 +291,8 @@ def _record_refusal(
 ) -> None:
     detail = json.dumps([g.to_dict() for g in failed], separators=(",", ":"))
     registry.tag_version(name, version, {f"{GATE_TAG}{alias}": detail}, settings=settings)
-    log.warning("gates.refused", name=name, version=version, alias=alias, gates=detail)
+    # The caller raises GateError with the same facts: an event for logs, not a second message.
+    log.info("gates.refused", name=name, version=version, alias=alias, gate=failed[0].name)
 
 
 def gates_summary(gates: tuple[Gate, ...]) -> list[dict[str, Any]]:

@@ -102,7 +102,7 @@ class _Run:
                 reason = reason.replace(secret, "***")
             self.records.append(StepRecord(name, "failed", seconds, reason))
             self._emit(name, "failed", reason)
-            log.warning("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
+            log.info("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
             raise PublishError(
                 name, reason, dict(self.existing), [r.to_dict() for r in self.records]
             ) from exc
