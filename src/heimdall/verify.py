@@ -57,15 +57,16 @@ class Gates:
     """Pass/fail thresholds; defaults are fp32's, ``None`` means reported but not gated.
 
     ``mae``, ``max_abs`` and ``max_rel`` apply in normalized region units (see the module
-    docstring; 2e-6 is 0.2 m at the default 1° scale). The fp32 defaults sit about 3× above
-    the worst clean atto/tiny export and 3× below the weakest small export bug of
+    docstring; 4e-6 is 0.4 m at the default 1° scale). A trained model differs more than a
+    random one: the demo model's clean export reached max abs 1.95e-6 and MAE 4.3e-7, so the
+    fp32 defaults sit 2× above that, and still 1.4× below the weakest small export bug of
     tests/unit/test_verify_mutations.py (``benchmarks/verify_margins.py`` measures both).
     A quantized variant loosens them, e.g. int8:
     ``Gates(mae=..., max_abs=..., mean_distance_m=None, median_error_increase_rel=0.02)``.
     """
 
-    mae: float | None = 5e-7
-    max_abs: float | None = 2e-6
+    mae: float | None = 1e-6
+    max_abs: float | None = 4e-6
     max_rel: float | None = None
     mean_distance_m: float | None = 1.0
     median_error_increase_rel: float | None = None
