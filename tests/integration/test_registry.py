@@ -337,6 +337,8 @@ def test_the_same_bytes_under_another_key_reuse_their_version(
 
     assert again.version == first.version
     assert found is not None and found.version == first.version
+    description = registry.show_model(model_name, settings=settings).description
+    assert description is not None and description.startswith("LocalizationNet")
     assert [v.version for v in registry.show_model(model_name, settings=settings).versions] == ["1"]
     assert registry.find_version_by_sha256(model_name, "0" * 64, settings=settings) is None
 
