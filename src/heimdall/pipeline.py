@@ -58,7 +58,7 @@ from heimdall.results import (
     timing_summary,
 )
 from heimdall.storage import ObjectStore, UploadResult, check_bucket, open_store, upload_model
-from heimdall.validate import get_model_metadata, validate_onnx_model
+from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
 from heimdall.verify import ParityResult, verify_parity
 
 log = structlog.get_logger(__name__)
@@ -246,7 +246,11 @@ def publish(
         force=force,
         reason=reason,
     )
-    published = [_publish_one(run, shared, FP32, exported.path, parity, heldout, stage)]
+    published = [
+        _publish_one(
+            run, shared, FP32, exported.path, parity, heldout, stage=stage, validation=validation
+        )
+    ]
     for built in passing:
         with run.step(f"heldout[{built.variant}]"):
             evaluation = evaluate_heldout(built.path, settings=settings)
@@ -322,8 +326,12 @@ def _publish_one(
     parity: ParityResult | None,
     evaluation: HeldOut,
     stage: str | None = None,
+    validation: ValidationResult | None = None,
 ) -> PublishedModel:
-    """Upload (verified), describe and register one variant; move its alias behind the gates."""
+    """Upload (verified), describe and register one variant; move its alias behind the gates.
+
+    ``validation`` is the file's validation when the caller has it (not read again).
+    """
     label = "" if variant == FP32 else f"[{variant}]"
     uploaded = _upload_step(run, shared, variant, path, label)
     with run.step(f"metadata{label}"):
@@ -334,6 +342,9 @@ def _publish_one(
             checkpoint_sha256=shared.loaded.sha256,
             parity=parity,
             timings=timing_summary(shared.timings, variant),
+            validation=validation,
+            # upload hashed these files (and read them back): not read a third time
+            sha256s={f.name: f.sha256 for f in uploaded.files},
         )
         metadata.update({"variant": variant, "s3_uri": uploaded.uri})
         run.note(f"sha256 {metadata['sha256']}")

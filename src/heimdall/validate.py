@@ -151,16 +151,21 @@ def get_model_metadata(
     checkpoint_sha256: str | None = None,
     parity: SupportsToDict | Mapping[str, object] | None = None,
     timings: SupportsToDict | Mapping[str, object] | None = None,
+    validation: ValidationResult | None = None,
+    sha256s: Mapping[str, str] | None = None,
 ) -> dict[str, object]:
     """A JSON-serialisable record of a validated ONNX file and the model it came from.
 
     Keyword-only past ``run_id``: the original API's fourth argument is ``inference_metrics``
-    (``heimdall.legacy.get_model_metadata``), which must never land in another field.
+    (``heimdall.legacy.get_model_metadata``), which must never land in another field. A caller
+    that already validated the file (``validation``) or hashed its files (``sha256s``, by file
+    name) passes them in, so a large model is not read again.
     """
-    result = validate_onnx_model(onnx_path)
+    result = validation or validate_onnx_model(onnx_path)
     params = model.get_params_count()
     files = [result.path, *result.external_data_files]
-    digests = {p: sha256_file(p) for p in files}  # each file read once, however large
+    known = dict(sha256s or {})
+    digests = {p: known.get(p.name) or sha256_file(p) for p in files}  # each file read once
     return {
         "schema_version": METADATA_SCHEMA_VERSION,
         "heimdall_version": heimdall_version(),

@@ -223,3 +223,26 @@ def test_metadata_is_json_with_schema_version_sha256_and_params(
     assert data["parity"] == {"passed": True}
     assert data["timings"] == {"p50_ms": 1.5}
     assert data["inputs"][0]["shape"] == ["batch_size", 3, 128, 32]
+
+
+def test_metadata_reuses_a_validation_and_hashes_it_is_given_without_reading_again(
+    atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validation = validate_onnx_model(atto_onnx.path)
+
+    def no_second_read(*_: object) -> None:
+        raise AssertionError("the file was validated or hashed a second time")
+
+    monkeypatch.setattr("heimdall.validate.validate_onnx_model", no_second_read)
+    monkeypatch.setattr("heimdall.validate.sha256_file", no_second_read)
+
+    meta = get_model_metadata(
+        atto_onnx.path,
+        atto_checkpoint.model,
+        None,
+        validation=validation,
+        sha256s={atto_onnx.path.name: atto_onnx.sha256},
+    )
+
+    assert meta["sha256"] == atto_onnx.sha256
+    assert meta["opset_version"] == validation.opset_version
