@@ -130,8 +130,10 @@ def test_an_equal_challenger_passes_within_the_tolerance(
 
 
 def test_promote_applies_the_same_gates(
-    backend: MlflowBackend, onnx_files: dict[str, Path]
+    embedded_mlflow: MlflowBackend, onnx_files: dict[str, Path]
 ) -> None:
+    """The same gate code as publish (both backends above); the embedded store is enough."""
+    backend = embedded_mlflow
     settings, name = settings_for(backend, fraction=2.0), unique("promote")
     good = register(backend, settings, onnx_files["centre"], name)
     worse = register(backend, settings, onnx_files["offset"], name)

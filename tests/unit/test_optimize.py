@@ -15,7 +15,7 @@ import pytest
 from heimdall import optimize
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.data import generate
-from heimdall.errors import InputError
+from heimdall.errors import InputError, ValidationError
 from heimdall.export import ExportResult
 from heimdall.files import sha256_file
 from heimdall.model import INPUT_NAME, LocalizationNet
@@ -149,11 +149,11 @@ def test_quantize_refuses_zero_calibration_samples(onnx_path: Path, tmp_path: Pa
         optimize.quantize_int8(onnx_path, tmp_path / "q.onnx", calibration=0)
 
 
-def test_save_optimized_of_an_unloadable_file_is_an_input_error(tmp_path: Path) -> None:
+def test_save_optimized_of_a_file_that_is_not_onnx_is_a_validation_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx file")
 
-    with pytest.raises(InputError, match=r"broken\.onnx: ONNX Runtime cannot load the model"):
+    with pytest.raises(ValidationError, match=r"broken\.onnx is not an ONNX model"):
         optimize.save_optimized(broken, tmp_path / "opt.onnx")
 
 
