@@ -293,7 +293,3 @@ def _record_refusal(
     registry.tag_version(name, version, {f"{GATE_TAG}{alias}": detail}, settings=settings)
     # The caller raises GateError with the same facts: an event for logs, not a second message.
     log.info("gates.refused", name=name, version=version, alias=alias, gate=failed[0].name)
-
-
-def gates_summary(gates: tuple[Gate, ...]) -> list[dict[str, Any]]:
-    return [g.to_dict() for g in gates]
