@@ -233,3 +233,23 @@ def test_caller_tags_cannot_override_the_verified_ones(tmp_path: Path) -> None:
             tags={"verification": "passed", "sha256": "0" * 64, "variant": "fp32"},
             settings=settings,
         )
+
+
+def test_the_registry_lock_exists_only_while_held_and_never_frees_another_holders(
+    tmp_path: Path,
+) -> None:
+    from heimdall.registry.client import LOCK_PREFIX, model_lock
+    from heimdall.tracking import open_client
+
+    client = open_client(f"sqlite:///{tmp_path / 'mlflow.db'}", None, timeout_s=30)
+    lock = f"{LOCK_PREFIX}m"
+
+    with model_lock(client, "m", wait_s=5):
+        assert client.get_registered_model(lock).name == lock
+    with pytest.raises(MlflowException, match="not found"):
+        client.get_registered_model(lock)
+
+    with model_lock(client, "m", wait_s=5):
+        # As if this lock had expired and another process had broken and taken it.
+        client.set_registered_model_tag(lock, "heimdall.lock", '{"token": "someone-else"}')
+    assert client.get_registered_model(lock).tags["heimdall.lock"] == '{"token": "someone-else"}'

@@ -171,7 +171,8 @@ def is_lock(name: str) -> bool:
 def model_lock(client: MlflowClient, name: str, *, wait_s: float) -> Iterator[None]:
     """Hold the registry-wide write lock of model ``name`` (see the module docstring)."""
     lock = f"{LOCK_PREFIX}{name}"
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+    token = uuid.uuid4().hex
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": token}
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -198,10 +199,19 @@ def model_lock(client: MlflowClient, name: str, *, wait_s: float) -> Iterator[No
     try:
         yield
     finally:
-        try:
+        _release(client, lock, token)
+
+
+def _release(client: MlflowClient, lock: str, token: str) -> None:
+    """Delete the lock if it is still ours (it may have expired and been taken by another)."""
+    try:
+        held = json.loads(call(client.get_registered_model, lock).tags.get("heimdall.lock", "{}"))
+        if held.get("token") == token:
             call(client.delete_registered_model, lock)
-        except MlflowException as exc:  # expired and broken by another process meanwhile
-            log.warning("registry.lock.release_failed", lock=lock, error=first_line(str(exc)))
+            return
+        log.warning("registry.lock.lost", lock=lock)
+    except (MlflowException, ValueError) as exc:  # broken and released by another meanwhile
+        log.warning("registry.lock.release_failed", lock=lock, error=first_line(str(exc)))
 
 
 def _break_if_abandoned(client: MlflowClient, lock: str) -> None:
