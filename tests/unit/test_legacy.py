@@ -72,7 +72,10 @@ def no_ambient_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def s3_client(**credentials: str) -> object:
-    return boto3.client("s3", endpoint_url=ENDPOINT, region_name="eu-west-1", **credentials)
+    # A session of its own: boto3's default session caches the first credentials it resolves,
+    # and other tests' MLflow S3 calls may have resolved some.
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=ENDPOINT, region_name="eu-west-1", **credentials)
 
 
 def keyed_client() -> object:
