@@ -22,16 +22,15 @@ import torch
 
 from heimdall.config import configure_logging
 from heimdall.export import export_to_onnx
-from heimdall.model import LocalizationNet
-from heimdall.verify import Gates, ParityResult, verify_parity
+from heimdall.verify import Gates, ParityResult
 from tests.unit.test_verify_mutations import (
     CLEAN_BATCH_SIZES,
     MUTANT_BATCH_SIZES,
     MUTANTS,
-    TASK_SAMPLES,
     TRAINED,
     build_mutant,
     make_model,
+    verify,
 )
 
 MEASURES = ("max_abs", "mae")
@@ -59,29 +58,18 @@ def _worst(result: ParityResult) -> dict[str, float]:
     return {m: max(float(getattr(d, m)) for d in result.diffs) for m in MEASURES}
 
 
-def _verify(path: Path, model: LocalizationNet, batch_sizes: tuple[int, ...]) -> ParityResult:
-    return verify_parity(
-        path,
-        model,
-        batch_sizes,
-        task_samples=TASK_SAMPLES,
-        intra_op_threads=1,
-        raise_on_failure=False,
-    )
-
-
 def measure(backbone: str, seeds: list[int], mutant_seeds: list[int], folder: Path) -> list[Row]:
     rows = []
     for seed in seeds:
         model = make_model(backbone, seed)
         name = "trained" if seed == TRAINED else f"seed {seed}"
         clean = export_to_onnx(model, folder / f"{backbone}-{seed}.onnx").path
-        rows.append(Row(backbone, name, None, _worst(_verify(clean, model, CLEAN_BATCH_SIZES))))
+        rows.append(Row(backbone, name, None, _worst(verify(clean, model, CLEAN_BATCH_SIZES))))
         if seed not in mutant_seeds:
             continue
         for mutant in MUTANTS:
             path = build_mutant(mutant, model, clean, folder / f"{backbone}-{seed}-mutant.onnx")
-            result = _verify(path, model, MUTANT_BATCH_SIZES)
+            result = verify(path, model, MUTANT_BATCH_SIZES)
             rows.append(Row(backbone, name, mutant, _worst(result)))
     return rows
 
