@@ -32,6 +32,7 @@ from heimdall.model import (
     OUTPUT_NAMES,
     LocalizationNet,
 )
+from heimdall.onnxfile import METADATA_PREFIX as METADATA_PREFIX
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,6 @@ MIN_DYNAMO_OPSET = 18
 # Protobuf cannot serialize a message past 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
 DATA_SUFFIX = ".data"
-METADATA_PREFIX = "heimdall."
 # Pytorch#157621: an example batch of 1 lets the exporter specialize the batch axis.
 EXAMPLE_BATCH = 2
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import onnx
 import structlog
-from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from heimdall.config import heimdall_version
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, IO_CONTRACT, OUTPUT_NAMES
 from heimdall.errors import ValidationError
 from heimdall.files import sha256_file
+from heimdall.onnxfile import TensorSpec as TensorSpec
+from heimdall.onnxfile import ValidationResult as ValidationResult
+from heimdall.onnxfile import check_external_data as check_external_data
+from heimdall.onnxfile import load_structure
 
 if TYPE_CHECKING:
     from heimdall.model import LocalizationNet
@@ -25,50 +26,6 @@ log = structlog.get_logger(__name__)
 METADATA_SCHEMA_VERSION = 1
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: dims are ints, or the symbol's name when symbolic."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class ValidationResult:
-    """What a valid ONNX file holds, as far as serving it is concerned."""
-
-    path: Path
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    opset_version: int
-    ir_version: int
-    producer_name: str
-    producer_version: str
-    file_size_bytes: int
-    external_data_files: tuple[Path, ...]
-    total_size_bytes: int
-    metadata_props: Mapping[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "path": str(self.path),
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "opset_version": self.opset_version,
-            "ir_version": self.ir_version,
-            "producer_name": self.producer_name,
-            "producer_version": self.producer_version,
-            "file_size_bytes": self.file_size_bytes,
-            "external_data_files": [str(p) for p in self.external_data_files],
-            "total_size_bytes": self.total_size_bytes,
-            "metadata_props": dict(self.metadata_props),
-        }
-
-
 class SupportsToDict(Protocol):
     def to_dict(self) -> dict[str, object]: ...
 
@@ -76,7 +33,7 @@ class SupportsToDict(Protocol):
 def validate_onnx_model(path: Path | str) -> ValidationResult:
     """Check ``path`` fully (checker, shape inference, external data, IO contract) or raise."""
     path = Path(path)
-    proto = _load_structure(path)
+    proto = load_structure(path)
     data_files = check_external_data(path, proto)
     try:
         # On the path, not the proto: works past 2 GB and checks the data files too.
@@ -107,40 +64,6 @@ def validate_onnx_model(path: Path | str) -> ValidationResult:
         "onnx_validated", path=str(path), opset=result.opset_version, data_files=len(data_files)
     )
     return result
-
-
-def check_external_data(path: Path | str, proto: onnx.ModelProto | None = None) -> tuple[Path, ...]:
-    """Refuse unsafe external data locations before any byte of them is read; list the files.
-
-    A location must be relative, free of ``..``, and resolve (symlinks included) to a file
-    inside the model's folder, large enough for every tensor's offset and length.
-    """
-    path = Path(path)
-    proto = proto if proto is not None else _load_structure(path)
-    folder = path.resolve().parent
-    files: dict[Path, int] = {}
-    for tensor in _tensors(proto.graph):
-        if not uses_external_data(tensor):
-            continue
-        info = ExternalDataInfo(tensor)
-        location = info.location
-        where = f"{path}: tensor {tensor.name!r} has external data at {location!r}"
-        if not location or Path(location).is_absolute() or location.startswith(("/", "\\")):
-            raise ValidationError(f"{where}: locations must be relative to the model's folder")
-        if ".." in Path(location.replace("\\", "/")).parts:
-            raise ValidationError(f"{where}: locations must not contain '..'")
-        target = (folder / location).resolve()
-        if not target.is_relative_to(folder):
-            raise ValidationError(f"{where}: it resolves outside the model's folder to {target}")
-        if not target.is_file():
-            raise ValidationError(f"{where}: the data file is missing; copy it next to the model")
-        end = (info.offset or 0) + (info.length or 0)
-        size = files.setdefault(path.parent / location, target.stat().st_size)
-        if end > size:
-            raise ValidationError(
-                f"{where}: needs bytes up to {end} but the file has {size}; it is truncated"
-            )
-    return tuple(sorted(files))
 
 
 def get_model_metadata(
@@ -201,41 +124,6 @@ def _as_dict(value: SupportsToDict | Mapping[str, object] | None) -> dict[str, o
     if isinstance(value, Mapping):
         return dict(value)
     return value.to_dict()
-
-
-def _load_structure(path: Path) -> onnx.ModelProto:
-    """The model proto without its external data: cheap, and reads nothing but the file."""
-    if not path.is_file():
-        raise ValidationError(f"ONNX file not found: {path}")
-    advice = "Export it again or re-download it and compare its sha256."
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, OSError) as exc:
-        raise ValidationError(
-            f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc}); it is truncated "
-            f"or corrupt. {advice}"
-        ) from exc
-    if not proto.HasField("graph"):
-        raise ValidationError(
-            f"{path}: holds no graph; it is empty, truncated or corrupt. {advice}"
-        )
-    return proto
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor in the graph: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
 
 
 def _graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

@@ -26,10 +26,9 @@ from onnx.external_data_helper import uses_external_data
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
 from heimdall.data import HELDOUT_SEED, generate, haversine_km
 from heimdall.errors import InputError, VerificationError
-from heimdall.export import METADATA_PREFIX
 from heimdall.model import LocalizationNet
+from heimdall.onnxfile import METADATA_PREFIX, check_external_data
 from heimdall.runtime import ORT_ERRORS, open_session
-from heimdall.validate import check_external_data
 
 log = structlog.get_logger(__name__)
 
