@@ -1,14 +1,16 @@
 """Object storage for model files: an S3-compatible server or a local directory.
 
-One small interface, :class:`ObjectStore` (``base``), with two backends: :class:`S3Store`
-(``s3``: boto3, plain S3 API; production runs MinIO, the tests a real SeaweedFS) and
-:class:`LocalStore` (``local``: buckets as directories, the embedded default, ``file://``
-URIs); :func:`open_store` picks one (``stores``). :func:`upload_model` (``upload``) is the
-upload you can trust: streamed, conditional, verified by reading the bytes back, idempotent by
-sha256, all or nothing. :func:`download_model` (``download``) checks every file it fetches.
+One small interface, :class:`ObjectStore`, with two backends: :class:`S3Store` (``s3``: boto3,
+plain S3 API; production runs MinIO, the tests a real SeaweedFS) and :class:`LocalStore`
+(``local``: buckets as directories, the embedded default, ``file://`` URIs); :func:`open_store`
+picks one (``stores``). :func:`upload_model` (``upload``) is the upload you can trust:
+streamed, conditional, verified by reading the bytes back, idempotent by sha256, all or
+nothing. The interface, its name rules and :func:`download_model` (which checks every file it
+fetches) live in the core module ``heimdall.objects``, so the registry and serving use them
+without boto3; every name is re-exported here.
 """
 
-from heimdall.storage.base import (
+from heimdall.objects import (
     CONTENT_TYPE,
     MiB,
     ObjectExistsError,
@@ -18,8 +20,9 @@ from heimdall.storage.base import (
     check_bucket,
     check_key,
     check_metadata,
+    download_model,
+    download_verified,
 )
-from heimdall.storage.download import download_model, download_verified
 from heimdall.storage.local import LocalStore
 from heimdall.storage.s3 import INCOMPLETE_UPLOAD_DAYS, S3Store
 from heimdall.storage.stores import open_store

@@ -17,7 +17,7 @@ import structlog
 from heimdall.config import redact_uri
 from heimdall.errors import InputError, StorageError
 from heimdall.files import iter_file
-from heimdall.storage.base import (
+from heimdall.objects import (
     CONTENT_TYPE,
     MiB,
     ObjectExistsError,

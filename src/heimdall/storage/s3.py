@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from heimdall.config import Settings, redact_uri
 from heimdall.errors import InputError, StorageError
-from heimdall.storage.base import (
+from heimdall.objects import (
     CONTENT_TYPE,
     MiB,
     ObjectExistsError,

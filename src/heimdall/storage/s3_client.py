@@ -27,7 +27,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from heimdall.errors import StorageError
-from heimdall.storage.base import MiB
+from heimdall.objects import MiB
 
 MAX_ATTEMPTS = 3
 MIN_ATTEMPT_S = 10.0

@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlparse
 
 from heimdall.config import Settings, redact_uri
 from heimdall.errors import InputError
-from heimdall.storage.base import ObjectStore
+from heimdall.objects import ObjectStore
 from heimdall.storage.local import LocalStore
 from heimdall.storage.s3 import S3Store
 

@@ -40,7 +40,7 @@ import structlog
 from heimdall.config import DEFAULT_BUCKET, Settings, load_settings
 from heimdall.errors import InputError, StorageError
 from heimdall.files import iter_file, sha256_chunks
-from heimdall.storage.base import (
+from heimdall.objects import (
     ObjectExistsError,
     ObjectStore,
     Progress,

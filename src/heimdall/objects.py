@@ -1,7 +1,14 @@
-"""The object store interface: what heimdall needs from S3 or a directory, and its name rules."""
+"""The object store interface, its name rules, and verified downloads (no boto3, no torch).
+
+What the registry and serving need from an object store, whichever backend holds the bytes:
+:class:`ObjectStore` and :class:`ObjectInfo`, the bucket/key/metadata rules, and
+:func:`download_model` / :func:`download_verified`, which check every file they fetch against
+its recorded sha256. The backends and ``open_store`` live in ``heimdall.storage``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -11,8 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import structlog
+
 from heimdall.errors import InputError, StorageError
 from heimdall.files import sha256_chunks
+
+log = structlog.get_logger(__name__)
 
 MiB = 1024 * 1024
 MAX_KEY_BYTES = 1024  # S3's limit, UTF-8 encoded
@@ -174,3 +185,48 @@ def check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
                 "values printable ASCII"
             )
     return dict(metadata)
+
+
+def download_model(store: ObjectStore, uri: str, dest_dir: Path | str) -> Path:
+    """Download a model and its external-data files into ``dest_dir``, checking each sha256.
+
+    The model keeps its key's file name; external-data files get the names the ONNX file
+    refers to. Returns the model's local path.
+    """
+    bucket, key = store.locate(uri)
+    info = store.head(bucket, key)
+    if info is None:
+        raise StorageError(f"{uri} does not exist")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    targets = [(key, dest / key.rpartition("/")[2], info)]
+    for suffix, name in json.loads(info.metadata.get("external-data", "{}")).items():
+        if Path(name).name != name or name in {"", ".", ".."}:
+            raise StorageError(f"{uri} names an unsafe external-data file {name!r}")
+        extra = store.head(bucket, key + suffix)
+        if extra is None:
+            raise StorageError(f"{uri} is missing its external-data object {key + suffix!r}")
+        targets.append((key + suffix, dest / name, extra))
+    for target_key, path, target in targets:
+        download_verified(store, bucket, target_key, path, target.metadata.get("sha256"))
+    return targets[0][1]
+
+
+def download_verified(
+    store: ObjectStore, bucket: str, key: str, dest: Path, sha256: str | None
+) -> str:
+    """Stream an object to ``dest`` and check it against ``sha256``; return what arrived's sha256.
+
+    On a mismatch ``dest`` is removed and StorageError says so; without a ``sha256`` to compare
+    with, the download is kept and logged as unverified.
+    """
+    digest = fetch(store, bucket, key, dest)
+    if sha256 is None:
+        log.warning("storage.download.unverified", uri=store.uri(bucket, key))
+    elif digest != sha256:
+        dest.unlink(missing_ok=True)
+        raise StorageError(
+            f"downloaded bytes of {store.uri(bucket, key)} do not match its "
+            f"recorded sha256 ({digest} != {sha256})"
+        )
+    return digest
