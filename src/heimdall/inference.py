@@ -10,6 +10,11 @@ Sessions run with the settings the model records (variants do) or else the recom
 Inputs must be ``(B, 3, 128, 32)``, finite and floating point. float32 is used as is; other
 floating dtypes (float64 is what numpy and JSON give by default) are converted to float32, the
 same cast MLflow's ONNX flavor applies. Integer, boolean or object arrays are refused.
+
+Serving is a composition, like publishing: the registry resolves the URI, storage opens the
+store that settings name and downloads with sha256 checks, the runtime opens the session. So
+this module sits with the orchestration modules (``gates``, ``pipeline``), above every stage;
+no stage imports it, and it imports no torch.
 """
 
 from __future__ import annotations

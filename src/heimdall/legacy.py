@@ -237,13 +237,15 @@ def register_with_mlflow(
     behind the quality gates (``heimdall.gates``; GateError when they refuse, the version
     kept); ``production`` moves only through ``promote``.
     """
+    settings = settings or load_settings()
     registration = register_model(
         s3_uri,
+        store=store or open_store(settings),
+        validator=validate.validate_onnx_model,
         sha256=str(metadata["sha256"]) if metadata.get("sha256") else None,
         name=model_name,
         metadata=metadata,
         settings=settings,
-        store=store,
     )
     version = registration.version
     if version.verification == "passed":

@@ -427,13 +427,14 @@ def _register_step(
     with run.step(f"register{label}"):
         registration = register_model(
             uploaded.uri,
+            store=shared.store,
+            validator=validate_onnx_model,
             sha256=uploaded.sha256,
             name=name,
             metadata=metadata,
             run_id=shared.training_run,
             tags={"variant": variant, **evaluation.tags(), **bench_tags(shared.timings, variant)},
             settings=shared.settings,
-            store=shared.store,
         )
         version = registration.version
         if registration.created and version.run_id:

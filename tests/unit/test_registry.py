@@ -9,15 +9,18 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from heimdall import registry
-from heimdall.config import Settings
-from heimdall.errors import InputError, RegistryError
+from heimdall.config import DEFAULT_MODEL_NAME, Settings
+from heimdall.errors import InputError, RegistryError, ValidationError
 from heimdall.export import ExportResult
+from heimdall.files import sha256_file
 from heimdall.legacy import register_with_mlflow
+from heimdall.onnxfile import ValidationResult
 from heimdall.registry import AliasEvent
 from heimdall.registry.aliases import holders_of
 from heimdall.registry.client import call, explain
 from heimdall.registry.lineage import verification_of
 from heimdall.storage import LocalStore, upload_model
+from heimdall.validate import validate_onnx_model
 from tests.fixtures.process import free_port
 
 SHA = "ab" * 32
@@ -59,7 +62,11 @@ def test_bad_arguments_are_refused_before_any_io(
 ) -> None:
     with pytest.raises(InputError, match=message):
         registry.register_model(
-            "file:///nowhere/v1.onnx", settings=settings, store=store, **options
+            "file:///nowhere/v1.onnx",
+            settings=settings,
+            store=store,
+            validator=validate_onnx_model,
+            **options,
         )
     assert mlflow_untouched(settings)
 
@@ -69,7 +76,9 @@ def test_a_missing_upload_is_never_registered(settings: Settings, store: LocalSt
     uri = store.uri("heimdall-models", "models/localization/v1.onnx")
 
     with pytest.raises(RegistryError, match="does not exist; upload the model"):
-        registry.register_model(uri, sha256=SHA, settings=settings, store=store)
+        registry.register_model(
+            uri, sha256=SHA, settings=settings, store=store, validator=validate_onnx_model
+        )
     assert mlflow_untouched(settings)
 
 
@@ -91,10 +100,35 @@ def test_bytes_other_than_the_expected_sha256_are_never_registered(
     uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
 
     with pytest.raises(RegistryError, match="holds other bytes"):
-        registry.register_model(uri, sha256=SHA, settings=settings, store=store)
+        registry.register_model(
+            uri, sha256=SHA, settings=settings, store=store, validator=validate_onnx_model
+        )
     assert mlflow_untouched(settings)
     bucket, key = store.locate(registry.model_dir_uri(uri))
     assert store.list_objects(bucket, key + "/") == []
+
+
+def test_the_callers_validator_checks_the_read_back_copy_and_its_refusal_registers_nothing(
+    atto_onnx: ExportResult, settings: Settings, store: LocalStore
+) -> None:
+    uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
+    checked: list[tuple[Path, str]] = []
+
+    def refuse(path: Path) -> ValidationResult:
+        checked.append((path, sha256_file(path)))
+        raise ValidationError(f"{path}: refused by the caller's validator")
+
+    with pytest.raises(ValidationError, match="refused by the caller's validator"):
+        registry.register_model(uri, settings=settings, store=store, validator=refuse)
+
+    ((path, digest),) = checked
+    assert path != atto_onnx.path and digest == atto_onnx.sha256
+    bucket, key = store.locate(registry.model_dir_uri(uri))
+    assert store.list_objects(bucket, key + "/") == []
+    found = registry.find_version_by_sha256(
+        DEFAULT_MODEL_NAME, atto_onnx.sha256, settings=settings, store=store
+    )
+    assert found is None
 
 
 def test_stored_sha256_streams_the_object_or_says_none(
@@ -224,7 +258,7 @@ def test_set_alias_leaves_production_to_promote(tmp_path: Path) -> None:
         registry.set_alias("heimdall-x", "1", "production", settings=settings)
 
 
-def test_caller_tags_cannot_override_the_verified_ones(tmp_path: Path) -> None:
+def test_caller_tags_cannot_override_the_verified_ones(tmp_path: Path, store: LocalStore) -> None:
     settings = Settings(data_dir=tmp_path, tracking_uri=None)
 
     with pytest.raises(InputError, match=r"tags \['sha256', 'verification'\]"):
@@ -232,6 +266,8 @@ def test_caller_tags_cannot_override_the_verified_ones(tmp_path: Path) -> None:
             (tmp_path / "m.onnx").as_uri(),
             tags={"verification": "passed", "sha256": "0" * 64, "variant": "fp32"},
             settings=settings,
+            store=store,
+            validator=validate_onnx_model,
         )
 
 

@@ -12,8 +12,8 @@ from mlflow.exceptions import MlflowException
 
 from heimdall.config import Settings, heimdall_version
 from heimdall.errors import RegistryError
+from heimdall.onnxfile import ValidationResult
 from heimdall.registry.client import call
-from heimdall.validate import ValidationResult
 
 log = structlog.get_logger(__name__)
 

@@ -7,6 +7,10 @@ external-data files under the names the ONNX file refers to, and MLflow's small 
 (``MLmodel`` last, so a folder without it is never mistaken for a model). Every object is
 written with ``if_absent``: nothing in a registered version's folder is ever rewritten, and two
 registrations of the same bytes (another model name, a concurrent publish) never share a folder.
+
+The read-back ``model.onnx`` is checked by the caller's validator (``validate.validate_onnx_model``
+in practice), passed in: the registry knows ONNX files only through the core ``heimdall.onnxfile``
+types, and imports no other stage.
 """
 
 from __future__ import annotations
@@ -31,16 +35,15 @@ from heimdall.config import redact_uri
 from heimdall.data import generate
 from heimdall.errors import HeimdallError, InputError, RegistryError
 from heimdall.files import sha256_chunks, sha256_file
+from heimdall.objects import ObjectInfo, ObjectStore
+from heimdall.onnxfile import TensorSpec, ValidationResult
 from heimdall.runtime import recorded_settings
-from heimdall.storage import ObjectInfo, ObjectStore
-from heimdall.validate import TensorSpec, ValidationResult, validate_onnx_model
 
 log = structlog.get_logger(__name__)
 
 MODEL_FILE = "model.onnx"
 
-# (local ONNX file) -> its validation, passed in so a caller that validated already is not
-# charged twice; the default validates the read-back copy.
+# (local ONNX file) -> its validation, or a HeimdallError when it does not meet the contract.
 Validator = Callable[[Path], ValidationResult]
 
 
@@ -127,11 +130,13 @@ def stage_model_dir(
     store: ObjectStore,
     onnx_uri: str,
     sha256: str | None,
+    validator: Validator,
     mlmodel_metadata: Callable[[ValidationResult, str], Mapping[str, str]],
 ) -> StagedModel:
     """Copy the upload into a new registration folder, read it back, write MLflow's files.
 
-    ``mlmodel_metadata(validation, sha256)`` gives the ``heimdall`` block of MLmodel.
+    ``validator`` checks the read-back ``model.onnx``; ``mlmodel_metadata(validation, sha256)``
+    gives the ``heimdall`` block of MLmodel.
     """
     bucket, key = store.locate(onnx_uri)
     sha256, info = check_upload(store, onnx_uri, sha256)
@@ -157,7 +162,7 @@ def stage_model_dir(
                         f"{expected}; the object store altered or lost the bytes. Nothing was "
                         "registered."
                     )
-            checked = validate_onnx_model(local / MODEL_FILE)
+            checked = validator(local / MODEL_FILE)
             model_dir = Path(tmp) / "mlflow-model"
             _write_mlflow_model(model_dir, checked, mlmodel_metadata(checked, sha256))
             names = [*sorted(p.name for p in model_dir.iterdir() if p.name != "MLmodel"), "MLmodel"]

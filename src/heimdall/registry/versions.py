@@ -26,9 +26,12 @@ from mlflow.exceptions import MlflowException
 
 from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
+from heimdall.objects import ObjectStore
+from heimdall.onnxfile import ValidationResult
 from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
 from heimdall.registry.lineage import describe, facts_of, lineage_run, verification_of
 from heimdall.registry.model_dir import (
+    Validator,
     changed_bytes,
     check_upload,
     remove_staged,
@@ -40,8 +43,6 @@ from heimdall.registry.names import (
     check_sha256,
     parse_models_uri,
 )
-from heimdall.storage import ObjectStore, open_store
-from heimdall.validate import ValidationResult
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +125,8 @@ class ModelSummary:
 def register_model(
     onnx_uri: str,
     *,
+    store: ObjectStore,
+    validator: Validator,
     sha256: str | None = None,
     name: str = DEFAULT_MODEL_NAME,
     metadata: Mapping[str, Any] | None = None,
@@ -132,16 +135,17 @@ def register_model(
     description: str | None = None,
     tags: Mapping[str, str] | None = None,
     settings: Settings | None = None,
-    store: ObjectStore | None = None,
 ) -> Registration:
     """The version of ``name`` that holds the uploaded ONNX at ``onnx_uri``; made if none does.
 
-    The registration folder's ``model.onnx`` is read back and checked against ``sha256``
-    (default: the sha256 storage recorded and verified at upload) and LocalizationNet's IO
-    contract before a version is created. ``run_id`` (else ``metadata["run_id"]``, else the
-    ONNX file's training run) is the lineage run when this tracking server knows it. ``stage``
-    (e.g. ``"Staging"``) also sets MLflow's deprecated stage. Aliases are moved separately
-    (``aliases.set_alias`` / ``promote``), behind their gates.
+    ``store`` holds ``onnx_uri`` (``storage.open_store(settings)``). The registration folder's
+    ``model.onnx`` is read back and checked against ``sha256`` (default: the sha256 storage
+    recorded and verified at upload) and by ``validator`` (``validate.validate_onnx_model``:
+    LocalizationNet's IO contract; its result gives MLmodel's signature) before a version is
+    created. ``run_id`` (else ``metadata["run_id"]``, else the ONNX file's training run) is the
+    lineage run when this tracking server knows it. ``stage`` (e.g. ``"Staging"``) also sets
+    MLflow's deprecated stage. Aliases are moved separately (``aliases.set_alias`` /
+    ``promote``), behind their gates.
     """
     settings = settings or load_settings()
     meta = dict(metadata or {})
@@ -152,7 +156,6 @@ def register_model(
     reserved = sorted(set(tags or {}) & RESERVED_TAGS)
     if reserved:
         raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
-    store = store or open_store(settings)
     where = (
         f"; the model bytes are already stored at {onnx_uri}: register again once MLflow is "
         "back, nothing needs to be uploaded again"
@@ -167,7 +170,7 @@ def register_model(
     def mlmodel_metadata(checked: ValidationResult, digest: str) -> dict[str, str]:
         return {"sha256": digest, "onnx_uri": onnx_uri, **facts_of(meta, checked)}
 
-    staged = stage_model_dir(store, onnx_uri, sha256, mlmodel_metadata)
+    staged = stage_model_dir(store, onnx_uri, sha256, validator, mlmodel_metadata)
     facts = facts_of(meta, staged.validation)
     version_tags = {
         "framework": "pytorch",
@@ -277,14 +280,13 @@ def find_version_by_sha256(
     name: str,
     sha256: str,
     *,
+    store: ObjectStore,
     settings: Settings | None = None,
-    store: ObjectStore | None = None,
 ) -> RegisteredVersion | None:
-    """The oldest READY version of ``name`` whose stored bytes still have this sha256, or None."""
+    """The oldest READY version of ``name`` whose bytes in ``store`` still have this sha256."""
     check_name(name)
     check_sha256(sha256)
     settings = settings or load_settings()
-    store = store or open_store(settings)
     with session(settings, f"search {name!r} for sha256 {sha256}") as client:
         return _intact_version(client, store, name, sha256)[0]
 
