@@ -1,10 +1,13 @@
 """LocalizationNet's IO contract: names, shapes and dtypes every layer agrees on (no torch).
 
 Export writes it into the ONNX graph, validate checks a file against it, inference checks
-inputs with it, and the registry writes it into the MLflow signature.
+inputs with it, and the registry writes it into the MLflow signature. ``Progress`` is the
+callback contract of the long library calls (verify, bench, optimize) with their callers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 INPUT_NAME = "mel_spectrogram"
 OUTPUT_NAMES = ("positions", "uncertainties")
@@ -14,3 +17,27 @@ IO_CONTRACT: dict[str, tuple[str, tuple[int | str, ...]]] = {
     INPUT_NAME: ("float32", (BATCH_AXIS, *INPUT_SHAPE)),
     **{name: ("float32", (BATCH_AXIS, 2)) for name in OUTPUT_NAMES},
 }
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``, called after each unit of work; ``total`` is fixed up front."""
+
+
+def counter(progress: Progress | None, total: int) -> Callable[[], None]:
+    """A ``tick()`` that reports one more unit of ``total`` done; a no-op without progress."""
+    if progress is None:
+        return lambda: None
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    return tick
+
+
+def part(progress: Progress | None, start: int, total: int) -> Progress | None:
+    """The progress of one part of a longer call: its ``done`` counts on from ``start``."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(start + done, total)

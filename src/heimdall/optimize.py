@@ -1,7 +1,8 @@
 """Faster variants of an exported LocalizationNet: int8 and fp16 copies gated against PyTorch.
 
 Variants are new ONNX files next to the fp32 export, float32 IO kept, each gated against the
-PyTorch model by ``verify.verify_parity`` before anyone may publish it:
+PyTorch model by ``parity.measure_parity`` (what ``verify.verify_parity`` runs) before anyone
+may publish it:
 
 - ``int8``: static QDQ quantization (uint8 activations, int8 per-channel weights) calibrated
   on synthetic RF samples from ``heimdall.data.generate``.
@@ -16,15 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 import structlog
+import torch
 from google.protobuf.message import DecodeError
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -36,18 +41,18 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from heimdall.contract import INPUT_NAME
+from heimdall.contract import INPUT_NAME, Progress, part
 from heimdall.data import generate
 from heimdall.errors import ExportError, InputError, ValidationError
 from heimdall.files import sha256_file
 from heimdall.model import LocalizationNet
+from heimdall.parity import Gates, Outputs, ParityResult, Reference, measure_parity, parity_steps
 from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
     OptimizationLevel,
     SessionSettings,
     open_session,
 )
-from heimdall.verify import Gates, ParityResult, verify_parity
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +73,7 @@ _OUTPUT_TAIL_OPS = {"Add", "Mul", "Sub", "Div", "Clip", "Softplus", "Where", "Gr
 # moved +1.2 % for fp16 and +2.3 % for an int8 variant that moves it +0.1 % on 2048 samples:
 # the median of a few hundred samples is too noisy for a 2 % gate (benchmarks/README.md).
 VARIANT_TASK_SAMPLES = 2048
+_VARIANT_BATCH_SIZES = (1, 8)
 # Localization error may grow at most 2 % (issue 7); elementwise parity is reported, not gated.
 VARIANT_GATES = Gates(
     mae=None, max_abs=None, max_rel=None, mean_distance_m=None, median_error_increase_rel=0.02
@@ -126,21 +132,35 @@ class VariantResult:
 
 
 class _RFCalibration(CalibrationDataReader):  # type: ignore[misc]
-    """Synthetic RF feature batches for the calibrator, generated once and replayed."""
+    """Synthetic RF feature batches for the calibrator, generated once and replayed.
 
-    def __init__(self, samples: int, seed: int) -> None:
+    A request for the next batch means the calibrator is done with the previous one: that is
+    when ``progress`` hears of it, once per batch even if the calibrator rewinds.
+    """
+
+    def __init__(self, samples: int, seed: int, progress: Progress | None = None) -> None:
         features, _ = generate(samples, seed=seed)
         self._batches = [
             features[i : i + _CALIBRATION_BATCH] for i in range(0, samples, _CALIBRATION_BATCH)
         ]
-        self._iter: Iterator[object] = iter(self._batches)
+        self._iter: Iterator[tuple[int, np.ndarray]] = enumerate(self._batches)
+        self._progress = progress
+        self._reported = 0
 
     def get_next(self) -> dict[str, object] | None:
-        batch = next(self._iter, None)
+        index, batch = next(self._iter, (len(self._batches), None))
+        if self._progress is not None and index > self._reported:
+            self._reported = index
+            self._progress(index, len(self._batches))
         return None if batch is None else {INPUT_NAME: batch}
 
     def rewind(self) -> None:
-        self._iter = iter(self._batches)
+        self._iter = enumerate(self._batches)
+
+
+def calibration_batches(calibration: int) -> int:
+    """The units of work ``quantize_int8`` reports to its progress callback."""
+    return math.ceil(calibration / _CALIBRATION_BATCH)
 
 
 def quantize_int8(
@@ -153,6 +173,7 @@ def quantize_int8(
     reduce_range: bool = False,
     scope: Literal["blocks", "all"] = "blocks",
     method: Literal["minmax", "percentile", "entropy"] = "minmax",
+    progress: Progress | None = None,
 ) -> Path:
     """Write a static QDQ int8 copy of ``onnx_path`` calibrated on ``calibration`` RF samples.
 
@@ -162,6 +183,7 @@ def quantize_int8(
     (depthwise convs and the MLP MatMuls: almost all FLOPs and weights) and keeps the stem,
     downsampling convs and heads float32, which measurably protects accuracy (see
     benchmarks/README.md); ``"all"`` quantizes every Conv, MatMul and Gemm.
+    ``progress(done, total)`` follows each calibration batch (``calibration_batches``).
     """
     source, output = _paths(onnx_path, output_path)
     if calibration < 1:
@@ -184,7 +206,7 @@ def quantize_int8(
             quantize_static(
                 str(prepared),
                 str(staged),
-                _RFCalibration(calibration, seed),
+                _RFCalibration(calibration, seed, progress),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=sorted({op for op, _ in nodes}),
                 nodes_to_quantize=[name for _, name in nodes],
@@ -214,10 +236,13 @@ def quantize_int8(
     return output
 
 
-def convert_fp16(onnx_path: Path | str, output_path: Path | str) -> Path:
+def convert_fp16(
+    onnx_path: Path | str, output_path: Path | str, *, progress: Progress | None = None
+) -> Path:
     """Write a float16 copy of ``onnx_path`` with float32 inputs and outputs (for GPUs).
 
     The chain of elementwise ops between the last matrix op and each output stays float32.
+    ``progress(1, 1)`` follows the conversion, one unit of work.
     """
     source, output = _paths(onnx_path, output_path)
     model = onnx.load(str(source))
@@ -236,6 +261,8 @@ def convert_fp16(onnx_path: Path | str, output_path: Path | str) -> Path:
         _stamp(staged, source, "fp16", recipe)
         staged.replace(output)
     log.info("fp16_variant_written", source=str(source), path=str(output), float32_nodes=len(kept))
+    if progress is not None:
+        progress(1, 1)
     return output
 
 
@@ -269,15 +296,26 @@ def verify_variant(
     variant: str,
     source: Path | str,
     gates: Gates = VARIANT_GATES,
-    batch_sizes: Sequence[int] = (1, 8),
+    batch_sizes: Sequence[int] = _VARIANT_BATCH_SIZES,
     task_samples: int = VARIANT_TASK_SAMPLES,
     seconds: float = 0.0,
+    progress: Progress | None = None,
 ) -> VariantResult:
-    """Gate ``variant_path`` against ``model`` (the fp32 PyTorch reference) on the held-out set."""
+    """Gate ``variant_path`` against ``model`` (the fp32 PyTorch reference) on the held-out set.
+
+    ``progress(done, total)`` follows the parity check (``parity.parity_steps``).
+    """
     path = Path(variant_path)
-    parity = verify_parity(
-        path, model, batch_sizes, gates=gates, task_samples=task_samples, raise_on_failure=False
-    )
+    with _torch_reference(model) as reference:
+        parity = measure_parity(
+            path,
+            reference,
+            batch_sizes,
+            gates=gates,
+            task_samples=task_samples,
+            raise_on_failure=False,
+            progress=progress,
+        )
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     result = VariantResult(
         variant=variant,
@@ -305,19 +343,29 @@ def build_variant(
     seed: int = CALIBRATION_SEED,
     gates: Gates = VARIANT_GATES,
     task_samples: int = VARIANT_TASK_SAMPLES,
+    progress: Progress | None = None,
 ) -> VariantResult:
     """Make the ``int8`` or ``fp16`` variant of ``onnx_path`` and gate it against ``model``.
 
     A variant that fails its gates comes back with ``passed=False`` and the reason; its file
-    is kept for inspection, never to be published.
+    is kept for inspection, never to be published. ``progress(done, total)`` follows the
+    calibration batches (int8) or the conversion (fp16), then the parity check.
     """
     started = time.perf_counter()
-    if variant == "int8":
-        path = quantize_int8(onnx_path, output_path, calibration=calibration, seed=seed)
-    elif variant == "fp16":
-        path = convert_fp16(onnx_path, output_path)
-    else:
+    if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    building = calibration_batches(calibration) if variant == "int8" else 1
+    total = building + parity_steps(_VARIANT_BATCH_SIZES, task_samples)
+    if variant == "int8":
+        path = quantize_int8(
+            onnx_path,
+            output_path,
+            calibration=calibration,
+            seed=seed,
+            progress=part(progress, 0, total),
+        )
+    else:
+        path = convert_fp16(onnx_path, output_path, progress=part(progress, 0, total))
     return verify_variant(
         path,
         model,
@@ -326,7 +374,34 @@ def build_variant(
         gates=gates,
         task_samples=task_samples,
         seconds=time.perf_counter() - started,
+        progress=part(progress, building, total),
     )
+
+
+@contextmanager
+def _torch_reference(model: LocalizationNet) -> Iterator[Reference]:
+    """``model`` in eval mode without autograd, on numpy arrays; its train mode is restored.
+
+    A copy of ``verify.torch_reference``, as stages do not import each other; both go once
+    ``heimdall.model`` (the PyTorch layer under both) offers this adapter.
+    """
+    was_training = model.training
+    model.eval()
+
+    def run(x: np.ndarray) -> Outputs:
+        normalized, sigma = model.forward_normalized(torch.from_numpy(x))
+        positions = normalized * model.coord_scale + model.coord_center
+        return positions.numpy(), sigma.numpy(), normalized.numpy()
+
+    try:
+        with torch.inference_mode():
+            yield Reference(
+                run=run,
+                coord_center=model.coord_center.detach().cpu().numpy(),
+                coord_scale=model.coord_scale.detach().cpu().numpy(),
+            )
+    finally:
+        model.train(was_training)
 
 
 def _paths(onnx_path: Path | str, output_path: Path | str) -> tuple[Path, Path]:

@@ -1,0 +1,461 @@
+"""Parity between a reference model and ONNX Runtime: per-output numbers and a task check, gated.
+
+Torch-free: the reference comes in as a function on numpy arrays (``verify.torch_reference``
+wraps the PyTorch model), so verify and optimize share the gates, the result types and the
+comparison. The elementwise gates apply where the model's numbers live, in normalized region
+units: positions before the region de-normalisation (the input of the graph's final
+``× coord_scale + coord_center``, exposed as an extra output for the comparison) and
+uncertainties. In degrees around 45° float32's own step is ~4e-6, which hid small export bugs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import structlog
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, Progress, counter
+from heimdall.data import HELDOUT_SEED, generate, haversine_km
+from heimdall.errors import InputError, VerificationError
+from heimdall.onnxfile import METADATA_PREFIX, check_external_data
+from heimdall.runtime import ORT_ERRORS, open_session
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 2, 3, 8, 64)
+# Held-out set: train.py draws seed (default 0) and seed + 1_000_003; this is neither.
+HELDOUT_SAMPLES = 256
+INPUT_KINDS = ("synthetic", "normal", "zeros", "large")
+LARGE_SCALE = 1e3
+# Relative diffs are taken against |reference| floored here, so exact zeros do not divide by 0.
+REL_FLOOR = 1e-6
+UNITS = "normalized region units"
+LINEAGE_KEY = METADATA_PREFIX + "checkpoint_sha256"
+# The extra graph output that carries the positions before the region de-normalisation.
+NORMALIZED_OUTPUT = "heimdall_verify_normalized_positions"
+_PASS_THROUGH_OPS = {"Cast", "Identity"}
+_CHUNK = 64
+
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Positions in degrees, uncertainties, and positions in normalized region units."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The model a file must agree with: ``run`` on a float32 batch, and its de-normalisation."""
+
+    run: Callable[[np.ndarray], Outputs]
+    coord_center: np.ndarray
+    coord_scale: np.ndarray
+
+
+class LineageWarning(UserWarning):
+    """The ONNX file records no checkpoint sha256, so its lineage cannot be checked."""
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Pass/fail thresholds; defaults are fp32's, ``None`` means reported but not gated.
+
+    ``mae``, ``max_abs`` and ``max_rel`` apply in normalized region units (see the module
+    docstring; 4e-6 is 0.4 m at the default 1° scale). A trained model differs more than a
+    random one: the demo model's clean export reached max abs 1.95e-6 and MAE 4.3e-7, so the
+    fp32 defaults sit 2× above that, and still 1.4× below the weakest small export bug of
+    tests/unit/test_verify_mutations.py (``benchmarks/verify_margins.py`` measures both).
+    A quantized variant loosens them, e.g. int8:
+    ``Gates(mae=..., max_abs=..., mean_distance_m=None, median_error_increase_rel=0.02)``.
+    """
+
+    mae: float | None = 1e-6
+    max_abs: float | None = 4e-6
+    max_rel: float | None = None
+    mean_distance_m: float | None = 1.0
+    median_error_increase_rel: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """ONNX vs the reference for one output at one batch size, over every input kind."""
+
+    output: str
+    batch_size: int
+    max_abs: float
+    max_rel: float
+    mae: float
+    worst_input: str
+    finite: bool
+    passed: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """Position agreement on a held-out synthetic set, in metres and kilometres."""
+
+    samples: int
+    seed: int
+    mean_distance_m: float
+    max_distance_m: float
+    median_error_km_torch: float
+    median_error_km_onnx: float
+    median_error_change_km: float
+    median_error_change_rel: float
+    finite: bool
+    passed: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Every number measured, the gates applied, and what failed.
+
+    ``lineage`` is ``matched`` (the file records the checkpoint's sha256), ``unrecorded``
+    (it records none) or ``unchecked`` (no checkpoint sha256 was given).
+    """
+
+    onnx_path: Path
+    gates: Gates
+    diffs: tuple[OutputDiff, ...]
+    task: TaskCheck | None
+    failures: tuple[str, ...]
+    lineage: str = "unchecked"
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "onnx_path": str(self.onnx_path),
+            "passed": self.passed,
+            "units": UNITS,
+            "gates": self.gates.to_dict(),
+            "diffs": [d.to_dict() for d in self.diffs],
+            "task": self.task.to_dict() if self.task else None,
+            "failures": list(self.failures),
+            "lineage": self.lineage,
+        }
+
+
+def check_lineage(onnx_path: Path | str, checkpoint_sha256: str) -> str:
+    """Compare the checkpoint sha256 recorded in ``onnx_path`` with ``checkpoint_sha256``.
+
+    Returns ``matched``, or ``unrecorded`` (with a LineageWarning) when the file records none;
+    raises VerificationError when it records another checkpoint.
+    """
+    path = Path(onnx_path)
+    check_external_data(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    return _lineage(proto, path, checkpoint_sha256, stacklevel=3)
+
+
+def parity_steps(batch_sizes: Sequence[int], task_samples: int) -> int:
+    """The units of work ``measure_parity`` reports to its progress callback."""
+    return len(batch_sizes) * len(INPUT_KINDS) + math.ceil(task_samples / _CHUNK)
+
+
+def measure_parity(
+    onnx_path: Path | str,
+    reference: Reference,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    gates: Gates | None = None,
+    task_samples: int = HELDOUT_SAMPLES,
+    task_seed: int = HELDOUT_SEED,
+    input_seed: int = 0,
+    intra_op_threads: int = 0,
+    raise_on_failure: bool = True,
+    checkpoint_sha256: str | None = None,
+    progress: Progress | None = None,
+) -> ParityResult:
+    """Run the same inputs through ``reference`` and ONNX Runtime (CPU) and gate the differences.
+
+    ``verify.verify_parity`` documents the arguments; ``progress(done, total)`` follows each
+    input kind at each batch size and each chunk of the held-out set (``parity_steps``).
+    """
+    path = Path(onnx_path)
+    gates = gates or Gates()
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    check_external_data(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    # The warning points at the caller of verify.verify_parity, which wraps this function.
+    lineage = (
+        _lineage(proto, path, checkpoint_sha256, stacklevel=4) if checkpoint_sha256 else "unchecked"
+    )
+    _check_io(proto, path)
+    tail_failures = _expose_normalized(proto, reference, path)
+    ort_run = _ort_runner(_session(proto, path, intra_op_threads), path)
+    tick = counter(progress, parity_steps(batch_sizes, task_samples))
+    pool = _inputs(max(batch_sizes), input_seed)
+    diffs = tuple(
+        _judged(diff, gates)
+        for batch in batch_sizes
+        for diff in _compare(
+            reference, ort_run, {k: x[:batch] for k, x in pool.items()}, batch, tick
+        )
+    )
+    task = _task_check(reference, ort_run, task_samples, task_seed, tick) if task_samples else None
+    if task is not None:
+        task = dataclasses.replace(task, passed=not _task_failures(task, gates))
+    failures = (
+        *tail_failures,
+        *(f for d in diffs for f in _diff_failures(d, gates)),
+        *(_task_failures(task, gates) if task else ()),
+    )
+    result = ParityResult(
+        onnx_path=path, gates=gates, diffs=diffs, task=task, failures=failures, lineage=lineage
+    )
+    log.info("onnx_parity", path=str(path), passed=result.passed, failures=len(result.failures))
+    if raise_on_failure and not result.passed:
+        raise VerificationError(
+            f"{path}: ONNX Runtime disagrees with PyTorch: " + "; ".join(result.failures)
+        )
+    return result
+
+
+def _lineage(proto: onnx.ModelProto, path: Path, checkpoint_sha256: str, stacklevel: int) -> str:
+    recorded = next((p.value for p in proto.metadata_props if p.key == LINEAGE_KEY), "")
+    if not recorded:
+        message = (
+            f"{path} records no {LINEAGE_KEY}; cannot check that it was exported from the "
+            f"checkpoint {checkpoint_sha256[:12]}"
+        )
+        log.warning("onnx_lineage_unrecorded", path=str(path), checkpoint=checkpoint_sha256)
+        warnings.warn(message, LineageWarning, stacklevel=stacklevel)
+        return "unrecorded"
+    if recorded.lower() != checkpoint_sha256.lower():
+        raise VerificationError(
+            f"{path} was exported from checkpoint sha256 {recorded[:12]}…, not from the given "
+            f"checkpoint {checkpoint_sha256[:12]}…; pass the checkpoint it was exported from, "
+            "or export this checkpoint again"
+        )
+    return "matched"
+
+
+def _check_io(proto: onnx.ModelProto, path: Path) -> None:
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+        raise VerificationError(
+            f"{path}: IO is {inputs} → {outputs}, expected [{INPUT_NAME!r}] → {list(OUTPUT_NAMES)}"
+        )
+
+
+def _expose_normalized(proto: onnx.ModelProto, reference: Reference, path: Path) -> list[str]:
+    """Add the positions before ``× coord_scale + coord_center`` as an extra graph output.
+
+    Returns a failure for each de-normalisation constant that differs from the reference's.
+    """
+    graph = proto.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    initializers = {t.name: t for t in graph.initializer}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in initializers and not uses_external_data(initializers[name]):
+            return numpy_helper.to_array(initializers[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else numpy_helper.to_array(value)
+        return None
+
+    def split(name: str, op: str) -> tuple[np.ndarray, str]:
+        node = producers.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH_OPS:
+            node = producers.get(node.input[0])
+        values = [constant(i) for i in node.input] if node is not None else []
+        known = [v is not None for v in values]
+        if node is None or node.op_type != op or known not in ([True, False], [False, True]):
+            raise VerificationError(
+                f"{path}: {OUTPUT_NAMES[0]!r} is not computed as normalized × coord_scale + "
+                "coord_center at the end of the graph, so its normalized positions cannot be "
+                "compared; export it with heimdall.export"
+            )
+        index = known.index(True)
+        return np.asarray(values[index]), node.input[1 - index]
+
+    center, shifted = split(OUTPUT_NAMES[0], "Add")
+    scale, normalized = split(shifted, "Mul")
+    failures = []
+    for label, stored, expected in (
+        ("coord_center", center, reference.coord_center),
+        ("coord_scale", scale, reference.coord_scale),
+    ):
+        if not np.array_equal(stored.astype(np.float32).ravel(), expected):
+            failures.append(
+                f"the graph's de-normalisation uses {label} {stored.ravel().tolist()}, the model "
+                f"{expected.tolist()}"
+            )
+    graph.node.append(
+        helper.make_node("Cast", [normalized], [NORMALIZED_OUTPUT], to=TensorProto.FLOAT)
+    )
+    graph.output.append(
+        helper.make_tensor_value_info(NORMALIZED_OUTPUT, TensorProto.FLOAT, [BATCH_AXIS, 2])
+    )
+    return failures
+
+
+def _session(proto: onnx.ModelProto, path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # The proto travels as bytes: external data files are found next to the original file.
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+    )
+    return open_session(proto.SerializeToString(), options, name=str(path))
+
+
+OrtRun = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def _ort_runner(session: ort.InferenceSession, path: Path) -> OrtRun:
+    """Positions in degrees, uncertainties, and positions in normalized units."""
+    names = [*OUTPUT_NAMES, NORMALIZED_OUTPUT]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        try:
+            return list(session.run(names, {INPUT_NAME: x}))
+        except ORT_ERRORS as exc:
+            raise VerificationError(
+                f"{path}: ONNX Runtime failed on a batch of shape {x.shape}: {exc}"
+            ) from exc
+
+    return run
+
+
+def _inputs(batch: int, seed: int) -> dict[str, np.ndarray]:
+    """A batch of each input kind; the first rows of each serve the smaller batch sizes."""
+    synthetic, _ = generate(batch, seed=seed)
+    normal = np.random.default_rng(seed).standard_normal((batch, *INPUT_SHAPE), np.float32)
+    return {
+        "synthetic": synthetic,
+        "normal": normal,
+        "zeros": np.zeros_like(normal),
+        "large": normal * np.float32(LARGE_SCALE),
+    }
+
+
+def _compare(
+    reference: Reference,
+    ort_run: OrtRun,
+    inputs: dict[str, np.ndarray],
+    batch: int,
+    tick: Callable[[], None],
+) -> list[OutputDiff]:
+    outs = {}
+    for kind, x in inputs.items():
+        _, sigma, positions = reference.run(x)
+        _, ort_sigma, ort_positions = ort_run(x)
+        outs[kind] = ((positions, sigma), (ort_positions, ort_sigma))
+        tick()
+    diffs = []
+    for i, name in enumerate(OUTPUT_NAMES):
+        ref = {kind: pair[0][i].astype(np.float64) for kind, pair in outs.items()}
+        got = {kind: pair[1][i].astype(np.float64) for kind, pair in outs.items()}
+        abs_diff = {kind: np.abs(got[kind] - ref[kind]) for kind in outs}
+        everything = np.concatenate([d.ravel() for d in abs_diff.values()])
+        rel = np.concatenate(
+            [(abs_diff[k] / np.maximum(np.abs(ref[k]), REL_FLOOR)).ravel() for k in outs]
+        )
+        finite = all(np.isfinite(a).all() for a in (*ref.values(), *got.values()))
+        diffs.append(
+            OutputDiff(
+                output=name,
+                batch_size=batch,
+                max_abs=float(everything.max()),
+                max_rel=float(rel.max()),
+                mae=float(everything.mean()),
+                worst_input=max(
+                    abs_diff, key=lambda k: float(np.nan_to_num(abs_diff[k], nan=np.inf).max())
+                ),
+                finite=finite,
+            )
+        )
+    return diffs
+
+
+def _task_check(
+    reference: Reference, ort_run: OrtRun, samples: int, seed: int, tick: Callable[[], None]
+) -> TaskCheck:
+    x, labels = generate(samples, seed=seed)
+    reference_pos, onnx_pos = [], []
+    for i in range(0, samples, _CHUNK):
+        reference_pos.append(reference.run(x[i : i + _CHUNK])[0])
+        onnx_pos.append(ort_run(x[i : i + _CHUNK])[0])
+        tick()
+    torch_pos = np.concatenate(reference_pos)
+    ort_pos = np.concatenate(onnx_pos)
+    distance_m = haversine_km(torch_pos.astype(np.float64), ort_pos.astype(np.float64)) * 1e3
+    err_torch = float(np.median(haversine_km(torch_pos.astype(np.float64), labels)))
+    err_onnx = float(np.median(haversine_km(ort_pos.astype(np.float64), labels)))
+    change = err_onnx - err_torch
+    return TaskCheck(
+        samples=samples,
+        seed=seed,
+        mean_distance_m=float(distance_m.mean()),
+        max_distance_m=float(distance_m.max()),
+        median_error_km_torch=err_torch,
+        median_error_km_onnx=err_onnx,
+        median_error_change_km=change,
+        median_error_change_rel=change / err_torch if err_torch > 0 else float(change != 0),
+        finite=bool(np.isfinite(torch_pos).all() and np.isfinite(ort_pos).all()),
+    )
+
+
+def _judged(diff: OutputDiff, gates: Gates) -> OutputDiff:
+    return dataclasses.replace(diff, passed=not _diff_failures(diff, gates))
+
+
+def _diff_failures(d: OutputDiff, gates: Gates) -> list[str]:
+    where = f"{d.output} @ batch {d.batch_size}"
+    if not d.finite:
+        return [f"{where}: NaN or Inf in the outputs"]
+    return [
+        f"{where}: {label} {value:.3g} > {gate:.3g} {UNITS} (worst on {d.worst_input} inputs)"
+        for label, value, gate in (
+            ("MAE", d.mae, gates.mae),
+            ("max abs diff", d.max_abs, gates.max_abs),
+            ("max rel diff", d.max_rel, gates.max_rel),
+        )
+        if gate is not None and not value <= gate
+    ]
+
+
+def _task_failures(task: TaskCheck, gates: Gates) -> list[str]:
+    failures = []
+    where = f"held-out set ({task.samples} samples, seed {task.seed})"
+    if not task.finite:
+        failures.append(f"{where}: NaN or Inf in the predicted positions")
+    if gates.mean_distance_m is not None and not task.mean_distance_m <= gates.mean_distance_m:
+        failures.append(
+            f"{where}: mean distance between PyTorch and ONNX positions "
+            f"{task.mean_distance_m:.3g} m > {gates.mean_distance_m:.3g} m"
+        )
+    limit = gates.median_error_increase_rel
+    if limit is not None and not task.median_error_change_rel <= limit:
+        failures.append(
+            f"{where}: median localization error rose from {task.median_error_km_torch:.3f} km "
+            f"to {task.median_error_km_onnx:.3f} km ({task.median_error_change_rel:+.2%} > "
+            f"{limit:+.2%})"
+        )
+    return failures
