@@ -25,7 +25,7 @@ import structlog
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from heimdall.contract import INPUT_NAME, INPUT_SHAPE
+from heimdall.contract import INPUT_NAME, INPUT_SHAPE, Progress, part
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.machine import (
@@ -64,6 +64,8 @@ _WARMUP_WINDOW = 5
 _WARMUP_TOLERANCE = 0.05
 _WARMUP_SHARE = 0.3
 PEAK_GEMM_SIZE = 2048
+# Progress units per batch size: ``measure`` reports each tenth of its rounds or budget.
+MEASURE_STEPS = 10
 _PEAK_READ_BYTES = 512 * 2**20
 
 
@@ -209,6 +211,7 @@ def benchmark(
     gap_s: float = DEFAULT_GAP_S,
     seed: int = 0,
     peak: bool = True,
+    progress: Progress | None = None,
 ) -> BenchmarkResult:
     """Time ``model`` in PyTorch eager and each ONNX file in ONNX Runtime, interleaved.
 
@@ -219,7 +222,8 @@ def benchmark(
     included; at least ``min_iterations`` rounds run whatever the budget. ``gap_s`` of idle time
     follows each call (``SPINNING_GAP_S`` after sessions that spin between runs) so the previous
     engine's busy-waiting threads are asleep before the next engine starts. ``peak=True`` also
-    measures the machine's FLOP peak (about two seconds).
+    measures the machine's FLOP peak (about two seconds). ``progress(done, total)`` follows
+    each tenth of every batch size's rounds (``MEASURE_STEPS``) and the peak measurement.
     """
     variants = (
         {"onnx": Path(onnx_models)}
@@ -251,7 +255,8 @@ def benchmark(
         if include_pytorch:
             engines.insert(0, Engine(PYTORCH, None, (), device, 0.0, None))
         timings: list[Timing] = []
-        for batch in batch_sizes:
+        total = len(batch_sizes) * MEASURE_STEPS + int(peak)
+        for index, batch in enumerate(batch_sizes):
             x, _ = generate(batch, seed=seed)
             calls = {
                 **({PYTORCH: _torch_call(torch_model, x, device)} if include_pytorch else {}),
@@ -259,9 +264,19 @@ def benchmark(
             }
             gaps = {name: gap_after(per_variant.get(name), gap_s) for name in calls}
             timings.extend(
-                measure(calls, batch, flops, budget_s, (min_iterations, max_iterations), gaps)
+                measure(
+                    calls,
+                    batch,
+                    flops,
+                    budget_s,
+                    (min_iterations, max_iterations),
+                    gaps,
+                    progress=part(progress, index * MEASURE_STEPS, total),
+                )
             )
         estimate = estimate_peak(n_threads) if peak else None
+        if estimate is not None and progress is not None:
+            progress(total, total)
     result = BenchmarkResult(
         backbone=model.config.backbone,
         flops_per_sample=flops,
@@ -431,11 +446,15 @@ def measure(
     budget_s: float,
     iterations: tuple[int, int],
     gaps: Mapping[str, float],
+    *,
+    progress: Progress | None = None,
 ) -> list[Timing]:
     """Warm each call up, then time them in shuffled rounds until ``budget_s`` has passed.
 
     ``iterations`` is (at least, at most) the number of rounds; ``gaps`` the idle time after
-    each call of an engine; ``flops`` per sample (0: no GFLOP/s).
+    each call of an engine; ``flops`` per sample (0: no GFLOP/s). ``progress(done,
+    MEASURE_STEPS)`` follows the rounds: done is the share of the budget or of the rounds
+    that ends the loop, whichever is further, in tenths.
     """
     started = time.perf_counter()
     min_iterations, max_iterations = iterations
@@ -445,7 +464,7 @@ def measure(
     }
     times: dict[str, list[float]] = {name: [] for name in names}
     order = np.random.default_rng(0)  # a fresh order each round: no engine always follows another
-    rounds = 0
+    rounds = reported = 0
     while rounds < max_iterations and (
         rounds < min_iterations or time.perf_counter() - started < budget_s
     ):
@@ -455,6 +474,16 @@ def measure(
             if gaps[name]:
                 time.sleep(gaps[name])
         rounds += 1
+        if progress is not None:
+            # The loop ends once both shares reach 1 or the rounds reach max_iterations.
+            spent = (time.perf_counter() - started) / budget_s
+            share = max(min(rounds / min_iterations, spent), rounds / max_iterations)
+            step = min(int(share * MEASURE_STEPS), MEASURE_STEPS - 1)
+            if step > reported:
+                reported = step
+                progress(step, MEASURE_STEPS)
+    if progress is not None:
+        progress(MEASURE_STEPS, MEASURE_STEPS)
     arrays = {name: np.asarray(t) for name, t in times.items()}
     return [_stats(name, batch, flops, arrays, warm[name]) for name in names]
 

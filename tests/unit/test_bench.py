@@ -17,6 +17,7 @@ from heimdall.errors import InputError
 from heimdall.export import ExportResult
 from heimdall.model import INPUT_SHAPE, LocalizationNet
 from heimdall.runtime import SessionSettings
+from tests.unit.test_verify import assert_progress_counts_to_its_total
 
 ROUNDS = 5  # odd, so a median of per-round ratios is exactly the reciprocal of the reverse one
 
@@ -169,3 +170,25 @@ def test_estimate_peak_reports_positive_rates() -> None:
         assert peak.clock_mhz and peak.flops_per_cycle_per_core
         expected = peak.clock_mhz * peak.flops_per_cycle_per_core / 1e3
         assert peak.theoretical_gflops == pytest.approx(expected)
+
+
+def test_benchmark_progress_follows_each_tenth_of_the_rounds_of_each_batch_size(
+    model: LocalizationNet, onnx_path: Path
+) -> None:
+    calls: list[tuple[int, int]] = []
+    result = bench.benchmark(
+        model,
+        onnx_path,
+        batch_sizes=(1, 2),
+        threads=1,
+        budget_s=0.01,
+        min_iterations=ROUNDS,
+        max_iterations=ROUNDS,
+        peak=False,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    # With min = max rounds the share is rounds / ROUNDS: tenths 2, 4, 6, 8, then the end.
+    steps = bench.MEASURE_STEPS
+    assert calls == [(d, 2 * steps) for d in (2, 4, 6, 8, 9, 10, 12, 14, 16, 18, 19, 20)]
+    assert_progress_counts_to_its_total(calls)
+    assert all(t.iterations == ROUNDS for t in result.timings)

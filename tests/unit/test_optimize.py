@@ -19,8 +19,10 @@ from heimdall.errors import InputError, ValidationError
 from heimdall.export import ExportResult
 from heimdall.files import sha256_file
 from heimdall.model import INPUT_NAME, LocalizationNet
+from heimdall.parity import parity_steps
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, SessionSettings
 from heimdall.validate import validate_onnx_model
+from tests.unit.test_verify import assert_progress_counts_to_its_total
 
 TASK_SAMPLES = 32
 
@@ -39,7 +41,15 @@ def onnx_path(atto_onnx: ExportResult, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def int8(model: LocalizationNet, onnx_path: Path) -> optimize.VariantResult:
+def int8_progress() -> list[tuple[int, int]]:
+    """The progress calls the ``int8`` fixture's build made."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def int8(
+    model: LocalizationNet, onnx_path: Path, int8_progress: list[tuple[int, int]]
+) -> optimize.VariantResult:
     return optimize.build_variant(
         "int8",
         onnx_path,
@@ -47,6 +57,7 @@ def int8(model: LocalizationNet, onnx_path: Path) -> optimize.VariantResult:
         model,
         calibration=16,
         task_samples=TASK_SAMPLES,
+        progress=lambda done, total: int8_progress.append((done, total)),
     )
 
 
@@ -167,3 +178,48 @@ def test_save_optimized_basic_passes_the_checker_and_agrees(
     ref = ort.InferenceSession(str(onnx_path)).run(None, {INPUT_NAME: x})
     got = ort.InferenceSession(str(path)).run(None, {INPUT_NAME: x})
     np.testing.assert_allclose(got[0], ref[0], atol=1e-4)
+
+
+def test_build_variant_progress_counts_calibration_then_parity(
+    int8: optimize.VariantResult, int8_progress: list[tuple[int, int]]
+) -> None:
+    total = optimize.calibration_batches(16) + parity_steps((1, 8), TASK_SAMPLES)
+    assert int8.passed and total == 1 + 9
+    assert int8_progress == [(done, total) for done in range(1, total + 1)]
+
+
+def test_quantize_progress_follows_each_calibration_batch_and_changes_no_byte(
+    onnx_path: Path, tmp_path: Path
+) -> None:
+    calls: list[tuple[int, int]] = []
+    shown = optimize.quantize_int8(
+        onnx_path,
+        tmp_path / "shown.onnx",
+        calibration=33,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    silent = optimize.quantize_int8(onnx_path, tmp_path / "silent.onnx", calibration=33)
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # batches of 16, 16 and 1 samples
+    assert shown.read_bytes() == silent.read_bytes()
+
+
+def test_fp16_progress_counts_the_conversion_then_parity_and_changes_no_result(
+    fp16: optimize.VariantResult, model: LocalizationNet, onnx_path: Path
+) -> None:
+    calls: list[tuple[int, int]] = []
+    shown = optimize.build_variant(
+        "fp16",
+        onnx_path,
+        onnx_path.with_name("atto.fp16-progress.onnx"),
+        model,
+        task_samples=TASK_SAMPLES,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert_progress_counts_to_its_total(calls)
+    assert calls[0] == (1, 1 + parity_steps((1, 8), TASK_SAMPLES))
+    ignored = {"path", "seconds", "parity"}
+    assert {k: v for k, v in shown.to_dict().items() if k not in ignored} == {
+        k: v for k, v in fp16.to_dict().items() if k not in ignored
+    }
+    assert shown.parity is not None and fp16.parity is not None
+    assert dataclasses.replace(shown.parity, onnx_path=fp16.path) == fp16.parity

@@ -13,8 +13,10 @@ import pytest
 from onnx import numpy_helper
 
 from heimdall.checkpoint import LoadedCheckpoint
+from heimdall.contract import Progress
 from heimdall.errors import VerificationError
 from heimdall.export import ExportResult, export_to_onnx
+from heimdall.parity import parity_steps
 from heimdall.verify import (
     Gates,
     LineageWarning,
@@ -35,6 +37,14 @@ def parity(atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint) -> Parity
         task_samples=32,
         intra_op_threads=1,
     )
+
+
+def assert_progress_counts_to_its_total(calls: list[tuple[int, int]]) -> None:
+    """The (done, total) calls a progress callback recorded: one total, done rising to it."""
+    assert calls, "progress was never called"
+    assert len({total for _, total in calls}) == 1, calls
+    done = [d for d, _ in calls]
+    assert done[0] > 0 and done == sorted(set(done)) and done[-1] == calls[0][1], calls
 
 
 def _edited(source: Path, target: Path, edit: Callable[[onnx.ModelProto], None]) -> Path:
@@ -249,3 +259,27 @@ def test_verify_restores_the_train_mode_it_found(
         assert model.training
     finally:
         model.eval()
+
+
+def test_progress_follows_each_input_kind_and_task_chunk_without_changing_the_result(
+    atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint
+) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def verify(progress: Progress | None) -> ParityResult:
+        return verify_parity(
+            atto_onnx.path,
+            atto_checkpoint.model,
+            batch_sizes=(1, 3),
+            task_samples=70,
+            intra_op_threads=1,
+            progress=progress,
+        )
+
+    silent = verify(None)
+    shown = verify(lambda done, total: calls.append((done, total)))
+    total = parity_steps((1, 3), 70)
+    assert total == 2 * 4 + 2  # four input kinds per batch size, 64-sample task chunks
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    assert_progress_counts_to_its_total(calls)
+    assert shown.to_dict() == silent.to_dict()
