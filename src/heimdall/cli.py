@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -106,37 +106,279 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _rounded(value: Any) -> Any:
-    """Floats to 4 significant digits for people (``--json`` keeps every digit)."""
+def _scalar(value: Any) -> str:
+    """One value for people: floats to 4 significant digits (``--json`` keeps every digit)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
-        return float(f"{value:.4g}")
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _inline(value: Any) -> str:
     if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
+        return ", ".join(f"{k}: {_inline(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_inline(v) for v in value) or "-"
+    return _scalar(value)
+
+
+def _is_records(value: Any) -> bool:
+    """A non-empty list of dicts: shown as a table of its own, not squeezed into a cell."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _lines(value: Any, indent: str = "") -> list[str]:
+    """Nested data as one ``key: value`` line per field, deeper fields indented."""
+    if not isinstance(value, dict) or not value:
+        if _is_records(value):
+            return [f"{indent}{_inline(v)}" for v in value]
+        return [f"{indent}{_inline(value)}"]
+    lines = []
+    for key, item in value.items():
+        if (isinstance(item, dict) and item) or _is_records(item):
+            lines += [f"{indent}{key}:", *_lines(item, indent + "  ")]
+        else:
+            lines.append(f"{indent}{key}: {_inline(item)}")
+    return lines
 
 
 def _cell(value: Any) -> Text:
     """A table cell as literal text: brackets in values are not Rich markup."""
-    value = _rounded(value)
-    if isinstance(value, dict | list):
-        return Text(json.dumps(value, default=str, ensure_ascii=False))
-    return Text(str(value))
+    return Text("\n".join(_lines(value)))
+
+
+def _short(sha256: Any) -> str:
+    return f"{sha256[:12]}…" if isinstance(sha256, str) and len(sha256) > 12 else _scalar(sha256)
+
+
+def _when(iso: Any) -> str:
+    """``2026-05-01T12:00:00+00:00`` → ``2026-05-01 12:00`` (UTC, said in the column header)."""
+    if isinstance(iso, str) and iso.endswith("+00:00"):
+        return iso.replace("T", " ")[:16]
+    return _scalar(iso)
+
+
+def _mib(size: Any) -> str:
+    return f"{size / 2**20:.1f} MiB" if isinstance(size, int) else _scalar(size)
+
+
+def fields_table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
+    """A two-column field/value table; nested values as one ``key: value`` line each."""
+    table = Table(title=Text(title), show_header=False, title_justify="left")
+    table.add_column("field", style="bold", overflow="fold")
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(Text(key), value if isinstance(value, Text) else _cell(value))
+    return table
+
+
+def records_table(title: str, records: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per record, one column per key (in the order the keys first appear)."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    table = Table(title=Text(title), title_justify="left")
+    for column in columns:
+        # Names are never cut: a narrow terminal folds them onto more lines instead.
+        table.add_column(column, overflow="fold")
+    for record in records:
+        table.add_row(*(_cell(record.get(column)) for column in columns))
+    return table
+
+
+def _show(*renderables: RenderableType | None) -> None:
+    for renderable in renderables:
+        if renderable is not None:
+            out.print(renderable)
 
 
 def emit(result: Any, as_json: bool, title: str) -> None:
-    """Print a result: JSON on stdout for programs, a key/value table for people."""
+    """Print a result: JSON on stdout for programs, tables for people.
+
+    Scalars and nested fields go in one field/value table; a list of records gets a table of
+    its own after it.
+    """
     data = _plain(result)
     if as_json:
         out.print_json(json.dumps(data, default=str))
         return
-    table = Table(title=escape(title), show_header=False)
-    table.add_column("field", style="bold", overflow="fold")
-    table.add_column("value", overflow="fold")
-    for key, value in data.items() if isinstance(data, dict) else [("result", data)]:
-        table.add_row(Text(str(key)), _cell(value))
-    out.print(table)
+    items = list(data.items()) if isinstance(data, dict) else [("result", data)]
+    fields = [(k, v) for k, v in items if not _is_records(v)]
+    _show(
+        fields_table(title, fields) if fields else None,
+        *(records_table(k, v) for k, v in items if _is_records(v)),
+    )
+
+
+def show_publish(data: Mapping[str, Any]) -> None:
+    """The publish summary: what was made, its versions, the gates they passed, each step."""
+    published = data["published"]
+    primary = published[0]
+    speedup = data["speedup_batch1"]
+    _show(
+        fields_table(
+            "published",
+            [
+                ("name", data["name"]),
+                ("checkpoint sha256", data["checkpoint_sha256"]),
+                ("model URI", primary["model_uri"]),
+                ("stored at", primary["uri"]),
+                ("parity", _verdict(data["parity_passed"])),
+                (
+                    "speed-up, batch 1",
+                    "not measured"
+                    if speedup is None
+                    else f"{speedup:.2f}× ONNX Runtime vs PyTorch eager",
+                ),
+                ("held-out median error", f"{data['heldout_median_error_km']:.1f} km"),
+            ],
+        ),
+        records_table(
+            "versions",
+            [
+                {
+                    "variant": p["variant"],
+                    "version": p["version"],
+                    "alias": p["alias"],
+                    "sha256": _short(p["sha256"]),
+                    "size": _mib(p["size_bytes"]),
+                    "upload": "new" if p["uploaded"] else "reused",
+                    "register": "reused" if p["reused_version"] else "new",
+                }
+                for p in published
+            ],
+        ),
+        records_table(
+            "gates",
+            [
+                {
+                    "variant": p["variant"],
+                    "gate": g["name"],
+                    "result": _verdict(g["passed"]),
+                    "detail": g["detail"],
+                }
+                for p in published
+                for g in p["gates"]
+            ],
+        ),
+        _variants_table(data["variants"]),
+        records_table(
+            "steps",
+            [{**s, "seconds": f"{s['seconds']:.1f}"} for s in data["steps"]],
+        ),
+    )
+    if data["report"] is not None:  # on a line of its own: a path to copy, never folded
+        out.print(Text(f"report: {data['report']}"), soft_wrap=True)
+
+
+def _verdict(passed: bool) -> str:
+    return "passed" if passed else "FAILED"
+
+
+def _variants_table(variants: Sequence[Mapping[str, Any]]) -> Table | None:
+    if not variants:
+        return None
+    rows = [
+        {
+            "variant": v["variant"],
+            "gates": _verdict(v["passed"]),
+            "sha256": _short(v["sha256"]),
+            "size": _mib(v["size_bytes"]),
+            "seconds": f"{v['seconds']:.1f}",
+            "reason": v["reason"],
+        }
+        for v in variants
+    ]
+    return records_table("variants", rows)
+
+
+def show_variants(variants: Sequence[Mapping[str, Any]]) -> None:
+    """Each optimized variant: its file, recipe and gates, then its parity rows."""
+    for v in variants:
+        parity = v["parity"]
+        rows = [
+            ("file", v["path"]),
+            ("made from", v["source"]),
+            ("gates", _verdict(v["passed"])),
+            ("reason", v["reason"]),
+            ("sha256", v["sha256"]),
+            ("size", _mib(v["size_bytes"])),
+            ("seconds", f"{v['seconds']:.1f}"),
+            ("recipe", v["recipe"]),
+        ]
+        if parity is not None:
+            rows += [
+                ("thresholds", _thresholds(parity["gates"]) or "-"),
+                ("held-out task check", parity["task"]),
+            ]
+        diffs = parity["diffs"] if parity is not None else []
+        _show(
+            fields_table(f"{v['variant']} variant", rows),
+            parity_table(parity, f"{v['variant']} parity vs PyTorch") if diffs else None,
+        )
+
+
+def show_model(data: Mapping[str, Any], version: str | None) -> None:
+    """A model: its aliases, one row per version, the alias history (and one version's details)."""
+    versions = data["versions"]
+    details = None
+    if version is not None and versions:
+        one = versions[0]
+        details = fields_table(
+            f"version {one['version']}",
+            [
+                ("model URI", one["uri"]),
+                *((k, one[k]) for k in ("aliases", "status", "stage", "verification", "sha256")),
+                *((k, one[k]) for k in ("source", "onnx_uri", "run_id", "created_at")),
+                ("description", one["description"]),
+                ("tags", one["tags"]),
+            ],
+        )
+    moves = [(alias, e) for alias, events in data["alias_history"].items() for e in events]
+    history = [
+        {
+            "alias": alias,
+            "at (UTC)": _when(e["at"]),
+            "action": e["action"],
+            "version": e["version"],
+            "previous": e.get("previous"),
+            "reason": e.get("reason"),
+        }
+        for alias, e in sorted(moves, key=lambda move: str(move[1]["at"]))  # one timeline
+    ]
+    # MLflow's legacy stages are rare next to aliases: a column only when a version has one.
+    staged = any(v["stage"] for v in versions)
+    _show(
+        fields_table(
+            "model",
+            [
+                ("name", data["name"]),
+                ("description", data["description"]),
+                ("aliases", {a: f"version {n}" for a, n in data["aliases"].items()}),
+                ("tags", data["tags"]),
+            ],
+        ),
+        records_table(
+            "versions",
+            [
+                {
+                    "version": v["version"],
+                    "aliases": "\n".join(v["aliases"]) or "-",  # narrower than a, b
+                    "sha256": _short(v["sha256"]),
+                    "status": v["status"],
+                    "parity": v["verification"],
+                    "created (UTC)": _when(v["created_at"]),
+                }
+                | ({"stage": v["stage"]} if staged else {})
+                for v in versions
+            ],
+        )
+        if versions
+        else Text("no versions"),
+        details,
+        records_table("alias history", history) if history else None,
+    )
 
 
 @contextmanager
@@ -262,8 +504,8 @@ def validate(model: Path = typer.Argument(..., help="ONNX file."), as_json: bool
         out.print(verdict, soft_wrap=True)
 
 
-def parity_table(result: dict[str, Any]) -> Table:
-    table = Table(title="parity PyTorch vs ONNX Runtime")
+def parity_table(result: Mapping[str, Any], title: str = "parity PyTorch vs ONNX Runtime") -> Table:
+    table = Table(title=Text(title), title_justify="left")
     for col in ("output", "batch", "max abs", "max rel", "MAE", "worst input"):
         table.add_column(col, overflow="fold")
     for d in result["diffs"]:
@@ -500,9 +742,7 @@ def _publish(
             upload_progress=None if as_json else display.bytes,
         )
     if not as_json:
-        emit(result, False, "published")
-        if result.report is not None:
-            out.print(f"report: {result.report.html}")
+        show_publish(result.to_dict())
     return result
 
 
@@ -622,9 +862,12 @@ def rollback(
 ) -> None:
     """Return an alias to the version that held it before."""
     from heimdall.registry import rollback as run_rollback
+    from heimdall.storage import open_store
 
+    settings = _settings(ctx)
     with errors(as_json):
-        emit(run_rollback(name, alias=alias, settings=_settings(ctx)), as_json, "rollback")
+        change = run_rollback(name, alias=alias, settings=settings, store=open_store(settings))
+        emit(change, as_json, "rollback")
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Inspect registered models.")
@@ -644,14 +887,17 @@ def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
         if not models:
             out.print("no registered models")
             return
-        table = Table(title="registered models")
-        columns = list(models[0])
-        for col in columns:
-            # Names are never cut: a narrow terminal folds them onto more lines instead.
-            table.add_column(col, overflow="fold")
-        for row in models:
-            table.add_row(*(_cell(row[c]) for c in columns))
-        out.print(table)
+        # The descriptions are long and alike: `models show` has them.
+        rows = [
+            {
+                "name": m["name"],
+                "latest version": m["latest_version"],
+                "aliases": {a: f"version {n}" for a, n in m["aliases"].items()},
+                "updated (UTC)": _when(m["updated_at"]),
+            }
+            for m in models
+        ]
+        out.print(records_table("registered models", rows))
 
 
 @models_app.command("show")
@@ -662,10 +908,14 @@ def models_show(
     as_json: bool = JsonOpt,
 ) -> None:
     """A model's versions, aliases and alias history (or one version's details)."""
-    from heimdall.registry import show_model
+    from heimdall.registry import show_model as details_of
 
     with errors(as_json):
-        emit(show_model(name, version=version, settings=_settings(ctx)), as_json, name)
+        details = details_of(name, version=version, settings=_settings(ctx))
+        if as_json:
+            emit(details, True, name)
+        else:
+            show_model(details.to_dict(), version)
 
 
 @app.command("bench")
@@ -734,7 +984,10 @@ def optimize(
             )
             for v in chosen
         ]
-        emit({r.variant: r for r in results}, as_json, "variants")
+        if as_json:
+            emit({r.variant: r for r in results}, True, "variants")
+        else:
+            show_variants([r.to_dict() for r in results])
         failed = [r for r in results if not r.passed]
         if failed:
             raise VerificationError(

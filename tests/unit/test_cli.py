@@ -402,3 +402,75 @@ def test_verify_states_the_thresholds_it_passed(
         "parity passed: max abs ≤ 4e-06, MAE ≤ 1e-06 (normalized region units); "
         "held-out mean distance ≤ 1 m"
     )
+
+
+def tables(output: str) -> dict[str, list[list[str]]]:
+    """Each table's records under its title; a record folded over lines has its cells' lines
+    joined with newlines (a name folded mid-word: remove them to read it whole)."""
+    found: dict[str, list[list[str]]] = {}
+    title = ""
+    for line in output.splitlines():
+        text = line.strip()
+        if not text.startswith("│"):
+            title = title if not text or text[0] in "┏┃┡┌└" else text
+            continue
+        cells = [cell.strip() for cell in text.strip("│").split("│")]
+        records = found.setdefault(title, [])
+        if cells[0] or not records:
+            records.append(cells)
+        else:
+            records[-1] = [f"{a}\n{b}" if b else a for a, b in zip(records[-1], cells, strict=True)]
+    return found
+
+
+def test_human_tables_put_nested_fields_on_lines_and_lists_of_records_in_tables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    emit(
+        {
+            "name": "m",
+            "recipe": {"keep_io_types": True, "calibration": {"samples": 256, "loss": 0.123456}},
+            "float32_nodes": ["/Add", "/Clip"],
+            "gates": [{"name": "ready", "passed": True, "detail": "status is READY"}],
+        },
+        False,
+        "t",
+    )
+
+    shown = tables(capsys.readouterr().out)
+    assert shown == {
+        "t": [
+            ["name", "m"],
+            ["recipe", "keep_io_types: yes\ncalibration:\nsamples: 256\nloss: 0.1235"],
+            ["float32_nodes", "/Add, /Clip"],
+        ],
+        "gates": [["ready", "yes", "status is READY"]],
+    }
+
+
+def test_models_show_lists_each_versions_aliases_as_the_version_option_does(
+    registry: Registry,
+) -> None:
+    name = registry.home.name
+    shown = registry.home.json("models", "show", name)
+    expected = {v["version"]: "\n".join(v["aliases"]) or "-" for v in shown["versions"]}
+
+    every = tables(registry.home.run("models", "show", name).stdout)
+    one = tables(registry.home.run("models", "show", name, "--version", "1").stdout)
+
+    assert "staging" in expected["1"].split()
+    assert {row[0]: row[1] for row in every["versions"]} == expected
+    assert {row[0]: row[1] for row in one["versions"]} == {"1": expected["1"]}
+    assert ["aliases", expected["1"].replace("\n", ", ")] in one["version 1"]
+
+
+def test_promote_prints_its_gates_as_a_table(registry: Registry) -> None:
+    result = registry.home.run("promote", registry.home.name, "1", "--to", "canary")
+
+    assert result.exit_code == 0, result.output
+    shown = tables(result.stdout)
+    assert ["alias", "canary"] in shown["promote"] and ["version", "1"] in shown["promote"]
+    gates = {gate: passed for gate, passed, _ in shown["gates"]}
+    assert gates == dict.fromkeys(
+        ("ready", "verification", "sha256", "baseline", "champion"), "yes"
+    )
