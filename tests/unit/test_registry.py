@@ -131,6 +131,16 @@ def test_the_callers_validator_checks_the_read_back_copy_and_its_refusal_registe
     assert found is None
 
 
+def test_an_alias_move_that_reads_the_bytes_needs_the_store_before_any_io(
+    settings: Settings,
+) -> None:
+    with pytest.raises(InputError, match="pass store="):
+        registry.move_alias(
+            "heimdall-x", "1", "staging", action="set", read_bytes=True, settings=settings
+        )
+    assert mlflow_untouched(settings)
+
+
 def test_stored_sha256_streams_the_object_or_says_none(
     atto_onnx: ExportResult, store: LocalStore
 ) -> None:

@@ -15,6 +15,10 @@ Where the bytes live, for an upload at ``<root>/models/localization/vX.onnx``::
     <root>/models/localization/vX/<registration id>/   a version's ``source``: model.onnx
                                                        (server-side copy), MLmodel, …
 
+The registry builds on the core only: functions that read or copy stored bytes take the object
+store from their caller (``store=heimdall.storage.open_store(settings)``), and registration takes
+the validator of the read-back file (``validator=heimdall.validate.validate_onnx_model``).
+
 MLflow reads its HTTP retry policy and S3 credentials from ``os.environ`` only, so calls run
 with those variables set from :class:`Settings` (see ``config.MLFLOW_ENVIRONMENT``).
 """

@@ -21,11 +21,11 @@ from mlflow.exceptions import MlflowException
 
 from heimdall.config import DEFAULT_ALIAS, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
+from heimdall.objects import ObjectStore
 from heimdall.registry.client import call, model_lock, search_versions, session
 from heimdall.registry.model_dir import version_bytes_problem
 from heimdall.registry.names import PRODUCTION, check_alias, check_name
 from heimdall.registry.versions import RegisteredVersion, aliases_of, get_version, to_version
-from heimdall.storage import ObjectStore, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -116,8 +116,9 @@ def set_alias(
 ) -> AliasChange:
     """Point ``alias`` at ``version`` if it is READY and verified.
 
-    Its bytes are not read again: registration has just verified them. For ``production`` use
-    :func:`promote`, which does. Quality gates live above the registry (``heimdall.gates``).
+    Its bytes are not read again (``store`` is not needed): registration has just verified
+    them. For ``production`` use :func:`promote`, which does. Quality gates live above the
+    registry (``heimdall.gates``).
     """
     check_name(name)
     check_alias(alias)
@@ -130,14 +131,14 @@ def promote(
     name: str,
     version: str | int,
     *,
+    store: ObjectStore,
     to: str = PRODUCTION,
     settings: Settings | None = None,
-    store: ObjectStore | None = None,
 ) -> AliasChange:
     """Point alias ``to`` at ``version`` if every gate passes, else raise RegistryError.
 
     Gates: the version is READY, its verification was recorded as passed, and the stored
-    ``model.onnx`` still has the registered sha256 (read back in full).
+    ``model.onnx`` still has the registered sha256 (read back in full from ``store``).
     """
     return move_alias(
         name, version, to, action="promote", read_bytes=True, settings=settings, store=store
@@ -163,11 +164,16 @@ def move_alias(
     moved the alias since the caller decided, AliasMovedError is raised and nothing moves.
     ``gates`` are the caller's own verdicts (all passed, or overridden with a ``reason``),
     reported with the integrity gates; the ``reason`` goes into the history and a version tag.
+    ``read_bytes`` reads the stored ``model.onnx`` back from ``store``, which it needs.
     """
     check_name(name)
     check_alias(alias)
+    if read_bytes and store is None:
+        raise InputError(
+            f"moving {name}@{alias} with read_bytes reads the version's bytes: pass store= "
+            "(heimdall.storage.open_store(settings))"
+        )
     settings = settings or load_settings()
-    store = store or open_store(settings)
     with session(settings, f"move {alias!r} of {name} to version {version}") as client:
         target = get_version(client, name, str(version))
         with model_lock(client, name, wait_s=max(4 * settings.mlflow_timeout_s, 60.0)):
@@ -180,7 +186,7 @@ def move_alias(
             if current == target.version:
                 return AliasChange(name, alias, target.version, current, "unchanged")
             move = f"move {alias!r} of {name} to version {target.version}"
-            checked = passed_gates(store, target, move, read_bytes=read_bytes)
+            checked = passed_gates(target, move, store if read_bytes else None)
             if reason:
                 tag = f"heimdall.forced.{alias}"
                 call(client.set_model_version_tag, name, target.version, tag, reason)
@@ -207,15 +213,15 @@ def alias_holder(name: str, alias: str, *, settings: Settings | None = None) -> 
 def rollback(
     name: str,
     *,
+    store: ObjectStore,
     alias: str = PRODUCTION,
     settings: Settings | None = None,
-    store: ObjectStore | None = None,
 ) -> AliasChange:
-    """Return ``alias`` to the version that held it before the current one (gates re-checked)."""
+    """Return ``alias`` to the version that held it before the current one (gates re-checked,
+    its bytes read back from ``store``)."""
     check_name(name)
     check_alias(alias)
     settings = settings or load_settings()
-    store = store or open_store(settings)
     with session(settings, f"roll back {alias!r} of {name}") as client:
         model = call(client.get_registered_model, name)
         if aliases_of(model).get(alias) is None:
@@ -233,7 +239,7 @@ def rollback(
                 )
             target = get_version(client, name, holders[-1])
             gates = passed_gates(
-                store, target, f"roll {name}@{alias} back to version {target.version}"
+                target, f"roll {name}@{alias} back to version {target.version}", store
             )
             _record_move(client, name, alias, target.version, "rollback")
     log.info(
@@ -336,10 +342,10 @@ def holders_of(events: tuple[AliasEvent, ...]) -> list[str]:
 
 
 def passed_gates(
-    store: ObjectStore, version: RegisteredVersion, move: str, *, read_bytes: bool = True
+    version: RegisteredVersion, move: str, store: ObjectStore | None
 ) -> tuple[Gate, ...]:
     """The gates of ``version``, all passed; else RegistryError naming every failure."""
-    gates = integrity_gates(store, version, read_bytes=read_bytes)
+    gates = integrity_gates(version, store)
     failed = [g for g in gates if not g.passed]
     if failed:
         reasons = "; ".join(f"{g.name}: {g.detail}" for g in failed)
@@ -347,10 +353,8 @@ def passed_gates(
     return tuple(gates)
 
 
-def integrity_gates(
-    store: ObjectStore, version: RegisteredVersion, *, read_bytes: bool = True
-) -> list[Gate]:
-    """READY, parity verification passed, and (``read_bytes``) stored bytes unchanged."""
+def integrity_gates(version: RegisteredVersion, store: ObjectStore | None) -> list[Gate]:
+    """READY, parity verification passed, and (given the ``store``) stored bytes unchanged."""
     gates = [
         Gate("ready", version.status == "READY", f"status is {version.status}"),
         Gate(
@@ -359,7 +363,7 @@ def integrity_gates(
             f"parity verification recorded as {version.verification or 'missing'}",
         ),
     ]
-    if not read_bytes:
+    if store is None:
         return gates
     if version.sha256 is None:
         return [*gates, Gate("sha256", False, "the version has no sha256 tag")]
