@@ -299,20 +299,24 @@ def verify_variant(
     batch_sizes: Sequence[int] = _VARIANT_BATCH_SIZES,
     task_samples: int = VARIANT_TASK_SAMPLES,
     seconds: float = 0.0,
+    intra_op_threads: int = 0,
     progress: Progress | None = None,
 ) -> VariantResult:
     """Gate ``variant_path`` against ``model`` (the fp32 PyTorch reference) on the held-out set.
 
-    ``progress(done, total)`` follows the parity check (``parity.parity_steps``).
+    ``intra_op_threads`` (0: each library's default) applies to ONNX Runtime and PyTorch alike,
+    as in ``verify.verify_parity``; ``progress(done, total)`` follows the parity check
+    (``parity.parity_steps``).
     """
     path = Path(variant_path)
-    with _torch_reference(model) as reference:
+    with _torch_reference(model, intra_op_threads) as reference:
         parity = measure_parity(
             path,
             reference,
             batch_sizes,
             gates=gates,
             task_samples=task_samples,
+            intra_op_threads=intra_op_threads,
             raise_on_failure=False,
             progress=progress,
         )
@@ -343,12 +347,14 @@ def build_variant(
     seed: int = CALIBRATION_SEED,
     gates: Gates = VARIANT_GATES,
     task_samples: int = VARIANT_TASK_SAMPLES,
+    intra_op_threads: int = 0,
     progress: Progress | None = None,
 ) -> VariantResult:
     """Make the ``int8`` or ``fp16`` variant of ``onnx_path`` and gate it against ``model``.
 
     A variant that fails its gates comes back with ``passed=False`` and the reason; its file
-    is kept for inspection, never to be published. ``progress(done, total)`` follows the
+    is kept for inspection, never to be published. ``intra_op_threads`` as in
+    ``verify_variant``; ``progress(done, total)`` follows the
     calibration batches (int8) or the conversion (fp16), then the parity check.
     """
     started = time.perf_counter()
@@ -374,19 +380,22 @@ def build_variant(
         gates=gates,
         task_samples=task_samples,
         seconds=time.perf_counter() - started,
+        intra_op_threads=intra_op_threads,
         progress=part(progress, building, total),
     )
 
 
 @contextmanager
-def _torch_reference(model: LocalizationNet) -> Iterator[Reference]:
-    """``model`` in eval mode without autograd, on numpy arrays; its train mode is restored.
+def _torch_reference(model: LocalizationNet, threads: int) -> Iterator[Reference]:
+    """``model`` in eval mode without autograd, on numpy arrays, on ``threads`` threads (0:
+    PyTorch's setting); its train mode and PyTorch's thread count are restored.
 
     A copy of ``verify.torch_reference``, as stages do not import each other; both go once
     ``heimdall.model`` (the PyTorch layer under both) offers this adapter.
     """
-    was_training = model.training
+    was_training, previous = model.training, torch.get_num_threads()
     model.eval()
+    torch.set_num_threads(threads or previous)
 
     def run(x: np.ndarray) -> Outputs:
         normalized, sigma = model.forward_normalized(torch.from_numpy(x))
@@ -401,6 +410,7 @@ def _torch_reference(model: LocalizationNet) -> Iterator[Reference]:
                 coord_scale=model.coord_scale.detach().cpu().numpy(),
             )
     finally:
+        torch.set_num_threads(previous)
         model.train(was_training)
 
 

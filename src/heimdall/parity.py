@@ -27,7 +27,7 @@ from onnx.external_data_helper import uses_external_data
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, Progress, counter
 from heimdall.data import HELDOUT_SEED, generate, haversine_km
 from heimdall.errors import InputError, VerificationError
-from heimdall.onnxfile import METADATA_PREFIX, check_external_data
+from heimdall.onnxfile import METADATA_PREFIX, check_external_data, load_structure
 from heimdall.runtime import ORT_ERRORS, open_session
 
 log = structlog.get_logger(__name__)
@@ -194,8 +194,8 @@ def measure_parity(
     gates = gates or Gates()
     if not batch_sizes or min(batch_sizes) < 1:
         raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
-    check_external_data(path)
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_structure(path)
+    check_external_data(path, proto)
     # The warning points at the caller of verify.verify_parity, which wraps this function.
     lineage = (
         _lineage(proto, path, checkpoint_sha256, stacklevel=4) if checkpoint_sha256 else "unchecked"

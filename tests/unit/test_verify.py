@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import numpy_helper
 
 from heimdall.checkpoint import LoadedCheckpoint
@@ -283,3 +284,20 @@ def test_progress_follows_each_input_kind_and_task_chunk_without_changing_the_re
     assert calls == [(done, total) for done in range(1, total + 1)]
     assert_progress_counts_to_its_total(calls)
     assert shown.to_dict() == silent.to_dict()
+
+
+def test_intra_op_threads_sets_pytorch_threads_for_the_reference_and_restores_them(
+    atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint
+) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    verify_parity(
+        atto_onnx.path,
+        atto_checkpoint.model,
+        batch_sizes=(1,),
+        task_samples=0,
+        intra_op_threads=before + 1,
+        progress=lambda done, total: seen.append(torch.get_num_threads()),
+    )
+    assert seen == [before + 1] * 4
+    assert torch.get_num_threads() == before
