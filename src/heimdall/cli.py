@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -413,6 +413,22 @@ def progress_bar() -> Progress:
     )
 
 
+@contextmanager
+def call_bar(description: str, as_json: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """The ``progress(done, total)`` callback of one long library call, drawn as a transient
+    bar (none for ``--json``, nor off a terminal)."""
+    if as_json:
+        yield None
+        return
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=None, info="")
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, info=f"{done / max(total, 1):.0%}")
+
+        yield update
+
+
 @app.command(short_help="Train on synthetic RF data and save the best checkpoint.")
 def train(
     ctx: typer.Context,
@@ -555,10 +571,16 @@ def verify(
     with errors(as_json):
         sizes = _int_list(batch_sizes)
         loaded = load_checkpoint(checkpoint)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), call_bar("verifying", as_json) as progress:
             # Said once below, in the output's own words.
             warnings.simplefilter("ignore", LineageWarning)
-            result = verify_parity(model, loaded.model, sizes, checkpoint_sha256=loaded.sha256)
+            result = verify_parity(
+                model,
+                loaded.model,
+                sizes,
+                checkpoint_sha256=loaded.sha256,
+                progress=progress,
+            )
         data = _plain(result)
         if as_json:
             emit(data, True, "parity")
@@ -935,13 +957,16 @@ def bench_cmd(
     from heimdall.checkpoint import load_checkpoint
 
     with errors(as_json):
-        result = benchmark(
-            load_checkpoint(checkpoint).model,
-            {"fp32": model},
-            batch_sizes=_int_list(batch_sizes),
-            budget_s=budget,
-            threads=threads,
-        )
+        sizes, reference = _int_list(batch_sizes), load_checkpoint(checkpoint).model
+        with call_bar("benchmarking", as_json) as progress:
+            result = benchmark(
+                reference,
+                {"fp32": model},
+                batch_sizes=sizes,
+                budget_s=budget,
+                threads=threads,
+                progress=progress,
+            )
         if as_json:
             emit(result, True, "benchmark")
             return
@@ -974,16 +999,15 @@ def optimize(
         if not chosen:
             raise InputError("choose at least one of --int8 and --fp16")
         reference = load_checkpoint(checkpoint).model
-        results = [
-            build_variant(
-                v,
-                model,
-                model.with_name(f"{model.stem}.{v}.onnx"),
-                reference,
-                calibration=calibration,
-            )
-            for v in chosen
-        ]
+        results = []
+        for v in chosen:
+            with call_bar(f"building {v}", as_json) as progress:
+                target = model.with_name(f"{model.stem}.{v}.onnx")
+                results.append(
+                    build_variant(
+                        v, model, target, reference, calibration=calibration, progress=progress
+                    )
+                )
         if as_json:
             emit({r.variant: r for r in results}, True, "variants")
         else:
