@@ -51,8 +51,8 @@ def verify_parity(
     Raises VerificationError listing every failed gate with its numbers, unless
     ``raise_on_failure`` is False; ``task_samples=0`` skips the task-level check.
     ``intra_op_threads`` (0: each library's default) applies to ONNX Runtime and the PyTorch
-    reference alike; on a busy machine 1 thread costs a quarter of the CPU of the defaults
-    (atto: 3.1 s instead of 12.3 s, same numbers), whose idle workers spin.
+    reference alike; on a busy machine 1 costs a quarter of the CPU time of the defaults,
+    whose idle workers spin (atto on 2 shared cores: 2.5 s instead of 12 s, same numbers).
     ``progress(done, total)`` follows each input kind at each batch size and each chunk of the
     held-out set (``parity.parity_steps``).
     """
