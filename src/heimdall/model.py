@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, IO_CONTRACT, OUTPUT_NAMES
 from heimdall.errors import CheckpointError, InputError
+from heimdall.parity import Outputs, Reference
 
 __all__ = [
     "BACKBONES",
@@ -21,6 +25,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "LocalizationNet",
     "ModelConfig",
+    "torch_reference",
 ]
 
 # (widths, depths) per size; atto..nano from the ConvNeXt-V2 family, tiny..large from ConvNeXt.
@@ -294,3 +299,29 @@ def check_input(x: object) -> None:
         raise InputError(f"{expected}, got dtype {x.dtype}")
     if x.shape[0] == 0:
         raise InputError(f"{expected}, got an empty batch")
+
+
+@contextmanager
+def torch_reference(model: LocalizationNet, threads: int = 0) -> Iterator[Reference]:
+    """``model`` in eval mode without autograd, on numpy arrays, on ``threads`` threads (0:
+    PyTorch's setting); its train mode and PyTorch's thread count are restored."""
+    was_training, previous = model.training, torch.get_num_threads()
+    model.eval()
+    torch.set_num_threads(threads or previous)
+
+    def run(x: np.ndarray) -> Outputs:
+        normalized, sigma = model.forward_normalized(torch.from_numpy(x))
+        # What model(x) returns, without running the network a second time.
+        positions = normalized * model.coord_scale + model.coord_center
+        return positions.numpy(), sigma.numpy(), normalized.numpy()
+
+    try:
+        with torch.inference_mode():
+            yield Reference(
+                run=run,
+                coord_center=model.coord_center.detach().cpu().numpy(),
+                coord_scale=model.coord_scale.detach().cpu().numpy(),
+            )
+    finally:
+        torch.set_num_threads(previous)
+        model.train(was_training)

@@ -21,7 +21,6 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,6 @@ from typing import Literal
 import numpy as np
 import onnx
 import structlog
-import torch
 from google.protobuf.message import DecodeError
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -45,8 +43,8 @@ from heimdall.contract import INPUT_NAME, Progress, part
 from heimdall.data import generate
 from heimdall.errors import ExportError, InputError, ValidationError
 from heimdall.files import sha256_file
-from heimdall.model import LocalizationNet
-from heimdall.parity import Gates, Outputs, ParityResult, Reference, measure_parity, parity_steps
+from heimdall.model import LocalizationNet, torch_reference
+from heimdall.parity import Gates, ParityResult, measure_parity, parity_steps
 from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
     OptimizationLevel,
@@ -309,7 +307,7 @@ def verify_variant(
     (``parity.parity_steps``).
     """
     path = Path(variant_path)
-    with _torch_reference(model, intra_op_threads) as reference:
+    with torch_reference(model, intra_op_threads) as reference:
         parity = measure_parity(
             path,
             reference,
@@ -383,35 +381,6 @@ def build_variant(
         intra_op_threads=intra_op_threads,
         progress=part(progress, building, total),
     )
-
-
-@contextmanager
-def _torch_reference(model: LocalizationNet, threads: int) -> Iterator[Reference]:
-    """``model`` in eval mode without autograd, on numpy arrays, on ``threads`` threads (0:
-    PyTorch's setting); its train mode and PyTorch's thread count are restored.
-
-    A copy of ``verify.torch_reference``, as stages do not import each other; both go once
-    ``heimdall.model`` (the PyTorch layer under both) offers this adapter.
-    """
-    was_training, previous = model.training, torch.get_num_threads()
-    model.eval()
-    torch.set_num_threads(threads or previous)
-
-    def run(x: np.ndarray) -> Outputs:
-        normalized, sigma = model.forward_normalized(torch.from_numpy(x))
-        positions = normalized * model.coord_scale + model.coord_center
-        return positions.numpy(), sigma.numpy(), normalized.numpy()
-
-    try:
-        with torch.inference_mode():
-            yield Reference(
-                run=run,
-                coord_center=model.coord_center.detach().cpu().numpy(),
-                coord_scale=model.coord_scale.detach().cpu().numpy(),
-            )
-    finally:
-        torch.set_num_threads(previous)
-        model.train(was_training)
 
 
 def _paths(onnx_path: Path | str, output_path: Path | str) -> tuple[Path, Path]:

@@ -1,6 +1,6 @@
 """Parity between a reference model and ONNX Runtime: per-output numbers and a task check, gated.
 
-Torch-free: the reference comes in as a function on numpy arrays (``verify.torch_reference``
+Torch-free: the reference comes in as a function on numpy arrays (``model.torch_reference``
 wraps the PyTorch model), so verify and optimize share the gates, the result types and the
 comparison. The elementwise gates apply where the model's numbers live, in normalized region
 units: positions before the region de-normalisation (the input of the graph's final

@@ -7,16 +7,12 @@ importable from here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from heimdall.contract import Progress
 from heimdall.data import HELDOUT_SEED
-from heimdall.model import LocalizationNet
+from heimdall.model import LocalizationNet, torch_reference
 from heimdall.parity import DEFAULT_BATCH_SIZES as DEFAULT_BATCH_SIZES
 from heimdall.parity import HELDOUT_SAMPLES as HELDOUT_SAMPLES
 from heimdall.parity import INPUT_KINDS as INPUT_KINDS
@@ -25,10 +21,10 @@ from heimdall.parity import UNITS as UNITS
 from heimdall.parity import Gates as Gates
 from heimdall.parity import LineageWarning as LineageWarning
 from heimdall.parity import OutputDiff as OutputDiff
-from heimdall.parity import Outputs, Reference, measure_parity
 from heimdall.parity import ParityResult as ParityResult
 from heimdall.parity import TaskCheck as TaskCheck
 from heimdall.parity import check_lineage as check_lineage
+from heimdall.parity import measure_parity
 
 
 def verify_parity(
@@ -70,29 +66,3 @@ def verify_parity(
             checkpoint_sha256=checkpoint_sha256,
             progress=progress,
         )
-
-
-@contextmanager
-def torch_reference(model: LocalizationNet, threads: int = 0) -> Iterator[Reference]:
-    """``model`` in eval mode without autograd, on numpy arrays, on ``threads`` threads (0:
-    PyTorch's setting); its train mode and PyTorch's thread count are restored."""
-    was_training, previous = model.training, torch.get_num_threads()
-    model.eval()
-    torch.set_num_threads(threads or previous)
-
-    def run(x: np.ndarray) -> Outputs:
-        normalized, sigma = model.forward_normalized(torch.from_numpy(x))
-        # What model(x) returns, without running the network a second time.
-        positions = normalized * model.coord_scale + model.coord_center
-        return positions.numpy(), sigma.numpy(), normalized.numpy()
-
-    try:
-        with torch.inference_mode():
-            yield Reference(
-                run=run,
-                coord_center=model.coord_center.detach().cpu().numpy(),
-                coord_scale=model.coord_scale.detach().cpu().numpy(),
-            )
-    finally:
-        torch.set_num_threads(previous)
-        model.train(was_training)
