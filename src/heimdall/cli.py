@@ -130,14 +130,26 @@ def _is_records(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
+def _decoded(value: Any) -> Any:
+    """A string that holds a JSON object or list (ONNX metadata, MLflow tags) as that data."""
+    if isinstance(value, str) and value.startswith(("{", "[")):
+        try:
+            return json.loads(value)
+        except ValueError:  # "[lat, lon]" and other text in brackets
+            return value
+    return value
+
+
 def _lines(value: Any, indent: str = "") -> list[str]:
     """Nested data as one ``key: value`` line per field, deeper fields indented."""
+    value = _decoded(value)
     if not isinstance(value, dict) or not value:
         if _is_records(value):
             return [f"{indent}{_inline(v)}" for v in value]
         return [f"{indent}{_inline(value)}"]
     lines = []
-    for key, item in value.items():
+    for key, raw in value.items():
+        item = _decoded(raw)
         if (isinstance(item, dict) and item) or _is_records(item):
             lines += [f"{indent}{key}:", *_lines(item, indent + "  ")]
         else:

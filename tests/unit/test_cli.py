@@ -431,6 +431,7 @@ def test_human_tables_put_nested_fields_on_lines_and_lists_of_records_in_tables(
             "name": "m",
             "recipe": {"keep_io_types": True, "calibration": {"samples": 256, "loss": 0.123456}},
             "float32_nodes": ["/Add", "/Clip"],
+            "metadata": {"heimdall.normalization": '{"center": [45.0, 8.5]}'},  # JSON text
             "gates": [{"name": "ready", "passed": True, "detail": "status is READY"}],
         },
         False,
@@ -443,6 +444,7 @@ def test_human_tables_put_nested_fields_on_lines_and_lists_of_records_in_tables(
             ["name", "m"],
             ["recipe", "keep_io_types: yes\ncalibration:\nsamples: 256\nloss: 0.1235"],
             ["float32_nodes", "/Add, /Clip"],
+            ["metadata", "heimdall.normalization:\ncenter: 45, 8.5"],
         ],
         "gates": [["ready", "yes", "status is READY"]],
     }
