@@ -8,7 +8,8 @@ without it, a scratch data dir gets one published model first (random atto weigh
 benchmark: about a minute). Each process is measured by ``wait4``: user CPU seconds (the main
 figure, as other work on a shared machine stretches wall time far more) and wall seconds.
 Runs are interleaved, so drift from other processes hits every command alike; medians are
-reported.
+reported. "mlflow + its SQL stores" is the floor of any MLflow client on the embedded store:
+``import mlflow`` plus the SQLAlchemy store modules MlflowClient loads for a sqlite:// URI.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from pathlib import Path
 
 NAME = "heimdall-cli-speed"
 BASELINE = "import mlflow"
+# What any MLflow client on the embedded store imports besides: the SQLAlchemy stores (with
+# SQLAlchemy's ORM and alembic), before heimdall adds anything.
+FLOOR = (
+    "import mlflow, mlflow.store.tracking.sqlalchemy_store, "
+    "mlflow.store.model_registry.sqlalchemy_store"
+)
 
 
 def measure(command: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -85,6 +92,7 @@ def main() -> None:
         args.name = json.loads(listed.stdout)[0]["name"]
     commands = {
         BASELINE: [sys.executable, "-c", BASELINE],
+        "mlflow + its SQL stores": [sys.executable, "-c", FLOOR],
         "heimdall models list": [*heimdall, "models", "list"],
         "heimdall models show": [*heimdall, "models", "show", args.name],
     }
