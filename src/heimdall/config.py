@@ -337,6 +337,20 @@ class _ScrubbingRecordFactory:
         return record
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write: a CLI progress bar redirects it while it runs,
+    and log lines must then print above the bar, not into it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_STDERR = _CurrentStderr()
+
+
 def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) -> None:
     """Set up structlog: console or JSON lines on stderr, secrets and URI passwords scrubbed."""
     scrub = _scrubber(secrets)
@@ -353,7 +367,7 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
         logging.getLogger(name).setLevel(quiet)
     root = logging.getLogger()
     if not root.handlers:
-        root.addHandler(logging.StreamHandler(sys.stderr))
+        root.addHandler(logging.StreamHandler(_STDERR))  # type: ignore[arg-type]
     make = logging.getLogRecordFactory()
     if isinstance(make, _ScrubbingRecordFactory):  # configured before: replace, don't stack
         make = make.make
@@ -379,7 +393,7 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
             lambda _, __, line: scrub(line),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_STDERR),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

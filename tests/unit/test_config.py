@@ -336,6 +336,19 @@ def test_log_level_filters_lower_events(capsys: pytest.CaptureFixture[str]) -> N
     assert "shown-info-event" in err
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_log_lines_follow_stderr_when_a_progress_bar_redirects_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rich's live progress bar swaps sys.stderr for a proxy that prints above the bar; a logger
+    # holding the original stream would write into the bar's line instead.
+    configure_logging("INFO")
+    redirected = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", redirected)
+    structlog.get_logger("test").warning("above-the-bar")
+    assert "above-the-bar" in redirected.getvalue()
+
+
 def test_unknown_log_level_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="CHATTY"):
         configure_logging("CHATTY")
