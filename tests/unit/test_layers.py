@@ -46,7 +46,7 @@ STAGES = frozenset(
 ORCHESTRATION = frozenset(
     {"heimdall", "inference", "gates", "results", "pipeline", "demo", "legacy"}
 )
-CLI = frozenset({"cli"})
+CLI = frozenset({"cli", "display"})
 LAYERS = {
     "core": CORE,
     "torch": TORCH,
