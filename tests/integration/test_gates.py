@@ -22,6 +22,7 @@ from heimdall.export import export_to_onnx
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.pipeline import publish
 from heimdall.storage import upload_model
+from heimdall.validate import validate_onnx_model
 from tests.fixtures.mlflow_server import MlflowBackend
 
 pytestmark = pytest.mark.integration
@@ -67,6 +68,7 @@ def register(backend: MlflowBackend, settings: Settings, path: Path, name: str) 
         metadata={"parity": {"passed": True}},
         settings=settings,
         store=store,
+        validator=validate_onnx_model,
     ).version.version
 
 

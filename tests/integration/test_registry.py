@@ -31,7 +31,7 @@ from heimdall.legacy import register_with_mlflow
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS
 from heimdall.storage import ObjectStore, upload_model
-from heimdall.validate import get_model_metadata
+from heimdall.validate import get_model_metadata, validate_onnx_model
 from tests.fixtures.mlflow_server import MlflowBackend
 from tests.fixtures.process import ManagedProcess, free_port, http_ok, unavailable
 
@@ -109,6 +109,7 @@ def register_uri(
         metadata={**export.metadata, "parity": {"passed": passed}},
         settings=settings,
         store=store,
+        validator=validate_onnx_model,
     ).version
     if passed:
         registry.set_alias(name, version.version, "staging", settings=settings, store=store)
@@ -326,21 +327,29 @@ def test_promote_refuses_failing_gates_and_rollback_restores_previous_holder(
 def test_the_same_bytes_under_another_key_reuse_their_version(
     embedded_mlflow: MlflowBackend, atto: Export, model_name: str
 ) -> None:
-    settings = embedded_mlflow.settings()
+    settings, store = embedded_mlflow.settings(), embedded_mlflow.store()
     assert (
-        registry.find_version_by_sha256(model_name, atto.result.sha256, settings=settings) is None
+        registry.find_version_by_sha256(
+            model_name, atto.result.sha256, settings=settings, store=store
+        )
+        is None
     )
     first = register(embedded_mlflow, atto, model_name, f"models/localization/{model_name}-a.onnx")
     again = register(embedded_mlflow, atto, model_name, f"models/localization/{model_name}-b.onnx")
 
-    found = registry.find_version_by_sha256(model_name, atto.result.sha256, settings=settings)
+    found = registry.find_version_by_sha256(
+        model_name, atto.result.sha256, settings=settings, store=store
+    )
 
     assert again.version == first.version
     assert found is not None and found.version == first.version
     description = registry.show_model(model_name, settings=settings).description
     assert description is not None and description.startswith("LocalizationNet")
     assert [v.version for v in registry.show_model(model_name, settings=settings).versions] == ["1"]
-    assert registry.find_version_by_sha256(model_name, "0" * 64, settings=settings) is None
+    assert (
+        registry.find_version_by_sha256(model_name, "0" * 64, settings=settings, store=store)
+        is None
+    )
 
 
 def test_a_second_model_name_gets_its_own_folder_and_never_rewrites_the_first(
@@ -377,7 +386,9 @@ def test_a_version_whose_bytes_changed_is_never_reused(
     assert LocalizationModel.load(again.uri, settings=settings).sha256 == atto.result.sha256
     tags = registry.show_model(model_name, first.version, settings=settings).versions[0].tags
     assert "now has sha256" in tags[registry.INTEGRITY_TAG]
-    found = registry.find_version_by_sha256(model_name, atto.result.sha256, settings=settings)
+    found = registry.find_version_by_sha256(
+        model_name, atto.result.sha256, settings=settings, store=store
+    )
     assert found is not None and found.version == again.version
 
 
@@ -421,7 +432,12 @@ def test_an_export_with_external_data_registers_and_loads_as_one_unit(
     uploaded = upload_model(result.path, store, embedded_mlflow.bucket, key, create_bucket=True)
 
     version = registry.register_model(
-        uploaded.uri, name=model_name, metadata={"parity": {"passed": True}}, settings=settings
+        uploaded.uri,
+        name=model_name,
+        metadata={"parity": {"passed": True}},
+        settings=settings,
+        store=store,
+        validator=validate_onnx_model,
     ).version
 
     assert version.sha256 == result.sha256

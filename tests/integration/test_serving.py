@@ -18,6 +18,7 @@ from heimdall.export import export_to_onnx
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.registry import register_model, set_alias
 from heimdall.storage import upload_model
+from heimdall.validate import validate_onnx_model
 from tests.fixtures.mlflow_server import MlflowBackend
 
 pytestmark = pytest.mark.integration
@@ -52,6 +53,7 @@ def published(embedded_mlflow: MlflowBackend, tmp_path_factory: pytest.TempPathF
         metadata={"parity": {"passed": True}},
         settings=settings,
         store=store,
+        validator=validate_onnx_model,
     ).version
     set_alias(name, version.version, "staging", settings=settings, store=store)
     return f"models:/{name}@staging"
