@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     gate_champion_tolerance: float = Field(
         default=0.02, ge=0, validation_alias=AliasChoices("HEIMDALL_GATE_CHAMPION_TOLERANCE")
     )
+    # The commit the model's code came from, where the working directory is no git checkout
+    # (a container image, say); otherwise publish reads it from the repository it runs in.
+    git_commit: str | None = Field(
+        default=None, validation_alias=AliasChoices("HEIMDALL_GIT_COMMIT", "GIT_COMMIT")
+    )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
 

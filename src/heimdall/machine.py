@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -69,6 +70,59 @@ def fingerprint(threads: int) -> Environment:
         ort_providers=tuple(ort.get_available_providers()),
         load_average=load_average(),
     )
+
+
+# Packages whose versions decide what an exported or served model computes.
+PACKAGES = ("heimdall", "torch", "onnx", "onnxruntime", "mlflow", "numpy")
+
+
+@dataclass(frozen=True)
+class Software:
+    """The code a model was published with: package versions and, when known, the git commit."""
+
+    packages: dict[str, str]
+    git_commit: str | None = None  # of the repository the command ran in
+    git_dirty: bool | None = None  # uncommitted changes to tracked files
+
+    def tags(self) -> dict[str, str]:
+        """Version/run tags; ``mlflow.source.git.commit`` is the tag MLflow's UI shows."""
+        tags = {"heimdall.packages": ", ".join(f"{k}=={v}" for k, v in self.packages.items())}
+        if self.git_commit:
+            tags["mlflow.source.git.commit"] = self.git_commit
+            tags["heimdall.git_commit"] = self.git_commit
+        if self.git_commit and self.git_dirty is not None:
+            tags["heimdall.git_dirty"] = str(self.git_dirty).lower()
+        return tags
+
+
+def software(git_commit: str | None = None, where: Path | None = None) -> Software:
+    """Installed package versions, and the git commit given or found at ``where`` (the working
+    directory by default); no commit where there is no repository or no git."""
+    packages = {name: _version(name) for name in PACKAGES}
+    packages = {k: v for k, v in packages.items() if v != "not installed"}
+    if git_commit:
+        return Software(packages, git_commit, None)
+    commit = _git(where, "rev-parse", "HEAD")
+    if commit is None:
+        return Software(packages)
+    dirty = _git(where, "status", "--porcelain", "--untracked-files=no")
+    return Software(packages, commit, None if dirty is None else bool(dirty))
+
+
+def _git(where: Path | None, *args: str) -> str | None:
+    """``git ARGS`` output in ``where``; None if git, the repository or 5 seconds are missing."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def is_busy(environment: Environment) -> bool:

@@ -45,6 +45,8 @@ ENV_NAMES = (
     "HEIMDALL_MODEL_NAME",
     "HEIMDALL_LOG_LEVEL",
     "HEIMDALL_LOG_JSON",
+    "HEIMDALL_GIT_COMMIT",
+    "GIT_COMMIT",
 )
 
 SECRET = "s3cr3t-Value-42"
@@ -101,6 +103,16 @@ def test_setting_is_read_from_its_environment_name(
 ) -> None:
     monkeypatch.setenv(env, value)
     assert getattr(Settings(), attribute) == value
+
+
+def test_the_git_commit_is_read_from_heimdall_git_commit_or_ci_git_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().git_commit is None
+    monkeypatch.setenv("GIT_COMMIT", "abc123")
+    assert load_settings().git_commit == "abc123"
+    monkeypatch.setenv("HEIMDALL_GIT_COMMIT", "def456")
+    assert load_settings().git_commit == "def456"
 
 
 def test_data_dir_is_read_from_heimdall_data_dir(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -29,3 +30,36 @@ def test_a_machine_is_busy_when_load_exceeds_half_its_physical_cores() -> None:
 def test_importing_machine_does_not_import_torch() -> None:
     code = "import sys, heimdall.machine; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_software_records_the_git_commit_of_the_repository_it_runs_in(tmp_path: Path) -> None:
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "train.py").write_text("print('v1')\n")
+    _git(tmp_path, "add", "train.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "v1")
+    clean = machine.software(where=tmp_path)
+    assert clean.git_commit == _git(tmp_path, "rev-parse", "HEAD")
+    assert clean.git_dirty is False
+    assert clean.tags()["mlflow.source.git.commit"] == clean.git_commit
+    assert clean.tags()["heimdall.git_dirty"] == "false"
+    (tmp_path / "train.py").write_text("print('v2')\n")
+    assert machine.software(where=tmp_path).git_dirty is True
+
+
+def test_software_outside_a_repository_records_packages_and_no_commit(tmp_path: Path) -> None:
+    found = machine.software(where=tmp_path)
+    assert found.git_commit is None
+    assert "mlflow.source.git.commit" not in found.tags()
+    assert {"heimdall", "onnxruntime", "mlflow"} <= set(found.packages)
+    assert f"onnxruntime=={found.packages['onnxruntime']}" in found.tags()["heimdall.packages"]
+
+
+def test_a_given_git_commit_wins_over_the_working_directory(tmp_path: Path) -> None:
+    given = machine.software(git_commit="0123abc", where=tmp_path)
+    assert given.tags()["heimdall.git_commit"] == "0123abc"
+    assert "heimdall.git_dirty" not in given.tags()
