@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from heimdall.data import DEFAULT_RECEIVERS, EARTH_RADIUS_KM, RFScenario, generate, haversine_km
+from heimdall.data import (
+    DEFAULT_RECEIVERS,
+    EARTH_RADIUS_KM,
+    GENERATOR_VERSION,
+    RFScenario,
+    generate,
+    haversine_km,
+)
 
 SEED = 7
 N = 320  # more than one internal chunk of 256 samples
@@ -81,6 +88,36 @@ def test_a_shorter_call_is_a_prefix_of_a_longer_one(
 def test_fewer_than_one_sample_is_rejected(n: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         generate(n)
+
+
+def test_the_arrays_do_not_depend_on_the_number_of_worker_threads(
+    sample: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = generate(N, seed=SEED, workers=1)
+    assert np.array_equal(x, sample[0])
+    assert np.array_equal(y, sample[1])
+
+
+def test_fewer_than_one_worker_is_rejected() -> None:
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        generate(4, workers=0)
+
+
+def test_generator_version_1_draws_the_recorded_samples() -> None:
+    # Held-out sets are named by GENERATOR_VERSION: whatever changes what a seed draws must bump
+    # it and these figures. The tolerance absorbs numpy's per-CPU rounding of sin and exp.
+    x, y = generate(4, seed=7)
+    power = x[:, 0].astype(np.float64)
+    assert GENERATOR_VERSION == 1
+    np.testing.assert_allclose(
+        y, [[45.59572, 9.028945], [44.106186, 9.961374], [45.1827, 7.6485634], [45.73765, 9.731588]]
+    )
+    np.testing.assert_allclose(
+        power.mean(axis=(1, 2)), [-0.1181777, -0.0091275, 0.0408264, -0.0279597], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        power.max(axis=(1, 2)), [2.581047, 1.947389, 2.865219, 1.895849], atol=1e-5
+    )
 
 
 def test_channels_1_and_2_hold_each_rows_station_position_normalized_to_the_region(
