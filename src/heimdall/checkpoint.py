@@ -104,7 +104,9 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt") as fh:
+            # pread: tensors own their bytes. mmap'd ones would keep reading the file, so a
+            # file rewritten in place later would change (or crash) a loaded model.
+            with safe_open(str(path), framework="pt", backend="pread") as fh:
                 meta = dict(fh.metadata() or {})
                 return {k: fh.get_tensor(k) for k in fh.keys()}, meta  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as exc:
@@ -217,7 +219,7 @@ def check_dtypes(
             DtypeWarning,
             stacklevel=3,
         )
-    return tuple(sorted({_name(t.dtype) for t in state.values() if t.dtype.is_floating_point}))
+    return _source_dtypes(state)
 
 
 def infer_backbone(state: Mapping[str, Tensor]) -> str:
@@ -287,6 +289,27 @@ def _check_normalization(model: LocalizationNet, path: Path) -> None:
             )
 
 
+def _assign(model: LocalizationNet, state: dict[str, Tensor], path: Path) -> None:
+    """Make ``state``'s tensors the weights of meta-device ``model``, checked as load_exact does."""
+    with warnings.catch_warnings():  # its copy into meta tensors is a no-op; assign follows
+        warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")
+        load_exact(model, state, source=str(path))  # refuses missing, unexpected, misshapen keys
+    own = model.state_dict()
+    # assign keeps the state's dtypes: convert first, as copying into the weights would.
+    model.load_state_dict(
+        {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()},
+        strict=True,
+        assign=True,
+    )
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # a tensor the state dict does not hold (a non-persistent buffer) has no value
+        raise CheckpointError(f"{path}: no value for {', '.join(left[:5])} after loading")
+
+
+def _source_dtypes(state: Mapping[str, Tensor]) -> tuple[str, ...]:
+    return tuple(sorted({_name(t.dtype) for t in state.values() if t.dtype.is_floating_point}))
+
+
 def load_checkpoint(path: Path, config: ModelConfig | None = None) -> LoadedCheckpoint:
     """Rebuild a LocalizationNet (eval mode) from a checkpoint file.
 
@@ -298,9 +321,12 @@ def load_checkpoint(path: Path, config: ModelConfig | None = None) -> LoadedChec
     path = Path(path)
     state, meta = _read(path)
     config = config or _config_from(meta, state, path)
-    model = LocalizationNet(config)
+    # Built on the meta device, then given the checkpoint's own tensors: no random
+    # initialisation to overwrite and no second copy of the weights (1x a large model's RAM).
+    with torch.device("meta"):
+        model = LocalizationNet(config)
     source_dtypes = check_dtypes(state, model, path)
-    load_exact(model, state, source=str(path))
+    _assign(model, state, path)
     _check_normalization(model, path)
     model.eval()
     run_id = meta.get("training_run_id") or meta.get("run_id") or None

@@ -115,6 +115,21 @@ def test_loaded_model_is_in_eval_mode(saved: tuple[Path, str]) -> None:
     assert not load_checkpoint(saved[0]).model.training
 
 
+def test_a_loaded_model_keeps_its_weights_when_the_file_is_rewritten_in_place(
+    model: LocalizationNet, tmp_path: Path, x: torch.Tensor, expected: tuple[torch.Tensor, ...]
+) -> None:
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    size = path.stat().st_size
+    with path.open("r+b") as fh:  # same inode: a memory map of the file would see this
+        fh.seek(size // 2)
+        fh.write(b"\x7f" * (size - size // 2))
+
+    assert_same_outputs(outputs(loaded.model, x), (expected[0], expected[1]))
+    assert all(not t.is_meta for t in loaded.model.state_dict().values())
+
+
 def test_saved_file_metadata_holds_config_run_id_and_version(
     saved: tuple[Path, str], config: ModelConfig
 ) -> None:
