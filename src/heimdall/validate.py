@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +25,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 METADATA_SCHEMA_VERSION = 1
+# Initializers above this size give shape inference their dims and type, not their bytes.
+_KEEP_BYTES = 1024
+_FLOAT_SIZES = {
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.DOUBLE: 8,
+}
 
 
 class SupportsToDict(Protocol):
@@ -31,34 +40,43 @@ class SupportsToDict(Protocol):
 
 
 def validate_onnx_model(path: Path | str) -> ValidationResult:
-    """Check ``path`` fully (checker, shape inference, external data, IO contract) or raise."""
+    """Check ``path`` fully (checker, shape inference, external data, IO contract) or raise.
+
+    The file is parsed once here. Shape inference runs on a copy without the weights' bytes
+    (it reads the data of small shape-like tensors only), and the proto is gone before the
+    checker parses the file on its own: a large model is held once at a time, not four times.
+    """
     path = Path(path)
     proto = load_structure(path)
     data_files = check_external_data(path, proto)
+    inputs = tuple(_spec(v) for v in _graph_inputs(proto.graph))
+    outputs = tuple(_spec(v) for v in proto.graph.output)
+    opset = _default_opset(proto)
+    header = (proto.ir_version, proto.producer_name, proto.producer_version)
+    metadata_props = {p.key: p.value for p in proto.metadata_props}
+    weightless = _without_weight_bytes(proto)
+    del proto
     try:
         # On the path, not the proto: works past 2 GB and checks the data files too.
         onnx.checker.check_model(str(path), full_check=True)
         inferred = onnx.shape_inference.infer_shapes(
-            proto, check_type=True, strict_mode=True, data_prop=True
+            weightless, check_type=True, strict_mode=True, data_prop=True
         )
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(f"{path}: the ONNX checker rejected the model: {exc}") from exc
-    graph_inputs = _graph_inputs(proto.graph)
-    inputs = tuple(_spec(v) for v in graph_inputs)
-    outputs = tuple(_spec(v) for v in proto.graph.output)
     _check_contract(path, inputs, outputs, tuple(_spec(v) for v in inferred.graph.output))
     result = ValidationResult(
         path=path,
         inputs=inputs,
         outputs=outputs,
-        opset_version=_default_opset(proto),
-        ir_version=proto.ir_version,
-        producer_name=proto.producer_name,
-        producer_version=proto.producer_version,
+        opset_version=opset,
+        ir_version=header[0],
+        producer_name=header[1],
+        producer_version=header[2],
         file_size_bytes=path.stat().st_size,
         external_data_files=data_files,
         total_size_bytes=sum(p.stat().st_size for p in (path, *data_files)),
-        metadata_props={p.key: p.value for p in proto.metadata_props},
+        metadata_props=metadata_props,
     )
     log.info(
         "onnx_validated", path=str(path), opset=result.opset_version, data_files=len(data_files)
@@ -124,6 +142,25 @@ def _as_dict(value: SupportsToDict | Mapping[str, object] | None) -> dict[str, o
     if isinstance(value, Mapping):
         return dict(value)
     return value.to_dict()
+
+
+def _without_weight_bytes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose large floating-point initializers keep dims and type, no bytes.
+
+    Shape inference reads the values of shape-like (integer, small) tensors only. A tensor left
+    without its bytes that it did read would fail loudly ("data size mismatch"), never pass
+    unchecked. ``proto``'s weights are cleared too: the caller drops it next.
+    """
+    for tensor in proto.graph.initializer:
+        itemsize = _FLOAT_SIZES.get(tensor.data_type)
+        if (
+            itemsize
+            and tensor.HasField("raw_data")
+            and math.prod(tensor.dims) * itemsize > _KEEP_BYTES
+        ):
+            tensor.ClearField("raw_data")
+    # Re-parsed: the cleared proto's memory goes when it does, not with this copy.
+    return onnx.ModelProto.FromString(proto.SerializeToString())
 
 
 def _graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
