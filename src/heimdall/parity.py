@@ -11,7 +11,9 @@ uncertainties. In degrees around 45° float32's own step is ~4e-6, which hid sma
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,11 @@ import onnx
 import onnxruntime as ort
 import structlog
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import (
+    convert_model_to_external_data,
+    uses_external_data,
+    write_external_data_tensors,
+)
 
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, Progress, counter
 from heimdall.data import HELDOUT_SEED, generate, haversine_km
@@ -45,6 +51,9 @@ LINEAGE_KEY = METADATA_PREFIX + "checkpoint_sha256"
 NORMALIZED_OUTPUT = "heimdall_verify_normalized_positions"
 _PASS_THROUGH_OPS = {"Cast", "Identity"}
 _CHUNK = 64
+# Embedded tensors above this size are moved to a private data file for ONNX Runtime.
+_EMBEDDED_BYTES = 1024
+_WEIGHTS = "weights.bin"
 
 Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 """Positions in degrees, uncertainties, and positions in normalized region units."""
@@ -171,6 +180,50 @@ def parity_steps(batch_sizes: Sequence[int], task_samples: int) -> int:
     return len(batch_sizes) * len(INPUT_KINDS) + math.ceil(task_samples / _CHUNK)
 
 
+def record_reference(
+    reference: Reference,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    task_samples: int = HELDOUT_SAMPLES,
+    task_seed: int = HELDOUT_SEED,
+    input_seed: int = 0,
+) -> Reference:
+    """``reference`` run now on every input ``measure_parity`` gives it with these arguments.
+
+    The result answers from those outputs and refuses any other input, so the model behind
+    ``reference`` can be freed before ONNX Runtime opens a large file beside it.
+    """
+    _check_batch_sizes(batch_sizes)
+    pool = _inputs(max(batch_sizes), input_seed)
+    inputs = [x[:batch] for batch in batch_sizes for x in pool.values()]
+    if task_samples:
+        x, _ = generate(task_samples, seed=task_seed)
+        inputs += [x[i : i + _CHUNK] for i in range(0, task_samples, _CHUNK)]
+    recorded = {_fingerprint(x): reference.run(x) for x in inputs}
+
+    def run(x: np.ndarray) -> Outputs:
+        found = recorded.get(_fingerprint(x))
+        if found is None:
+            raise InputError(
+                f"no recorded reference output for this batch of shape {x.shape}; record with "
+                "the batch sizes, samples and seeds the parity check is given"
+            )
+        return found
+
+    return Reference(
+        run=run, coord_center=reference.coord_center, coord_scale=reference.coord_scale
+    )
+
+
+def _fingerprint(x: np.ndarray) -> tuple[tuple[int, ...], str, str]:
+    return x.shape, x.dtype.str, hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _check_batch_sizes(batch_sizes: Sequence[int]) -> None:
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
+
+
 def measure_parity(
     onnx_path: Path | str,
     reference: Reference,
@@ -192,17 +245,20 @@ def measure_parity(
     """
     path = Path(onnx_path)
     gates = gates or Gates()
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    _check_batch_sizes(batch_sizes)
     proto = load_structure(path)
-    check_external_data(path, proto)
+    data_files = check_external_data(path, proto)
     # The warning points at the caller of verify.verify_parity, which wraps this function.
     lineage = (
         _lineage(proto, path, checkpoint_sha256, stacklevel=4) if checkpoint_sha256 else "unchecked"
     )
     _check_io(proto, path)
     tail_failures = _expose_normalized(proto, reference, path)
-    ort_run = _ort_runner(_session(proto, path, intra_op_threads), path)
+    with tempfile.TemporaryDirectory(prefix="heimdall-verify-") as tmp:
+        model, folder = _weights_apart(proto, path, bool(data_files), Path(tmp))
+        del proto  # its weights are in files now: the session reads them there, not from here
+        session = _session(model, folder, intra_op_threads, str(path))
+    ort_run = _ort_runner(session, path)
     tick = counter(progress, parity_steps(batch_sizes, task_samples))
     pool = _inputs(max(batch_sizes), input_seed)
     diffs = tuple(
@@ -314,15 +370,33 @@ def _expose_normalized(proto: onnx.ModelProto, reference: Reference, path: Path)
     return failures
 
 
-def _session(proto: onnx.ModelProto, path: Path, threads: int) -> ort.InferenceSession:
+def _weights_apart(
+    proto: onnx.ModelProto, path: Path, external: bool, tmp: Path
+) -> tuple[bytes, Path]:
+    """The modified graph as bytes, and the folder its external weights are read from.
+
+    Embedded weights are written to ``tmp`` first: serialized with the graph they would sit in
+    memory twice more (proto and bytes) while ONNX Runtime builds its own copy, 3x a large
+    model. A file that keeps its weights in data files is read from its own folder.
+    """
+    if external:
+        return proto.SerializeToString(), path.resolve().parent
+    convert_model_to_external_data(
+        proto, all_tensors_to_one_file=True, location=_WEIGHTS, size_threshold=_EMBEDDED_BYTES
+    )
+    write_external_data_tensors(proto, str(tmp))
+    return proto.SerializeToString(), tmp
+
+
+def _session(model: bytes, folder: Path, threads: int, name: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    # The proto travels as bytes: external data files are found next to the original file.
+    # The model travels as bytes: its external data files are found in ``folder``.
     options.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+        "session.model_external_initializers_file_folder_path", str(folder)
     )
-    return open_session(proto.SerializeToString(), options, name=str(path))
+    return open_session(model, options, name=name)
 
 
 OrtRun = Callable[[np.ndarray], list[np.ndarray]]

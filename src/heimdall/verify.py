@@ -8,6 +8,7 @@ importable from here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from heimdall.contract import Progress
@@ -22,14 +23,40 @@ from heimdall.parity import Gates as Gates
 from heimdall.parity import LineageWarning as LineageWarning
 from heimdall.parity import OutputDiff as OutputDiff
 from heimdall.parity import ParityResult as ParityResult
+from heimdall.parity import Reference as Reference
 from heimdall.parity import TaskCheck as TaskCheck
 from heimdall.parity import check_lineage as check_lineage
-from heimdall.parity import measure_parity
+from heimdall.parity import measure_parity, record_reference
+
+
+def record_torch_reference(
+    model: LocalizationNet,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    task_samples: int = HELDOUT_SAMPLES,
+    task_seed: int = HELDOUT_SEED,
+    input_seed: int = 0,
+    intra_op_threads: int = 0,
+) -> Reference:
+    """``model``'s outputs on every input ``verify_parity`` gives it with these arguments.
+
+    Pass the result to ``verify_parity`` in place of the model, called with the same arguments:
+    the numbers are the same, and the model can be freed first (a large model and an ONNX
+    Runtime session of it need not share memory).
+    """
+    with torch_reference(model, intra_op_threads) as reference:
+        return record_reference(
+            reference,
+            batch_sizes,
+            task_samples=task_samples,
+            task_seed=task_seed,
+            input_seed=input_seed,
+        )
 
 
 def verify_parity(
     onnx_path: Path | str,
-    model: LocalizationNet,
+    model: LocalizationNet | Reference,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     *,
     gates: Gates | None = None,
@@ -50,9 +77,15 @@ def verify_parity(
     reference alike; on a busy machine 1 costs a quarter of the CPU time of the defaults,
     whose idle workers spin (atto on 2 shared cores: 2.5 s instead of 12 s, same numbers).
     ``progress(done, total)`` follows each input kind at each batch size and each chunk of the
-    held-out set (``parity.parity_steps``).
+    held-out set (``parity.parity_steps``). ``model`` may also be its outputs recorded by
+    ``record_torch_reference`` with the same arguments.
     """
-    with torch_reference(model, intra_op_threads) as reference:
+    reference_of: AbstractContextManager[Reference] = (
+        nullcontext(model)
+        if isinstance(model, Reference)
+        else torch_reference(model, intra_op_threads)
+    )
+    with reference_of as reference:
         return measure_parity(
             onnx_path,
             reference,
