@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -468,10 +469,18 @@ def promote(
     the alias's current holder.
     """
     from heimdall.gates import promote as run_promote
+    from heimdall.inference import evaluate_heldout
 
     with errors(as_json):
+        settings = _settings(ctx)
         change = run_promote(
-            name, version, to=to, force=force, reason=reason, settings=_settings(ctx)
+            name,
+            version,
+            evaluate=partial(evaluate_heldout, settings=settings),
+            to=to,
+            force=force,
+            reason=reason,
+            settings=settings,
         )
         emit(change, as_json, "promote")
 

@@ -2,12 +2,16 @@
 
 Export writes it into the ONNX graph, validate checks a file against it, inference checks
 inputs with it, and the registry writes it into the MLflow signature. ``Progress`` is the
-callback contract of the long library calls (verify, bench, optimize) with their callers.
+callback contract of the long library calls (verify, bench, optimize) with their callers;
+``Reference`` is what an ONNX file is checked against: the model as a function on arrays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 INPUT_NAME = "mel_spectrogram"
 OUTPUT_NAMES = ("positions", "uncertainties")
@@ -41,3 +45,16 @@ def part(progress: Progress | None, start: int, total: int) -> Progress | None:
     if progress is None:
         return None
     return lambda done, _: progress(start + done, total)
+
+
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Positions in degrees, uncertainties, and positions in normalized region units."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The model a file must agree with: ``run`` on a float32 batch, and its de-normalisation."""
+
+    run: Callable[[np.ndarray], Outputs]
+    coord_center: np.ndarray
+    coord_scale: np.ndarray

@@ -10,7 +10,8 @@ from pathlib import Path
 from heimdall.config import DEFAULT_ALIAS, Settings, load_settings
 from heimdall.data import HELDOUT_SEED
 from heimdall.errors import InputError
-from heimdall.gates import HELDOUT_SAMPLES, evaluate_heldout
+from heimdall.heldout import HELDOUT_SAMPLES
+from heimdall.inference import evaluate_heldout
 from heimdall.pipeline import BytesProgress, StepProgress, publish
 from heimdall.registry import check_registration
 from heimdall.results import PublishResult

@@ -19,10 +19,9 @@ overrides, and the reason is recorded in the version's tags and the alias histor
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import structlog
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
@@ -33,75 +32,22 @@ from mlflow.models.evaluation.validation import (
 
 from heimdall import registry
 from heimdall.config import Settings, load_settings
-from heimdall.data import GENERATOR_VERSION, HELDOUT_SEED, RFScenario, generate, haversine_km
 from heimdall.errors import GateError, InputError
-from heimdall.inference import LocalizationModel
+from heimdall.heldout import HeldOut as HeldOut
+from heimdall.heldout import HeldOutSet as HeldOutSet
 from heimdall.registry import AliasChange, Gate
 from heimdall.storage import ObjectStore, open_store
 
 log = structlog.get_logger(__name__)
 
-HELDOUT_SAMPLES = 256
 GATE_TAG = "heimdall.gate."  # + alias: the failed gates of the last refused move, as JSON
 FORCED_TAG = "heimdall.forced."  # + alias: why a move overrode failing gates
 _METRIC = "median_error_km"
 _ATTEMPTS = 3
 
-
-@dataclass(frozen=True)
-class HeldOutSet:
-    """A reproducible synthetic held-out set: the same arrays for the same identity."""
-
-    generator: int = GENERATOR_VERSION
-    seed: int = HELDOUT_SEED
-    size: int = HELDOUT_SAMPLES
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise InputError(f"samples must be at least 1, got {self.size}")
-
-    @property
-    def identity(self) -> str:
-        return f"synthetic-v{self.generator}/seed-{self.seed}/n-{self.size}"
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """ONNX Runtime predictions of one model on a held-out set, and the centre baseline."""
-
-    samples: int
-    seed: int
-    identity: str
-    version: str | None
-    sha256: str
-    median_error_km: float
-    p90_error_km: float
-    baseline_median_error_km: float  # always predicting the region centre, same set
-    true: list[list[float]] = field(repr=False)
-    predicted: list[list[float]] = field(repr=False)
-
-    @property
-    def baseline_ratio(self) -> float:
-        return self.median_error_km / self.baseline_median_error_km
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def tags(self) -> dict[str, str]:
-        """What a version records of its evaluation, so users can filter on it."""
-        return {
-            "heldout.set": self.identity,
-            "heldout.median_km": f"{self.median_error_km:.3f}",
-            "heldout.p90_km": f"{self.p90_error_km:.3f}",
-            "heldout.baseline_km": f"{self.baseline_median_error_km:.3f}",
-        }
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "heldout_median_km": self.median_error_km,
-            "heldout_p90_km": self.p90_error_km,
-            "heldout_baseline_km": self.baseline_median_error_km,
-        }
+# Measures a model, by URI, on the held-out set: ``heimdall.inference.evaluate_heldout`` with the
+# caller's settings. Gates judge numbers; how a model is run to get them is the caller's.
+Evaluator = Callable[[str], HeldOut]
 
 
 @dataclass(frozen=True)
@@ -120,35 +66,6 @@ class GatePolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> GatePolicy:
         return cls(settings.gate_baseline_fraction, settings.gate_champion_tolerance)
-
-
-def evaluate_heldout(
-    model: Path | str,
-    *,
-    samples: int = HELDOUT_SAMPLES,
-    seed: int = HELDOUT_SEED,
-    settings: Settings | None = None,
-) -> HeldOut:
-    """Localization error of a model (path or URI, sha256-checked when registered) via ORT."""
-    heldout = HeldOutSet(seed=seed, size=samples)
-    served = LocalizationModel.load(model, settings=settings)
-    features, labels = generate(heldout.size, seed=heldout.seed)
-    positions = served.predict(features).positions
-    truth = labels.astype(np.float64)
-    errors = haversine_km(positions.astype(np.float64), truth)
-    centre = np.broadcast_to(np.asarray(RFScenario().center), truth.shape)
-    return HeldOut(
-        samples=heldout.size,
-        seed=heldout.seed,
-        identity=heldout.identity,
-        version=served.version,
-        sha256=served.sha256,
-        median_error_km=round(float(np.median(errors)), 3),
-        p90_error_km=round(float(np.percentile(errors, 90)), 3),
-        baseline_median_error_km=round(float(np.median(haversine_km(centre, truth))), 3),
-        true=np.round(labels, 4).tolist(),
-        predicted=np.round(positions, 4).tolist(),
-    )
 
 
 def judge(candidate: HeldOut, champion: HeldOut | None, policy: GatePolicy) -> tuple[Gate, ...]:
@@ -196,6 +113,7 @@ def move_alias_gated(
     version: str,
     alias: str,
     *,
+    evaluate: Evaluator,
     candidate: HeldOut | None = None,
     settings: Settings | None = None,
     store: ObjectStore | None = None,
@@ -217,9 +135,9 @@ def move_alias_gated(
     policy = policy or GatePolicy.from_settings(settings)
     for _ in range(_ATTEMPTS):
         holder = registry.alias_holder(name, alias, settings=settings)
-        mine = candidate or evaluate_heldout(f"models:/{name}/{version}", settings=settings)
+        mine = candidate or evaluate(f"models:/{name}/{version}")
         champion = (
-            evaluate_heldout(f"models:/{name}/{holder}", settings=settings)
+            evaluate(f"models:/{name}/{holder}")
             if holder is not None and holder != version
             else None
         )
@@ -257,6 +175,7 @@ def promote(
     name: str,
     version: str,
     *,
+    evaluate: Evaluator,
     to: str = registry.PRODUCTION,
     force: bool = False,
     reason: str | None = None,
@@ -268,6 +187,7 @@ def promote(
         name,
         version,
         to,
+        evaluate=evaluate,
         settings=settings,
         store=store,
         force=force,

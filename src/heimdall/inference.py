@@ -32,8 +32,10 @@ import structlog
 from heimdall import registry
 from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES
+from heimdall.data import HELDOUT_SEED, generate
 from heimdall.errors import InputError, RegistryError
 from heimdall.files import sha256_file
+from heimdall.heldout import HELDOUT_SAMPLES, HeldOut, HeldOutSet, score
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, open_session, recorded_settings
 from heimdall.storage import download_model, download_verified, open_store
 
@@ -225,3 +227,23 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         expected = recorded.metadata.get("sha256") if recorded is not None else None
         download_verified(store, bucket, f"{folder}/{name}", tmp / name, expected)
     return store.get(bucket, key, tmp / registry.MODEL_FILE), info.metadata.get("sha256")
+
+
+def evaluate_heldout(
+    model: Path | str,
+    *,
+    samples: int = HELDOUT_SAMPLES,
+    seed: int = HELDOUT_SEED,
+    settings: Settings | None = None,
+    chunk: int = 256,
+) -> HeldOut:
+    """Localization error of a model (path or URI, sha256-checked when registered) via ORT."""
+    heldout = HeldOutSet(seed=seed, size=samples)
+    served = LocalizationModel.load(model, settings=settings)
+    features, labels = generate(heldout.size, seed=heldout.seed)
+    # In chunks: a large model's activations for thousands of samples at once cost more memory
+    # than the model itself.
+    positions = np.concatenate(
+        [served.predict(features[i : i + chunk]).positions for i in range(0, len(features), chunk)]
+    )
+    return score(positions, labels, heldout, version=served.version, sha256=served.sha256)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from heimdall.config import (
 )
 from heimdall.errors import HeimdallError, InputError, PublishError, VerificationError
 from heimdall.gates import move_alias_gated
+from heimdall.inference import evaluate_heldout
 from heimdall.model import LocalizationNet
 from heimdall.registry import register_model, set_stage
 from heimdall.results import FP32, timing_summary
@@ -249,7 +251,14 @@ def register_with_mlflow(
     )
     version = registration.version
     if version.verification == "passed":
-        move_alias_gated(model_name, version.version, DEFAULT_ALIAS, settings=settings, store=store)
+        move_alias_gated(
+            model_name,
+            version.version,
+            DEFAULT_ALIAS,
+            evaluate=partial(evaluate_heldout, settings=settings),
+            settings=settings,
+            store=store,
+        )
         if stage:
             version = set_stage(model_name, version.version, stage, settings=settings)
         version = replace(version, aliases=tuple(sorted({*version.aliases, DEFAULT_ALIAS})))

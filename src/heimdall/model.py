@@ -12,9 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, IO_CONTRACT, OUTPUT_NAMES
+from heimdall.contract import (
+    BATCH_AXIS,
+    INPUT_NAME,
+    INPUT_SHAPE,
+    IO_CONTRACT,
+    OUTPUT_NAMES,
+    Outputs,
+    Reference,
+)
 from heimdall.errors import CheckpointError, InputError
-from heimdall.parity import Outputs, Reference
 
 __all__ = [
     "BACKBONES",

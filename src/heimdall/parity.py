@@ -31,6 +31,8 @@ from onnx.external_data_helper import (
 )
 
 from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, Progress, counter
+from heimdall.contract import Outputs as Outputs
+from heimdall.contract import Reference as Reference
 from heimdall.data import HELDOUT_SEED, generate, haversine_km
 from heimdall.errors import InputError, VerificationError
 from heimdall.onnxfile import METADATA_PREFIX, check_external_data, load_structure
@@ -54,18 +56,6 @@ _CHUNK = 64
 # Embedded tensors above this size are moved to a private data file for ONNX Runtime.
 _EMBEDDED_BYTES = 1024
 _WEIGHTS = "weights.bin"
-
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""Positions in degrees, uncertainties, and positions in normalized region units."""
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The model a file must agree with: ``run`` on a float32 batch, and its de-normalisation."""
-
-    run: Callable[[np.ndarray], Outputs]
-    coord_center: np.ndarray
-    coord_scale: np.ndarray
 
 
 class LineageWarning(UserWarning):

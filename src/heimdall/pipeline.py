@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,9 @@ from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
 from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.errors import GateError, HeimdallError, InputError, PublishError
 from heimdall.export import export_to_onnx
-from heimdall.gates import (
-    GatePolicy,
-    HeldOut,
-    check_override,
-    evaluate_heldout,
-    judge,
-    move_alias_gated,
-)
+from heimdall.gates import GatePolicy, check_override, judge, move_alias_gated
+from heimdall.heldout import HeldOut
+from heimdall.inference import evaluate_heldout
 from heimdall.machine import is_busy
 from heimdall.model import LocalizationNet
 from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantResult, build_variant
@@ -361,6 +357,7 @@ def _publish_one(
                 shared.name,
                 version.version,
                 target,
+                evaluate=partial(evaluate_heldout, settings=shared.settings),
                 candidate=evaluation,
                 settings=shared.settings,
                 store=shared.store,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from heimdall.bench import PYTORCH, BenchmarkResult
-from heimdall.gates import HeldOut
+from heimdall.heldout import HeldOut
 from heimdall.machine import is_busy
 from heimdall.optimize import VariantResult
 from heimdall.registry import Gate, RegisteredVersion

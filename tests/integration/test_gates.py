@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from heimdall.checkpoint import save_checkpoint
 from heimdall.config import Settings
 from heimdall.errors import GateError, PublishError
 from heimdall.export import export_to_onnx
+from heimdall.inference import evaluate_heldout
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.pipeline import publish
 from heimdall.storage import upload_model
@@ -72,6 +74,11 @@ def register(backend: MlflowBackend, settings: Settings, path: Path, name: str) 
     ).version.version
 
 
+def served(settings: Settings) -> gates.Evaluator:
+    """How the CLI and publish measure a model by URI: ONNX Runtime on the held-out set."""
+    return partial(evaluate_heldout, settings=settings)
+
+
 def unique(label: str) -> str:
     return f"gates-{label}-{os.urandom(3).hex()}"
 
@@ -83,7 +90,9 @@ def test_a_model_no_better_than_the_centre_gets_a_version_and_no_alias(
     version = register(backend, settings, onnx_files["centre"], name)
 
     with pytest.raises(GateError, match=r"did not pass the baseline gate for 'staging'"):
-        gates.move_alias_gated(name, version, "staging", settings=settings)
+        gates.move_alias_gated(
+            name, version, "staging", evaluate=served(settings), settings=settings
+        )
 
     shown = registry.show_model(name, settings=settings)
     assert [v.version for v in shown.versions] == [version]  # the work is kept
@@ -98,15 +107,21 @@ def test_a_challenger_worse_than_the_champion_gets_no_alias_unless_forced_with_a
     # A lenient baseline so the centre model may hold the alias; the champion gate still bites.
     settings, name = settings_for(backend, fraction=2.0), unique("champion")
     champion = register(backend, settings, onnx_files["centre"], name)
-    gates.move_alias_gated(name, champion, "staging", settings=settings)
+    gates.move_alias_gated(name, champion, "staging", evaluate=served(settings), settings=settings)
     worse = register(backend, settings, onnx_files["offset"], name)
 
     with pytest.raises(GateError, match=r"champion gate .*champion version " + champion):
-        gates.move_alias_gated(name, worse, "staging", settings=settings)
+        gates.move_alias_gated(name, worse, "staging", evaluate=served(settings), settings=settings)
     assert registry.alias_holder(name, "staging", settings=settings) == champion
 
     change = gates.move_alias_gated(
-        name, worse, "staging", settings=settings, force=True, reason="field test of the offset"
+        name,
+        worse,
+        "staging",
+        evaluate=served(settings),
+        settings=settings,
+        force=True,
+        reason="field test of the offset",
     )
 
     assert (change.version, change.previous) == (worse, champion)
@@ -123,10 +138,12 @@ def test_an_equal_challenger_passes_within_the_tolerance(
 ) -> None:
     settings, name = settings_for(embedded_mlflow, fraction=2.0), unique("equal")
     champion = register(embedded_mlflow, settings, onnx_files["centre"], name)
-    gates.move_alias_gated(name, champion, "staging", settings=settings)
+    gates.move_alias_gated(name, champion, "staging", evaluate=served(settings), settings=settings)
     equal = register(embedded_mlflow, settings, onnx_files["centre-again"], name)
 
-    change = gates.move_alias_gated(name, equal, "staging", settings=settings)
+    change = gates.move_alias_gated(
+        name, equal, "staging", evaluate=served(settings), settings=settings
+    )
 
     assert change.version == equal and all(g.passed for g in change.gates)
 
@@ -139,12 +156,13 @@ def test_promote_applies_the_same_gates(
     settings, name = settings_for(backend, fraction=2.0), unique("promote")
     good = register(backend, settings, onnx_files["centre"], name)
     worse = register(backend, settings, onnx_files["offset"], name)
-    assert gates.promote(name, good, settings=settings).version == good
+    assert gates.promote(name, good, evaluate=served(settings), settings=settings).version == good
 
     with pytest.raises(GateError, match="champion gate for 'production'"):
-        gates.promote(name, worse, settings=settings)
+        gates.promote(name, worse, evaluate=served(settings), settings=settings)
     with pytest.raises(GateError, match="baseline gate for 'canary'"):
-        gates.promote(name, good, settings=settings_for(backend, fraction=0.5), to="canary")
+        strict = settings_for(backend, fraction=0.5)
+        gates.promote(name, good, evaluate=served(strict), settings=strict, to="canary")
 
     assert registry.alias_holder(name, "production", settings=settings) == good
 

@@ -32,6 +32,7 @@ CORE = frozenset(
         "objects",
         "onnxfile",
         "parity",
+        "heldout",
     }
 )
 # The PyTorch model and what trains and stores it: core below, no stage.

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
 from heimdall.errors import InputError, PublishError
-from heimdall.gates import evaluate_heldout
+from heimdall.inference import evaluate_heldout
 from heimdall.legacy import export_and_register_model
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.pipeline import publish
