@@ -131,6 +131,69 @@ def test_the_callers_validator_checks_the_read_back_copy_and_its_refusal_registe
     assert found is None
 
 
+class AlteringCopyStore(LocalStore):
+    """Copies objects inside the store with one byte altered."""
+
+    def copy(self, bucket: str, src_key: str, dst_key: str, *, if_absent: bool = True) -> None:
+        super().copy(bucket, src_key, dst_key, if_absent=if_absent)
+        stored = self.root / bucket / dst_key
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+
+
+def test_bytes_validated_before_are_registered_without_validating_them_again(
+    atto_onnx: ExportResult, settings: Settings, store: LocalStore
+) -> None:
+    uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
+    validation = validate_onnx_model(atto_onnx.path)
+    validated: list[Path] = []
+
+    def counting(path: Path) -> ValidationResult:
+        validated.append(path)
+        return validate_onnx_model(path)
+
+    known = registry.Validated(atto_onnx.sha256, validation, counting)
+    registration = registry.register_model(uri, settings=settings, store=store, validator=known)
+
+    assert registration.created and validated == []
+    assert registration.version.sha256 == atto_onnx.sha256
+    assert registration.version.tags["opset"] == str(validation.opset_version)
+
+
+def test_a_validation_of_other_bytes_leaves_the_read_back_copy_to_the_validator(
+    atto_onnx: ExportResult, settings: Settings, store: LocalStore
+) -> None:
+    uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
+    checked: list[str] = []
+
+    def refuse(path: Path) -> ValidationResult:
+        checked.append(sha256_file(path))
+        raise ValidationError(f"{path}: refused by the caller's validator")
+
+    other = registry.Validated(SHA, validate_onnx_model(atto_onnx.path), refuse)
+    with pytest.raises(ValidationError, match="refused by the caller's validator"):
+        registry.register_model(uri, settings=settings, store=store, validator=other)
+
+    assert checked == [atto_onnx.sha256]
+
+
+def test_bytes_validated_before_are_still_read_back_and_refused_when_altered(
+    atto_onnx: ExportResult, settings: Settings, tmp_path: Path
+) -> None:
+    store = AlteringCopyStore(tmp_path / "altering")
+    uri = upload_model(atto_onnx.path, store, create_bucket=True).uri
+    known = registry.Validated(
+        atto_onnx.sha256, validate_onnx_model(atto_onnx.path), validate_onnx_model
+    )
+
+    with pytest.raises(RegistryError, match=r"read back with sha256 .* altered or lost the bytes"):
+        registry.register_model(uri, settings=settings, store=store, validator=known)
+
+    bucket, key = store.locate(registry.model_dir_uri(uri))
+    assert store.list_objects(bucket, key + "/") == []
+
+
 def test_an_alias_move_that_reads_the_bytes_needs_the_store_before_any_io(
     settings: Settings,
 ) -> None:

@@ -17,7 +17,8 @@ Where the bytes live, for an upload at ``<root>/models/localization/vX.onnx``::
 
 The registry builds on the core only: functions that read or copy stored bytes take the object
 store from their caller (``store=heimdall.storage.open_store(settings)``), and registration takes
-the validator of the read-back file (``validator=heimdall.validate.validate_onnx_model``).
+the validator of the read-back file (``validator=heimdall.validate.validate_onnx_model``; a
+``Validated(sha256, validation, validator)`` skips validating again the bytes it validated).
 
 MLflow reads its HTTP retry policy and S3 credentials from ``os.environ`` only, so calls run
 with those variables set from :class:`Settings` (see ``config.MLFLOW_ENVIRONMENT``).
@@ -40,6 +41,7 @@ from heimdall.registry.aliases import (
 )
 from heimdall.registry.model_dir import (
     MODEL_FILE,
+    Validated,
     external_data,
     model_dir_uri,
     stored_sha256,
@@ -75,6 +77,7 @@ __all__ = [
     "ModelSummary",
     "RegisteredVersion",
     "Registration",
+    "Validated",
     "alias_holder",
     "check_registration",
     "external_data",

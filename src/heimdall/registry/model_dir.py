@@ -34,8 +34,8 @@ from mlflow.types import TensorSpec as MlflowTensorSpec
 from heimdall.config import redact_uri
 from heimdall.data import generate
 from heimdall.errors import HeimdallError, InputError, RegistryError
-from heimdall.files import sha256_chunks, sha256_file
-from heimdall.objects import ObjectInfo, ObjectStore
+from heimdall.files import sha256_chunks
+from heimdall.objects import ObjectInfo, ObjectStore, fetch
 from heimdall.onnxfile import TensorSpec, ValidationResult
 from heimdall.runtime import recorded_settings
 
@@ -45,6 +45,27 @@ MODEL_FILE = "model.onnx"
 
 # (local ONNX file) -> its validation, or a HeimdallError when it does not meet the contract.
 Validator = Callable[[Path], ValidationResult]
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A validator that knows one file already: ``validation`` holds for the bytes ``sha256``.
+
+    Registering exactly those bytes (a single-file model: no external data) reuses
+    ``validation`` once the read-back copy hashes to ``sha256``, without a local copy or a
+    second full validation; anything else goes to ``validator``.
+    """
+
+    sha256: str
+    validation: ValidationResult
+    validator: Validator
+
+    def __call__(self, path: Path) -> ValidationResult:
+        return self.validator(path)
+
+    def holds_for(self, sha256: str, files: int) -> bool:
+        """Whether ``validation`` covers a model of ``files`` stored files with this sha256."""
+        return files == 1 and not self.validation.external_data_files and sha256 == self.sha256
 
 
 @dataclass(frozen=True)
@@ -135,8 +156,9 @@ def stage_model_dir(
 ) -> StagedModel:
     """Copy the upload into a new registration folder, read it back, write MLflow's files.
 
-    ``validator`` checks the read-back ``model.onnx``; ``mlmodel_metadata(validation, sha256)``
-    gives the ``heimdall`` block of MLmodel.
+    ``validator`` checks the read-back ``model.onnx`` (a :class:`Validated` that holds for these
+    bytes is not run: the read-back's sha256 shows they are the bytes it validated);
+    ``mlmodel_metadata(validation, sha256)`` gives the ``heimdall`` block of MLmodel.
     """
     bucket, key = store.locate(onnx_uri)
     sha256, info = check_upload(store, onnx_uri, sha256)
@@ -145,6 +167,11 @@ def stage_model_dir(
     copies = {key: f"{dir_key}/{MODEL_FILE}"}
     for suffix, name in external_data(info.metadata).items():
         copies[key + suffix] = f"{dir_key}/{name}"
+    known = (
+        validator.validation
+        if isinstance(validator, Validated) and validator.holds_for(sha256, len(copies))
+        else None
+    )
     written: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="heimdall-register-") as tmp:
@@ -154,15 +181,9 @@ def stage_model_dir(
                 expected = sha256 if src == key else _recorded_sha256(store, bucket, src)
                 store.copy(bucket, src, dst, if_absent=True)
                 written.append(dst)
-                path = store.get(bucket, dst, local / dst.rpartition("/")[2])
-                digest = sha256_file(path)
-                if digest != expected:
-                    raise RegistryError(
-                        f"{store.uri(bucket, dst)} read back with sha256 {digest}, expected "
-                        f"{expected}; the object store altered or lost the bytes. Nothing was "
-                        "registered."
-                    )
-            checked = validator(local / MODEL_FILE)
+                _check_copy(store, bucket, dst, expected, None if known else local)
+            # Known bytes keep the validation they had: the read-back just proved them equal.
+            checked = known or validator(local / MODEL_FILE)
             model_dir = Path(tmp) / "mlflow-model"
             _write_mlflow_model(model_dir, checked, mlmodel_metadata(checked, sha256))
             names = [*sorted(p.name for p in model_dir.iterdir() if p.name != "MLmodel"), "MLmodel"]
@@ -190,6 +211,23 @@ def remove_staged(store: ObjectStore, source: str, keys: tuple[str, ...]) -> Non
             store.delete(bucket, key)
         except HeimdallError as exc:
             log.warning("registry.model_dir.cleanup_failed", key=key, error=str(exc))
+
+
+def _check_copy(
+    store: ObjectStore, bucket: str, key: str, expected: str | None, local: Path | None
+) -> None:
+    """Read ``key`` back (into ``local`` when a validator will read it); raise unless its
+    sha256 is ``expected``."""
+    digest = (
+        sha256_chunks(store.iter_bytes(bucket, key))[0]
+        if local is None
+        else fetch(store, bucket, key, local / key.rpartition("/")[2])
+    )
+    if digest != expected:
+        raise RegistryError(
+            f"{store.uri(bucket, key)} read back with sha256 {digest}, expected {expected}; "
+            "the object store altered or lost the bytes. Nothing was registered."
+        )
 
 
 def _recorded_sha256(store: ObjectStore, bucket: str, key: str) -> str | None:
