@@ -238,6 +238,36 @@ def test_altered_stored_bytes_are_detected_and_removed(tmp_path: Path, model: Pa
     assert store.list_objects(BUCKET) == []
 
 
+def test_a_given_sha256_is_not_computed_again_from_the_local_file(
+    store: LocalStore, bucket: str, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    known = sha256_of(model.read_bytes())
+
+    def no_hashing(path: Path, *args: Any) -> Any:
+        raise AssertionError(f"{path} was read to be hashed")
+
+    monkeypatch.setattr("heimdall.storage.upload.iter_file", no_hashing)
+    result = upload_model(model, store, bucket, clock=at(NOW), sha256=known)
+
+    assert (result.sha256, result.key, result.reused) == (known, default_key(model), False)
+    info = store.head(bucket, result.key)
+    assert info is not None and info.metadata["sha256"] == known
+    assert (store.root / bucket / result.key).read_bytes() == model.read_bytes()
+
+
+def test_a_given_sha256_that_the_stored_bytes_do_not_have_stores_nothing(
+    store: LocalStore, bucket: str, model: Path
+) -> None:
+    wrong = sha256_of(b"other bytes")
+
+    with pytest.raises(StorageError, match=rf"do not match model\.onnx \(sha256 \w+ != {wrong}"):
+        upload_model(model, store, bucket, clock=at(NOW), sha256=wrong)
+
+    assert store.list_objects(bucket) == []
+    with pytest.raises(InputError, match="64 lowercase hex"):
+        upload_model(model, store, bucket, sha256="ABC")
+
+
 def tamper(store: LocalStore, bucket: str, key: str) -> bytes:
     """Replace a stored object's bytes with others of the same size; keep its metadata."""
     path = store.root / bucket / key

@@ -28,6 +28,7 @@ error then says what is left.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -57,6 +58,7 @@ INDEX_DIR = ".sha256"
 _MAX_KEY_SUFFIX = 99
 SHA_IN_KEY = 12
 """Hex digits of the sha256 in a default key."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def upload_model(
     metadata: Mapping[str, str] | None = None,
     clock: Callable[[], datetime] | None = None,
     stale_after: timedelta = timedelta(hours=1),
+    sha256: str | None = None,
 ) -> UploadResult:
     """Upload an ONNX model (and its external-data files) so that it is stored whole or not at all.
 
@@ -126,10 +129,11 @@ def upload_model(
     ``metadata`` adds to or overrides the defaults (export-date, model-type, format).
     ``progress`` gets (bytes sent, bytes total) over all files. Unfinished multipart uploads
     under the prefix idle for ``stale_after`` (left by a crashed server or client) are aborted
-    first.
+    first. ``sha256`` is the model file's, when its writer already computed it (an export):
+    the file is not hashed again, and the stored bytes read back must match it all the same.
     """
     now = (clock or _utc_now)().astimezone(UTC)
-    files = _local_files(Path(onnx_path), extra_files)
+    files = _local_files(Path(onnx_path), extra_files, sha256)
     user_metadata = check_metadata(metadata or {})
     _ensure_bucket(store, bucket, create_bucket)
     keys = [object_name] if object_name is not None else list(_default_keys(now, files[0].sha256))
@@ -211,16 +215,24 @@ def _default_keys(now: datetime, sha256: str) -> Iterator[str]:
         yield f"{stamp}-{n}.onnx"
 
 
-def _local_files(model: Path, extra_files: Sequence[Path | str] | None) -> list[_LocalFile]:
-    """The model first, then its external-data files, each hashed (streamed)."""
+def _local_files(
+    model: Path, extra_files: Sequence[Path | str] | None, sha256: str | None = None
+) -> list[_LocalFile]:
+    """The model first, then its external-data files, each hashed (streamed) unless known."""
     if not model.is_file():
         raise InputError(f"model file {model} does not exist")
+    if sha256 is not None and not _SHA256.fullmatch(sha256):
+        raise InputError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
     if extra_files is None:
         sidecar = model.with_name(f"{model.name}.data")
         extras = [sidecar] if sidecar.is_file() else []
     else:
         extras = [Path(p) for p in extra_files]
-    files = [_hash_local(model, "")]
+    files = [
+        _hash_local(model, "")
+        if sha256 is None
+        else _LocalFile(path=model, suffix="", sha256=sha256, size=model.stat().st_size)
+    ]
     for extra in extras:
         if not extra.is_file():
             raise InputError(f"external-data file {extra} does not exist")
