@@ -13,7 +13,12 @@ import torch
 
 from heimdall.checkpoint import LoadedCheckpoint, sha256_file
 from heimdall.errors import ExportError, InputError
-from heimdall.export import ExportResult, export_checkpoint, export_to_onnx
+from heimdall.export import (
+    ExportResult,
+    export_checkpoint,
+    export_checkpoint_isolated,
+    export_to_onnx,
+)
 from heimdall.model import INPUT_NAME, LocalizationNet
 from heimdall.validate import validate_onnx_model
 from heimdall.verify import verify_parity
@@ -73,6 +78,22 @@ def test_same_checkpoint_exported_twice_is_byte_identical(
 ) -> None:
     again = export_checkpoint(atto_checkpoint.path, tmp_path / "again.onnx")
     assert again.sha256 == atto_onnx.sha256 == sha256_file(tmp_path / "again.onnx")
+
+
+def test_an_isolated_export_writes_the_same_bytes_and_refuses_a_changed_checkpoint(
+    atto_checkpoint: LoadedCheckpoint, atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    isolated = export_checkpoint_isolated(
+        atto_checkpoint.path, tmp_path / "m.onnx", checkpoint_sha256=atto_checkpoint.sha256
+    )
+
+    assert isolated.path == tmp_path / "m.onnx"
+    assert isolated.sha256 == sha256_file(isolated.path) == atto_onnx.sha256
+    with pytest.raises(ExportError, match="changed after it was loaded"):
+        export_checkpoint_isolated(
+            atto_checkpoint.path, tmp_path / "other.onnx", checkpoint_sha256="0" * 64
+        )
+    assert not (tmp_path / "other.onnx").exists()
 
 
 def test_opset_14_export_validates_and_matches_pytorch(

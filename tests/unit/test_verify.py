@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.contract import Progress
-from heimdall.errors import VerificationError
+from heimdall.errors import InputError, VerificationError
 from heimdall.export import ExportResult, export_to_onnx
 from heimdall.parity import parity_steps
 from heimdall.verify import (
@@ -23,6 +23,7 @@ from heimdall.verify import (
     LineageWarning,
     ParityResult,
     check_lineage,
+    record_torch_reference,
     verify_parity,
 )
 
@@ -82,6 +83,17 @@ def test_task_check_measures_metres_between_positions(parity: ParityResult) -> N
     assert parity.task.samples == 32
     assert 0 <= parity.task.mean_distance_m <= 1.0
     assert parity.task.median_error_km_torch > 0
+
+
+def test_recorded_reference_outputs_give_the_same_result_as_the_model(
+    parity: ParityResult, atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint
+) -> None:
+    options = {"batch_sizes": (1, 64), "task_samples": 32, "intra_op_threads": 1}
+    recorded = record_torch_reference(atto_checkpoint.model, **options)  # type: ignore[arg-type]
+
+    assert verify_parity(atto_onnx.path, recorded, **options) == parity  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="no recorded reference output"):
+        verify_parity(atto_onnx.path, recorded, batch_sizes=(2,), task_samples=0)
 
 
 def test_result_serialises_to_json(parity: ParityResult) -> None:
