@@ -21,22 +21,24 @@ from typing import Any
 
 import safetensors.torch
 import structlog
+import torch
 
 from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
 from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.errors import GateError, HeimdallError, InputError, PublishError
-from heimdall.export import export_to_onnx
+from heimdall.export import export_checkpoint_isolated, export_to_onnx
 from heimdall.gates import GatePolicy, check_override, judge, move_alias_gated
 from heimdall.heldout import HeldOut
 from heimdall.inference import evaluate_heldout
 from heimdall.machine import is_busy
-from heimdall.model import LocalizationNet
+from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantResult, build_variant
 from heimdall.registry import (
     DEFAULT_ALIAS,
     Gate,
     Registration,
+    Validated,
     check_registration,
     log_run_files,
     log_run_metrics,
@@ -55,12 +57,15 @@ from heimdall.results import (
 )
 from heimdall.storage import ObjectStore, UploadResult, check_bucket, open_store, upload_model
 from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
-from heimdall.verify import ParityResult, verify_parity
+from heimdall.verify import ParityResult, Reference, record_torch_reference, verify_parity
 
 log = structlog.get_logger(__name__)
 
 BENCH_BATCH_SIZES = (1, 8, 32)
 VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
+# A checkpoint file with more weights than this is exported in a process of its own (the
+# exporter's peak is ~3 more copies of the weights); below it, a process start costs more.
+ISOLATED_EXPORT_BYTES = 256 * 2**20
 
 # Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
 # "failed".
@@ -161,18 +166,29 @@ def publish(
 
     with run.step("load"):
         loaded = _load(source)
-        model = loaded.model
-        run.note(f"{model.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
+        run.note(f"{loaded.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
     training_run = run_id or loaded.training_run_id
     out = Path(output_dir) if output_dir else _default_output_dir(settings, loaded)
 
+    recorded: Reference | None = None
     with run.step("export"):
-        exported = export_to_onnx(
-            model,
-            out / "model.onnx",
-            checkpoint_sha256=loaded.sha256,
-            training_run_id=training_run,
-        )
+        if _exports_apart(source, loaded.model):
+            if not bench and not wanted:  # verify is the model's last use: keep its outputs
+                recorded = record_torch_reference(loaded.model, verify_batch_sizes)
+                loaded = replace(loaded, model=_weightless(loaded.config))  # weights freed
+            exported = export_checkpoint_isolated(
+                loaded.path,
+                out / "model.onnx",
+                checkpoint_sha256=loaded.sha256,
+                training_run_id=training_run,
+            )
+        else:
+            exported = export_to_onnx(
+                loaded.model,
+                out / "model.onnx",
+                checkpoint_sha256=loaded.sha256,
+                training_run_id=training_run,
+            )
         run.existing["onnx_file"] = str(exported.path)
         run.note(
             f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB, opset "
@@ -184,8 +200,9 @@ def publish(
             f"IR {validation.ir_version}, opset {validation.opset_version}, batch axis symbolic"
         )
     with run.step("verify"):
+        model = loaded.model
         parity = verify_parity(
-            exported.path, model, verify_batch_sizes, checkpoint_sha256=loaded.sha256
+            exported.path, recorded or model, verify_batch_sizes, checkpoint_sha256=loaded.sha256
         )
         worst = max(d.max_abs for d in parity.diffs)
         task = parity.task
@@ -244,7 +261,14 @@ def publish(
     )
     published = [
         _publish_one(
-            run, shared, FP32, exported.path, parity, heldout, stage=stage, validation=validation
+            run,
+            shared,
+            FP32,
+            (exported.path, exported.sha256),
+            parity,
+            heldout,
+            stage=stage,
+            validation=validation,
         )
     ]
     for built in passing:
@@ -252,7 +276,9 @@ def publish(
             evaluation = evaluate_heldout(built.path, settings=settings)
             run.note(f"median error {evaluation.median_error_km:.1f} km")
         published.append(
-            _publish_one(run, shared, built.variant, built.path, built.parity, evaluation)
+            _publish_one(
+                run, shared, built.variant, (built.path, built.sha256), built.parity, evaluation
+            )
         )
 
     partial = PublishResult(
@@ -318,7 +344,7 @@ def _publish_one(
     run: _Run,
     shared: _Shared,
     variant: str,
-    path: Path,
+    file: tuple[Path, str],
     parity: ParityResult | None,
     evaluation: HeldOut,
     stage: str | None = None,
@@ -326,10 +352,12 @@ def _publish_one(
 ) -> PublishedModel:
     """Upload (verified), describe and register one variant; move its alias behind the gates.
 
+    ``file`` is the ONNX file and the sha256 its writer computed (not hashed again);
     ``validation`` is the file's validation when the caller has it (not read again).
     """
+    path, sha256 = file
     label = "" if variant == FP32 else f"[{variant}]"
-    uploaded = _upload_step(run, shared, variant, path, label)
+    uploaded = _upload_step(run, shared, variant, file, label)
     with run.step(f"metadata{label}"):
         metadata = get_model_metadata(
             path,
@@ -344,7 +372,16 @@ def _publish_one(
         )
         metadata.update({"variant": variant, "s3_uri": uploaded.uri})
         run.note(f"sha256 {metadata['sha256']}")
-    registration = _register_step(run, shared, variant, uploaded, metadata, evaluation, label)
+    # The read-back copy of bytes already validated is not validated again (their sha256 shows
+    # they are the same); anything else is.
+    validator = (
+        validate_onnx_model
+        if validation is None
+        else Validated(sha256, validation, validate_onnx_model)
+    )
+    registration = _register_step(
+        run, shared, variant, uploaded, metadata, evaluation, label, validator
+    )
     version = registration.version
     target = _alias_for(shared.alias, variant)
     gates: tuple[Gate, ...] = ()
@@ -392,15 +429,18 @@ def _alias_for(alias: str | None, variant: str) -> str | None:
     return alias if variant == FP32 else f"{alias}-{variant}"
 
 
-def _upload_step(run: _Run, shared: _Shared, variant: str, path: Path, label: str) -> UploadResult:
+def _upload_step(
+    run: _Run, shared: _Shared, variant: str, file: tuple[Path, str], label: str
+) -> UploadResult:
     with run.step(f"upload{label}"):
         uploaded = upload_model(
-            path,
+            file[0],
             shared.store,
             shared.settings.bucket,
             create_bucket=shared.create_bucket,
             progress=shared.upload_progress,
             metadata={"variant": variant},
+            sha256=file[1],  # the stored bytes are still read back and checked against it
         )
         run.existing[f"uploaded{label}"] = uploaded.uri
         run.note(
@@ -418,6 +458,7 @@ def _register_step(
     metadata: dict[str, Any],
     evaluation: HeldOut,
     label: str,
+    validator: Callable[[Path], ValidationResult],
 ) -> Registration:
     """The version holding these bytes (found or made), with its held-out numbers recorded."""
     name = shared.name
@@ -425,7 +466,7 @@ def _register_step(
         registration = register_model(
             uploaded.uri,
             store=shared.store,
-            validator=validate_onnx_model,
+            validator=validator,
             sha256=uploaded.sha256,
             name=name,
             metadata=metadata,
@@ -461,6 +502,21 @@ def _judge_without_alias(
             "move. Override with --force --reason TEXT"
         )
     return gates
+
+
+def _exports_apart(source: object, model: LocalizationNet) -> bool:
+    """Whether to export in a process of its own: a large model that a file holds."""
+    if not isinstance(source, str | Path):
+        return False
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) >= (
+        ISOLATED_EXPORT_BYTES
+    )
+
+
+def _weightless(config: ModelConfig) -> LocalizationNet:
+    """The model's structure without weights: config and parameter counts for the metadata."""
+    with torch.device("meta"):
+        return LocalizationNet(config)
 
 
 def _load(source: Path | str | LoadedCheckpoint | LocalizationNet) -> LoadedCheckpoint:

@@ -23,6 +23,7 @@ from heimdall.pipeline import publish
 from heimdall.report import REPORT_SCHEMA_VERSION
 from heimdall.results import PublishResult
 from heimdall.storage import open_store
+from heimdall.verify import Reference, verify_parity
 from tests.fixtures.mlflow_server import MlflowBackend
 
 PREFIX = "models/localization"
@@ -196,6 +197,39 @@ def test_publishing_the_same_checkpoint_again_reuses_the_upload_and_the_version(
     assert (status["upload"], status["register"], status["alias"]) == ("reused",) * 3
     assert versions_of(published.settings, published.name) == ["1"]
     assert stored_keys(published.settings) == published.keys_after_first
+
+
+def test_a_large_checkpoint_is_exported_apart_and_verified_from_recorded_outputs(
+    published: Published,
+    embedded_mlflow: MlflowBackend,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import heimdall.pipeline as pipeline
+
+    def not_in_process(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("exported in the publishing process")
+
+    references: list[object] = []
+
+    def recording(path: Path, reference: object, *args: Any, **kwargs: Any) -> Any:
+        references.append(reference)
+        return verify_parity(path, reference, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "ISOLATED_EXPORT_BYTES", 0)  # atto counts as large
+    monkeypatch.setattr(pipeline, "export_to_onnx", not_in_process)
+    monkeypatch.setattr(pipeline, "verify_parity", recording)
+    settings = embedded_mlflow.settings(data_dir=tmp_path_factory.mktemp("publish-apart"))
+    apart = publish(
+        published.checkpoint.path, settings=settings, name=unique("apart"), bench=False, **FAST
+    )
+
+    first = published.first
+    assert [type(r) for r in references] == [Reference]
+    assert apart.primary.upload.sha256 == first.primary.upload.sha256
+    assert (apart.parity.diffs, apart.parity.task) == (first.parity.diffs, first.parity.task)
+    assert apart.primary.metadata["parameters"] == first.primary.metadata["parameters"]
+    assert apart.primary.metadata["model_config"] == first.primary.metadata["model_config"]
 
 
 def test_nan_weights_fail_verification_and_nothing_is_stored_or_registered(
