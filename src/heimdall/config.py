@@ -407,7 +407,11 @@ def _quiet_by_default() -> None:
     """Used as a library, heimdall logs warnings and errors only until the host configures
     structlog (or calls configure_logging): structlog's own default prints every INFO event."""
     if not structlog.is_configured():
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        # On stderr: structlog's default is stdout, which a host program's output owns.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(file=_STDERR),  # type: ignore[arg-type]
+        )
 
 
 _quiet_by_default()
