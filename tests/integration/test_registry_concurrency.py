@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -67,45 +67,70 @@ def backend_env(backend: MlflowBackend, data_dir: Path) -> dict[str, str]:
     return env
 
 
-def publish_at_once(files: list[Path], name: str, env: dict[str, str]) -> list[dict[str, object]]:
-    """Start one worker per file, all at once; their JSON answers in file order."""
+@dataclass(frozen=True)
+class Wave:
+    """What ``WRITERS`` processes, started at once, answered: each published its own file under
+    one name and the same file under another, so both races run against each other."""
+
+    backend: MlflowBackend
+    distinct: str
+    same: str
+    answers: dict[str, list[dict[str, object]]]
+
+
+def publish_at_once(jobs: list[list[str]], env: dict[str, str]) -> list[dict[str, object]]:
+    """Start one worker per job (``[path, name, path, name, ...]``), all at once; every answer."""
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.fixtures.publish_worker", str(path), name],
+            [sys.executable, "-m", "tests.fixtures.publish_worker", *job],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for path in files
+        for job in jobs
     ]
-    answers = []
-    for worker in workers:
+    answers: list[dict[str, object]] = []
+    for worker, job in zip(workers, jobs, strict=True):
         stdout, stderr = worker.communicate(timeout=600)
-        lines = stdout.strip().splitlines()
-        assert worker.returncode == 0 and lines, f"worker failed:\n{stdout}\n{stderr[-3000:]}"
-        answers.append(json.loads(lines[-1]))
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        assert worker.returncode == 0, f"worker failed:\n{stdout}\n{stderr[-3000:]}"
+        assert len(lines) == len(job) // 2, f"worker answered {lines}"
+        answers.extend(json.loads(line) for line in lines)
     return answers
 
 
-@pytest.fixture(params=["embedded", "server"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> MlflowBackend:
+@pytest.fixture(scope="module", params=["embedded", "server"])
+def wave(
+    request: pytest.FixtureRequest,
+    onnx_files: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Wave:
     """The server, or an embedded data dir that does not exist yet: every writer races to
     create its SQLite store (and the first use must leave it whole)."""
     if request.param == "server":
-        return request.getfixturevalue("mlflow_server")  # type: ignore[no-any-return]
-    embedded: MlflowBackend = request.getfixturevalue("embedded_mlflow")
-    return replace(embedded, data_dir=tmp_path / "never-used")
+        backend: MlflowBackend = request.getfixturevalue("mlflow_server")
+    else:
+        embedded: MlflowBackend = request.getfixturevalue("embedded_mlflow")
+        backend = replace(embedded, data_dir=tmp_path_factory.mktemp("wave") / "never-used")
+    token = os.urandom(3).hex()
+    distinct, same = f"concurrent-distinct-{token}", f"concurrent-same-{token}"
+    shared = str(onnx_files[0])
+    # Half the writers start with their own file, half with the shared one.
+    jobs = [
+        [str(path), distinct, shared, same] if i % 2 else [shared, same, str(path), distinct]
+        for i, path in enumerate(onnx_files)
+    ]
+    answers = publish_at_once(jobs, backend_env(backend, backend.data_dir))
+    by_name = {name: [a for a in answers if a["name"] == name] for name in (distinct, same)}
+    return Wave(backend, distinct, same, by_name)
 
 
 def test_distinct_models_published_at_once_each_get_a_version_and_a_true_alias_history(
-    backend: MlflowBackend, onnx_files: list[Path]
+    wave: Wave, onnx_files: list[Path]
 ) -> None:
-    name = f"concurrent-distinct-{os.urandom(3).hex()}"
-    settings = backend.settings()
-
-    answers = publish_at_once(onnx_files, name, backend_env(backend, backend.data_dir))
+    settings, name, answers = wave.backend.settings(), wave.distinct, wave.answers[wave.distinct]
 
     versions = sorted(int(str(a["version"])) for a in answers)
     assert versions == list(range(1, WRITERS + 1)) and all(a["created"] for a in answers)
@@ -123,14 +148,11 @@ def test_distinct_models_published_at_once_each_get_a_version_and_a_true_alias_h
 
 
 def test_the_same_bytes_published_at_once_give_exactly_one_version(
-    backend: MlflowBackend, onnx_files: list[Path]
+    wave: Wave, onnx_files: list[Path]
 ) -> None:
-    name = f"concurrent-same-{os.urandom(3).hex()}"
-    settings = backend.settings()
-    answers = publish_at_once(
-        [onnx_files[0]] * WRITERS, name, backend_env(backend, backend.data_dir)
-    )
+    settings, name, answers = wave.backend.settings(), wave.same, wave.answers[wave.same]
 
+    assert len(answers) == WRITERS
     assert {a["version"] for a in answers} == {"1"}
     assert sum(bool(a["created"]) for a in answers) == 1  # the others report the winner's version
     shown = registry.show_model(name, settings=settings)
