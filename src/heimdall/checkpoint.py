@@ -291,16 +291,7 @@ def _check_normalization(model: LocalizationNet, path: Path) -> None:
 
 def _assign(model: LocalizationNet, state: dict[str, Tensor], path: Path) -> None:
     """Make ``state``'s tensors the weights of meta-device ``model``, checked as load_exact does."""
-    with warnings.catch_warnings():  # its copy into meta tensors is a no-op; assign follows
-        warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")
-        load_exact(model, state, source=str(path))  # refuses missing, unexpected, misshapen keys
-    own = model.state_dict()
-    # assign keeps the state's dtypes: convert first, as copying into the weights would.
-    model.load_state_dict(
-        {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()},
-        strict=True,
-        assign=True,
-    )
+    load_exact(model, state, source=str(path), assign=True)  # refuses mismatched keys first
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:  # a tensor the state dict does not hold (a non-persistent buffer) has no value
         raise CheckpointError(f"{path}: no value for {', '.join(left[:5])} after loading")

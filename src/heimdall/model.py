@@ -131,8 +131,14 @@ class ConvNeXt(nn.Module):
         return self.classifier(x)
 
 
-def load_exact(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``module`` or raise one CheckpointError listing every mismatch."""
+def load_exact(
+    module: nn.Module, state: dict[str, Tensor], source: str, *, assign: bool = False
+) -> None:
+    """Load ``state`` into ``module`` or raise one CheckpointError listing every mismatch.
+
+    ``assign=True`` makes ``state``'s tensors the module's own (for a meta-device module: no
+    random weights to overwrite, no second copy); they are cast to the module's dtypes first.
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -154,7 +160,9 @@ def load_exact(module: nn.Module, state: dict[str, Tensor], source: str) -> None
             + " | ".join(parts)
             + ". Check the backbone size and that the file is a LocalizationNet checkpoint."
         )
-    module.load_state_dict(state, strict=True)
+    if assign:
+        state = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 @dataclass(frozen=True)
