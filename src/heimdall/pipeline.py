@@ -34,7 +34,7 @@ from heimdall.export import export_checkpoint_isolated, export_to_onnx
 from heimdall.gates import GatePolicy, check_override, judge, move_alias_gated
 from heimdall.heldout import HeldOut
 from heimdall.inference import evaluate_heldout
-from heimdall.machine import is_busy
+from heimdall.machine import is_busy, load_average, physical_cores, software
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantResult, build_variant
 from heimdall.registry import (
@@ -230,7 +230,13 @@ def publish(
     with run.step("verify"):
         model = loaded.model
         parity = verify_parity(
-            exported.path, recorded or model, verify_batch_sizes, checkpoint_sha256=loaded.sha256
+            exported.path,
+            recorded or model,
+            verify_batch_sizes,
+            checkpoint_sha256=loaded.sha256,
+            # On cores other processes keep busy, spinning PyTorch threads cost 4× the CPU for
+            # the same numbers: one thread then.
+            intra_op_threads=1 if load_average()[0] > physical_cores() / 2 else 0,
         )
         worst = max(d.max_abs for d in parity.diffs)
         task = parity.task
@@ -499,7 +505,13 @@ def _register_step(
             name=name,
             metadata=metadata,
             run_id=shared.training_run,
-            tags={"variant": variant, **evaluation.tags(), **bench_tags(shared.timings, variant)},
+            tags={
+                "variant": variant,
+                **evaluation.tags(),
+                **bench_tags(shared.timings, variant),
+                # package versions and the git commit of the code that ran, when there is one
+                **software(git_commit=shared.settings.git_commit).tags(),
+            },
             settings=shared.settings,
         )
         version = registration.version

@@ -18,6 +18,7 @@ from heimdall.config import Settings
 from heimdall.errors import InputError, PublishError
 from heimdall.inference import evaluate_heldout
 from heimdall.legacy import export_and_register_model
+from heimdall.machine import software
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.pipeline import publish
 from heimdall.report import REPORT_SCHEMA_VERSION
@@ -154,6 +155,9 @@ def test_publish_registers_a_verified_fp32_version_under_alias_staging(
     assert version.tags["sha256"] == sha256_file(primary.onnx_path) == primary.upload.sha256
     assert version.tags["onnx_uri"] == primary.upload.uri
     assert version.tags["checkpoint_sha256"] == published.checkpoint.sha256
+    # The code that published it: package versions, and the commit of the repository it ran in.
+    assert "onnxruntime==" in version.tags["heimdall.packages"]
+    assert version.tags.get("mlflow.source.git.commit") == software().git_commit
     assert primary.upload.uri.startswith(published.settings.object_store_uri + f"/{PREFIX}/")
     assert not primary.upload.reused and not primary.reused_version
     assert published.first.parity.passed
