@@ -23,8 +23,10 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
+# Two workers, a test file each: many tests wait on servers and subprocesses, so two keep both
+# cores busy; each worker starts its own servers (free ports, its own database).
 test: lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 clean:
 	rm -rf .heimdall test-artifacts
