@@ -58,3 +58,25 @@ class Reference:
     run: Callable[[np.ndarray], Outputs]
     coord_center: np.ndarray
     coord_scale: np.ndarray
+
+
+FP32 = "fp32"
+"""The variant every publish registers; int8 and fp16 are optional."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of a publish run and how long it took."""
+
+    name: str
+    status: str  # ok | reused | skipped | failed
+    seconds: float
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "step": self.name,
+            "status": self.status,
+            "seconds": self.seconds,
+            "detail": self.detail,
+        }

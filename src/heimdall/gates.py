@@ -36,6 +36,7 @@ from heimdall.errors import GateError, InputError
 from heimdall.heldout import HeldOut as HeldOut
 from heimdall.heldout import HeldOutSet as HeldOutSet
 from heimdall.registry import AliasChange, Gate
+from heimdall.registry.names import check_override as check_override
 from heimdall.storage import ObjectStore, open_store
 
 log = structlog.get_logger(__name__)
@@ -195,14 +196,6 @@ def promote(
         action="promote",
         read_bytes=True,
     )
-
-
-def check_override(force: bool, reason: str | None) -> None:
-    """``force`` needs a reason (it is recorded); a reason without ``force`` is a mistake."""
-    if force and not (reason and reason.strip()):
-        raise InputError("--force needs --reason TEXT: the reason is recorded with the move")
-    if reason and not force:
-        raise InputError("--reason is only used with --force")
 
 
 def _record_refusal(

@@ -10,13 +10,8 @@ re-running after any failure finishes the job without a second upload or a dupli
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -24,25 +19,22 @@ from typing import Any
 
 import safetensors.torch
 import structlog
-import torch
 
-from heimdall.bench import BenchmarkResult, benchmark
+from heimdall.bench import BenchmarkResult
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
-from heimdall.config import Settings, load_settings, redact_uri
-from heimdall.errors import GateError, HeimdallError, InputError, PublishError
-from heimdall.export import export_checkpoint_isolated, export_to_onnx
-from heimdall.gates import GatePolicy, check_override, judge, move_alias_gated
+from heimdall.config import Settings, load_settings
+from heimdall.errors import GateError, InputError
+from heimdall.gates import GatePolicy, judge, move_alias_gated
 from heimdall.heldout import HeldOut
 from heimdall.inference import evaluate_heldout
-from heimdall.machine import is_busy, load_average, physical_cores, software
-from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant, VariantResult, build_variant
+from heimdall.machine import software
+from heimdall.model import LocalizationNet
+from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant
 from heimdall.registry import (
     DEFAULT_ALIAS,
     Gate,
     Registration,
     Validated,
-    check_registration,
     log_run_files,
     log_run_metrics,
     register_model,
@@ -53,93 +45,31 @@ from heimdall.results import (
     FP32,
     PublishedModel,
     PublishResult,
-    StepRecord,
     bench_tags,
     report_document,
     timing_summary,
 )
-from heimdall.storage import ObjectStore, UploadResult, check_bucket, open_store, upload_model
+from heimdall.steps import BENCH_BATCH_SIZES as BENCH_BATCH_SIZES
+from heimdall.steps import (
+    HELDOUT_CHUNK,
+    VERIFY_BATCH_SIZES,
+    BytesProgress,
+    PublishOptions,
+    Run,
+    StepProgress,
+    Work,
+    bench_step,
+    export_step,
+    validate_step,
+    variants_step,
+    verify_step,
+)
+from heimdall.steps import ISOLATED_EXPORT_BYTES as ISOLATED_EXPORT_BYTES
+from heimdall.storage import ObjectStore, UploadResult, open_store, upload_model
 from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
-from heimdall.verify import ParityResult, Reference, record_torch_reference, verify_parity
+from heimdall.verify import ParityResult
 
 log = structlog.get_logger(__name__)
-
-BENCH_BATCH_SIZES = (1, 8, 32)
-VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
-# A checkpoint file with more weights than this is exported in a process of its own (the
-# exporter's peak is ~3 more copies of the weights); below it, a process start costs more.
-ISOLATED_EXPORT_BYTES = 256 * 2**20
-# Held-out samples per ONNX Runtime call: ConvNeXt-Large's activations cost ~6.4 MiB a sample
-# (256 at once: +1.6 GB beyond its session; 32: +0.2 GB); the predictions are the same.
-HELDOUT_CHUNK = 32
-
-# Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
-# "failed".
-StepProgress = Callable[[str, str, str], None]
-BytesProgress = Callable[[int, int], None]
-
-
-class _Run:
-    """Times steps, reports progress, and turns a failing step into a PublishError."""
-
-    def __init__(self, progress: StepProgress | None, secrets: Sequence[str] = ()) -> None:
-        self.progress = progress
-        self.secrets = [s for s in secrets if s]
-        self.records: list[StepRecord] = []
-        self.existing: dict[str, str] = {}  # what a failure leaves behind, for the message
-        self.status = "ok"
-        self.detail = ""
-
-    def _emit(self, name: str, status: str, detail: str) -> None:
-        if self.progress is not None:
-            self.progress(name, status, detail)
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[_Run]:
-        self.status, self.detail = "ok", ""
-        self._emit(name, "start", "")
-        started = time.perf_counter()
-        try:
-            yield self
-        except Exception as exc:  # every failure names its step and what already exists
-            seconds = round(time.perf_counter() - started, 3)
-            text = str(exc) if isinstance(exc, HeimdallError) else f"{type(exc).__name__}: {exc}"
-            reason = redact_uri(text)
-            for secret in self.secrets:  # whatever a third-party message may have quoted
-                reason = reason.replace(secret, "***")
-            self.records.append(StepRecord(name, "failed", seconds, reason))
-            self._emit(name, "failed", reason)
-            log.info("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
-            raise PublishError(
-                name, reason, dict(self.existing), [r.to_dict() for r in self.records]
-            ) from exc
-        seconds = round(time.perf_counter() - started, 3)
-        _return_freed_memory()
-        self.records.append(StepRecord(name, self.status, seconds, self.detail))
-        self._emit(name, self.status, self.detail)
-        log.info("publish.step", step=name, status=self.status, seconds=seconds)
-
-    def note(self, detail: str, status: str = "ok") -> None:
-        self.detail, self.status = detail, status
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Hand the memory a step freed back to the system before the next step starts.
-
-    glibc keeps freed heap memory for reuse: after ConvNeXt-Large's validation or verify about
-    0.55 GB of freed parse and session buffers stayed resident, and raised every later peak.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def publish(
@@ -174,164 +104,110 @@ def publish(
     exists; re-running finishes the job.
     """
     settings = settings or load_settings()
-    name = name or settings.model_name
-    wanted = _check_variants(variants)
-    check_registration(name, alias, stage)
-    check_bucket(settings.bucket)
-    check_override(force, reason)
-    for variant in wanted:
-        if alias is not None:
-            check_registration(name, f"{alias}-{variant}")
-    if bench_budget_s <= 0:
-        raise InputError(f"bench_budget_s must be positive, got {bench_budget_s}")
-    if not verify_batch_sizes or min(verify_batch_sizes) < 1:
-        raise InputError(f"verify batch sizes must be positive, got {list(verify_batch_sizes)}")
-    if calibration < 1:
-        raise InputError(f"calibration must be at least 1 sample, got {calibration}")
-    run = _Run(progress, settings.secret_values())
-
-    with run.step("load"):
-        loaded = _load(source)
-        run.note(f"{loaded.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
-    training_run = run_id or loaded.training_run_id
-    out = Path(output_dir) if output_dir else _default_output_dir(settings, loaded)
-
-    recorded: Reference | None = None
-    with run.step("export"):
-        if _exports_apart(source, loaded.model):
-            if not bench and not wanted:  # verify is the model's last use: keep its outputs
-                recorded = record_torch_reference(loaded.model, verify_batch_sizes)
-                loaded = replace(loaded, model=_weightless(loaded.config))  # weights freed
-                _return_freed_memory()  # before the export process needs the memory
-            exported = export_checkpoint_isolated(
-                loaded.path,
-                out / "model.onnx",
-                checkpoint_sha256=loaded.sha256,
-                training_run_id=training_run,
-            )
-        else:
-            exported = export_to_onnx(
-                loaded.model,
-                out / "model.onnx",
-                checkpoint_sha256=loaded.sha256,
-                training_run_id=training_run,
-            )
-        run.existing["onnx_file"] = str(exported.path)
-        run.note(
-            f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB, opset "
-            f"{exported.opset_version})"
-            + ("; PyTorch's outputs for verify recorded first" if recorded else "")
-        )
-    with run.step("validate"):
-        validation = validate_onnx_model(exported.path)
-        run.note(
-            f"IR {validation.ir_version}, opset {validation.opset_version}, batch axis symbolic"
-        )
-    with run.step("verify"):
-        model = loaded.model
-        parity = verify_parity(
-            exported.path,
-            recorded or model,
-            verify_batch_sizes,
-            checkpoint_sha256=loaded.sha256,
-            # On cores other processes keep busy, spinning PyTorch threads cost 4× the CPU for
-            # the same numbers: one thread then.
-            intra_op_threads=1 if load_average()[0] > physical_cores() / 2 else 0,
-        )
-        worst = max(d.max_abs for d in parity.diffs)
-        task = parity.task
-        run.note(
-            f"max abs {worst:.1e}"
-            + (f", held-out mean distance {task.mean_distance_m:.2g} m" if task else "")
-        )
-
-    variant_results: list[VariantResult] = []
-    with run.step("variants"):
-        for variant in wanted:
-            built = build_variant(
-                variant,
-                exported.path,
-                out / f"model.{variant}.onnx",
-                model,
-                calibration=calibration,
-            )
-            variant_results.append(built)
-        passing = [v for v in variant_results if v.passed]
-        if not variant_results:
-            run.note("fp32 only", "skipped")
-        else:
-            run.note("; ".join(f"{v.variant}: {v.reason}" for v in variant_results))
-
-    timings: BenchmarkResult | None = None
-    with run.step("benchmark"):
-        if bench:
-            files = {FP32: exported.path, **{v.variant: v.path for v in passing}}
-            timings = benchmark(
-                model, files, batch_sizes=BENCH_BATCH_SIZES, budget_s=bench_budget_s, peak=False
-            )
-            speedup = timings.timing(FP32, 1).speedup_vs_pytorch
-            busy = " (machine busy: not a reliable figure)" if is_busy(timings.environment) else ""
-            run.note(f"batch 1: ONNX Runtime {speedup:.2f}× PyTorch eager{busy}")
-        else:
-            run.note("not asked for", "skipped")
-
-    with run.step("heldout"):
-        heldout = evaluate_heldout(exported.path, settings=settings, chunk=HELDOUT_CHUNK)
-        run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
-
-    shared = _Shared(
-        model=model,
-        loaded=loaded,
-        training_run=training_run,
-        timings=timings,
-        settings=settings,
-        store=store or open_store(settings),
-        name=name,
+    options = PublishOptions(
+        name=name or settings.model_name,
         alias=alias,
+        stage=stage,
+        variants=tuple(_check_variants(variants)),
+        calibration=calibration,
+        output_dir=Path(output_dir) if output_dir else None,
         create_bucket=(not settings.uses_s3) if create_bucket is None else create_bucket,
-        upload_progress=upload_progress,
+        run_id=run_id,
+        bench=bench,
+        bench_budget_s=bench_budget_s,
+        verify_batch_sizes=tuple(verify_batch_sizes),
         force=force,
         reason=reason,
     )
+    options.check(settings)
+    run = Run(progress, settings.secret_values())
+    with run.step("load"):
+        loaded = _load(source)
+        run.note(f"{loaded.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
+    out = options.output_dir or _default_output_dir(settings, loaded)
+    work = Work(options, settings, run, source, loaded, out)
+    for step in (export_step, validate_step, verify_step, variants_step, bench_step, _heldout):
+        step(work)
+    shared = _Shared(
+        model=work.loaded.model,
+        loaded=work.loaded,
+        training_run=work.training_run,
+        timings=work.timings,
+        settings=settings,
+        store=store or open_store(settings),
+        name=options.name,
+        alias=options.alias,
+        create_bucket=options.create_bucket,
+        upload_progress=upload_progress,
+        force=options.force,
+        reason=options.reason,
+    )
+    return _report(work, _publish_versions(work, shared))
+
+
+def _heldout(work: Work) -> None:
+    assert work.exported is not None
+    with work.run.step("heldout"):
+        heldout = work.heldout = evaluate_heldout(
+            work.exported.path, settings=work.settings, chunk=HELDOUT_CHUNK
+        )
+        work.run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
+
+
+def _publish_versions(work: Work, shared: _Shared) -> list[PublishedModel]:
+    """Upload, register and alias fp32, then each variant that passed its gates."""
+    assert work.exported is not None and work.parity is not None and work.heldout is not None
+    exported = work.exported
     published = [
         _publish_one(
-            run,
+            work.run,
             shared,
             FP32,
             (exported.path, exported.sha256),
-            parity,
-            heldout,
-            stage=stage,
-            validation=validation,
+            work.parity,
+            work.heldout,
+            stage=work.options.stage,
+            validation=work.validation,
         )
     ]
-    for built in passing:
-        with run.step(f"heldout[{built.variant}]"):
-            evaluation = evaluate_heldout(built.path, settings=settings, chunk=HELDOUT_CHUNK)
-            run.note(f"median error {evaluation.median_error_km:.1f} km")
+    for built in (v for v in work.variants if v.passed):
+        with work.run.step(f"heldout[{built.variant}]"):
+            evaluation = evaluate_heldout(built.path, settings=work.settings, chunk=HELDOUT_CHUNK)
+            work.run.note(f"median error {evaluation.median_error_km:.1f} km")
         published.append(
             _publish_one(
-                run, shared, built.variant, (built.path, built.sha256), built.parity, evaluation
+                work.run,
+                shared,
+                built.variant,
+                (built.path, built.sha256),
+                built.parity,
+                evaluation,
             )
         )
+    return published
 
-    partial = PublishResult(
+
+def _report(work: Work, published: list[PublishedModel]) -> PublishResult:
+    """The report of this (model name, version), written once and logged to the version's run."""
+    assert work.validation is not None and work.parity is not None and work.heldout is not None
+    run, name = work.run, work.options.name
+    result = PublishResult(
         name=name,
-        checkpoint_sha256=loaded.sha256,
+        checkpoint_sha256=work.loaded.sha256,
         published=tuple(published),
-        validation=validation,
-        parity=parity,
-        variants=tuple(variant_results),
-        benchmark=timings,
-        heldout=heldout,
+        validation=work.validation,
+        parity=work.parity,
+        variants=work.variants,
+        benchmark=work.timings,
+        heldout=work.heldout,
         steps=(),
         report=None,
     )
     with run.step("report"):
-        document = report_document(partial, run.records)
-        primary = partial.primary.version
+        document = report_document(result, run.records)
+        primary = result.primary.version
         # One report per (model name, version), never overwritten by a later publish.
-        paths = write_report(document, out / "reports" / name / f"v{primary.version}")
+        paths = write_report(document, work.out / "reports" / name / f"v{primary.version}")
         if not paths.created:
             run.note(
                 f"{paths.html} (kept: written by the publish that made this version)", "reused"
@@ -342,10 +218,10 @@ def publish(
                     primary.run_id,
                     [paths.json, paths.html],
                     f"report/{name}/v{primary.version}",
-                    settings=settings,
+                    settings=work.settings,
                 )
             run.note(str(paths.html))
-    result = replace(partial, steps=tuple(run.records), report=paths)
+    result = replace(result, steps=tuple(run.records), report=paths)
     log.info(
         "publish.done",
         name=name,
@@ -375,7 +251,7 @@ class _Shared:
 
 
 def _publish_one(
-    run: _Run,
+    run: Run,
     shared: _Shared,
     variant: str,
     file: tuple[Path, str],
@@ -464,7 +340,7 @@ def _alias_for(alias: str | None, variant: str) -> str | None:
 
 
 def _upload_step(
-    run: _Run, shared: _Shared, variant: str, file: tuple[Path, str], label: str
+    run: Run, shared: _Shared, variant: str, file: tuple[Path, str], label: str
 ) -> UploadResult:
     with run.step(f"upload{label}"):
         uploaded = upload_model(
@@ -485,7 +361,7 @@ def _upload_step(
 
 
 def _register_step(
-    run: _Run,
+    run: Run,
     shared: _Shared,
     variant: str,
     uploaded: UploadResult,
@@ -542,21 +418,6 @@ def _judge_without_alias(
             "move. Override with --force --reason TEXT"
         )
     return gates
-
-
-def _exports_apart(source: object, model: LocalizationNet) -> bool:
-    """Whether to export in a process of its own: a large model that a file holds."""
-    if not isinstance(source, str | Path):
-        return False
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) >= (
-        ISOLATED_EXPORT_BYTES
-    )
-
-
-def _weightless(config: ModelConfig) -> LocalizationNet:
-    """The model's structure without weights: config and parameter counts for the metadata."""
-    with torch.device("meta"):
-        return LocalizationNet(config)
 
 
 def _load(source: Path | str | LoadedCheckpoint | LocalizationNet) -> LoadedCheckpoint:

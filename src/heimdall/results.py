@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from heimdall.bench import PYTORCH, BenchmarkResult
+from heimdall.contract import FP32 as FP32
+from heimdall.contract import StepRecord as StepRecord
 from heimdall.heldout import HeldOut
 from heimdall.machine import is_busy
 from heimdall.optimize import VariantResult
@@ -16,26 +18,6 @@ from heimdall.report import ReportPaths
 from heimdall.storage import UploadResult
 from heimdall.validate import ValidationResult
 from heimdall.verify import ParityResult
-
-FP32 = "fp32"
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One step of a publish run and how long it took."""
-
-    name: str
-    status: str  # ok | reused | skipped | failed
-    seconds: float
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "step": self.name,
-            "status": self.status,
-            "seconds": self.seconds,
-            "detail": self.detail,
-        }
 
 
 @dataclass(frozen=True)

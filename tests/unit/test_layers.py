@@ -45,7 +45,7 @@ STAGES = frozenset(
 # Compositions of stages, and the public API (``heimdall``, the package itself); serving
 # (``inference``) composes registry, storage and runtime as publishing does.
 ORCHESTRATION = frozenset(
-    {"heimdall", "inference", "gates", "results", "pipeline", "demo", "legacy"}
+    {"heimdall", "inference", "gates", "results", "steps", "pipeline", "demo", "legacy"}
 )
 CLI = frozenset({"cli", "display"})
 LAYERS = {

@@ -209,7 +209,7 @@ def test_a_large_checkpoint_is_exported_apart_and_verified_from_recorded_outputs
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import heimdall.pipeline as pipeline
+    import heimdall.steps as steps
 
     def not_in_process(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("exported in the publishing process")
@@ -220,9 +220,9 @@ def test_a_large_checkpoint_is_exported_apart_and_verified_from_recorded_outputs
         references.append(reference)
         return verify_parity(path, reference, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pipeline, "ISOLATED_EXPORT_BYTES", 0)  # atto counts as large
-    monkeypatch.setattr(pipeline, "export_to_onnx", not_in_process)
-    monkeypatch.setattr(pipeline, "verify_parity", recording)
+    monkeypatch.setattr(steps, "ISOLATED_EXPORT_BYTES", 0)  # atto counts as large
+    monkeypatch.setattr(steps, "export_to_onnx", not_in_process)
+    monkeypatch.setattr(steps, "verify_parity", recording)
     settings = embedded_mlflow.settings(data_dir=tmp_path_factory.mktemp("publish-apart"))
     apart = publish(
         published.checkpoint.path, settings=settings, name=unique("apart"), bench=False, **FAST
@@ -469,7 +469,7 @@ def test_stage_is_set_and_kept_when_the_version_is_reused(
 
 
 def test_a_failed_step_names_itself_and_never_quotes_a_secret() -> None:
-    from heimdall.pipeline import _Run
+    from heimdall.steps import Run as _Run
 
     run = _Run(None, ["s3cr3t-value"])
 

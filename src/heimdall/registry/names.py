@@ -71,3 +71,11 @@ def check_registration(name: str, alias: str | None = None, stage: str | None = 
             )
     if stage is not None:
         canonical_stage(stage)
+
+
+def check_override(force: bool, reason: str | None) -> None:
+    """``force`` needs a reason (it is recorded); a reason without ``force`` is a mistake."""
+    if force and not (reason and reason.strip()):
+        raise InputError("--force needs --reason TEXT: the reason is recorded with the move")
+    if reason and not force:
+        raise InputError("--reason is only used with --force")

@@ -1,0 +1,288 @@
+"""The publish steps on the local file: export, validate, verify, variants, benchmark.
+
+Each step reads what earlier ones left in :class:`Work` and adds its own; :class:`Run` times and
+records every step for the report and the progress display. ``heimdall.pipeline`` runs them,
+then uploads, registers and aliases what they checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+import torch
+
+from heimdall.bench import BenchmarkResult, benchmark
+from heimdall.checkpoint import LoadedCheckpoint
+from heimdall.config import Settings, redact_uri
+from heimdall.contract import FP32, StepRecord
+from heimdall.errors import HeimdallError, InputError, PublishError
+from heimdall.export import ExportResult, export_checkpoint_isolated, export_to_onnx
+from heimdall.heldout import HeldOut
+from heimdall.machine import is_busy, load_average, physical_cores
+from heimdall.model import LocalizationNet, ModelConfig
+from heimdall.optimize import Variant, VariantResult, build_variant
+from heimdall.registry import (
+    check_registration,
+)
+from heimdall.registry.names import check_override
+from heimdall.storage import check_bucket
+from heimdall.validate import ValidationResult, validate_onnx_model
+from heimdall.verify import ParityResult, Reference, record_torch_reference, verify_parity
+
+log = structlog.get_logger(__name__)
+
+BENCH_BATCH_SIZES = (1, 8, 32)
+VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
+# A checkpoint file with more weights than this is exported in a process of its own (the
+# exporter's peak is ~3 more copies of the weights); below it, a process start costs more.
+ISOLATED_EXPORT_BYTES = 256 * 2**20
+# Held-out samples per ONNX Runtime call: ConvNeXt-Large's activations cost ~6.4 MiB a sample
+# (256 at once: +1.6 GB beyond its session; 32: +0.2 GB); the predictions are the same.
+HELDOUT_CHUNK = 32
+
+# Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
+# "failed".
+StepProgress = Callable[[str, str, str], None]
+BytesProgress = Callable[[int, int], None]
+
+
+class Run:
+    """Times steps, reports progress, and turns a failing step into a PublishError."""
+
+    def __init__(self, progress: StepProgress | None, secrets: Sequence[str] = ()) -> None:
+        self.progress = progress
+        self.secrets = [s for s in secrets if s]
+        self.records: list[StepRecord] = []
+        self.existing: dict[str, str] = {}  # what a failure leaves behind, for the message
+        self.status = "ok"
+        self.detail = ""
+
+    def _emit(self, name: str, status: str, detail: str) -> None:
+        if self.progress is not None:
+            self.progress(name, status, detail)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[Run]:
+        self.status, self.detail = "ok", ""
+        self._emit(name, "start", "")
+        started = time.perf_counter()
+        try:
+            yield self
+        except Exception as exc:  # every failure names its step and what already exists
+            seconds = round(time.perf_counter() - started, 3)
+            text = str(exc) if isinstance(exc, HeimdallError) else f"{type(exc).__name__}: {exc}"
+            reason = redact_uri(text)
+            for secret in self.secrets:  # whatever a third-party message may have quoted
+                reason = reason.replace(secret, "***")
+            self.records.append(StepRecord(name, "failed", seconds, reason))
+            self._emit(name, "failed", reason)
+            log.info("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
+            raise PublishError(
+                name, reason, dict(self.existing), [r.to_dict() for r in self.records]
+            ) from exc
+        seconds = round(time.perf_counter() - started, 3)
+        return_freed_memory()
+        self.records.append(StepRecord(name, self.status, seconds, self.detail))
+        self._emit(name, self.status, self.detail)
+        log.info("publish.step", step=name, status=self.status, seconds=seconds)
+
+    def note(self, detail: str, status: str = "ok") -> None:
+        self.detail, self.status = detail, status
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a step freed back to the system before the next step starts.
+
+    glibc keeps freed heap memory for reuse: after ConvNeXt-Large's validation or verify about
+    0.55 GB of freed parse and session buffers stayed resident, and raised every later peak.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """What one publish is asked to do; every argument is checked before the first byte."""
+
+    name: str
+    alias: str | None
+    stage: str | None
+    variants: tuple[Variant, ...]
+    calibration: int
+    output_dir: Path | None
+    create_bucket: bool
+    run_id: str | None
+    bench: bool
+    bench_budget_s: float
+    verify_batch_sizes: tuple[int, ...]
+    force: bool
+    reason: str | None
+
+    def check(self, settings: Settings) -> None:
+        check_registration(self.name, self.alias, self.stage)
+        check_bucket(settings.bucket)
+        check_override(self.force, self.reason)
+        for variant in self.variants:
+            if self.alias is not None:
+                check_registration(self.name, f"{self.alias}-{variant}")
+        if self.bench_budget_s <= 0:
+            raise InputError(f"bench_budget_s must be positive, got {self.bench_budget_s}")
+        if not self.verify_batch_sizes or min(self.verify_batch_sizes) < 1:
+            raise InputError(
+                f"verify batch sizes must be positive, got {list(self.verify_batch_sizes)}"
+            )
+        if self.calibration < 1:
+            raise InputError(f"calibration must be at least 1 sample, got {self.calibration}")
+
+
+@dataclass
+class Work:
+    """One publish as it goes: each step reads what earlier steps left here and adds its own."""
+
+    options: PublishOptions
+    settings: Settings
+    run: Run
+    source: object  # what the caller passed: a file may be exported by a process of its own
+    loaded: LoadedCheckpoint
+    out: Path
+    recorded: Reference | None = None
+    exported: ExportResult | None = None
+    validation: ValidationResult | None = None
+    parity: ParityResult | None = None
+    variants: tuple[VariantResult, ...] = ()
+    timings: BenchmarkResult | None = None
+    heldout: HeldOut | None = None
+
+    @property
+    def training_run(self) -> str | None:
+        return self.options.run_id or self.loaded.training_run_id
+
+
+def export_step(work: Work) -> None:
+    """The checkpoint as ONNX; a large model's export runs in a process of its own."""
+    run, loaded, options = work.run, work.loaded, work.options
+    with run.step("export"):
+        if exports_apart(work.source, loaded.model):
+            if not options.bench and not options.variants:  # verify is the model's last use
+                work.recorded = record_torch_reference(loaded.model, options.verify_batch_sizes)
+                work.loaded = replace(loaded, model=weightless(loaded.config))  # weights freed
+                return_freed_memory()  # before the export process needs the memory
+            exported = export_checkpoint_isolated(
+                loaded.path,
+                work.out / "model.onnx",
+                checkpoint_sha256=loaded.sha256,
+                training_run_id=work.training_run,
+            )
+        else:
+            exported = export_to_onnx(
+                loaded.model,
+                work.out / "model.onnx",
+                checkpoint_sha256=loaded.sha256,
+                training_run_id=work.training_run,
+            )
+        work.exported = exported
+        run.existing["onnx_file"] = str(exported.path)
+        run.note(
+            f"{exported.path} ({exported.size_bytes / 2**20:.1f} MiB, opset "
+            f"{exported.opset_version})"
+            + ("; PyTorch's outputs for verify recorded first" if work.recorded else "")
+        )
+
+
+def validate_step(work: Work) -> None:
+    assert work.exported is not None
+    with work.run.step("validate"):
+        validation = work.validation = validate_onnx_model(work.exported.path)
+        work.run.note(
+            f"IR {validation.ir_version}, opset {validation.opset_version}, batch axis symbolic"
+        )
+
+
+def verify_step(work: Work) -> None:
+    assert work.exported is not None
+    with work.run.step("verify"):
+        parity = work.parity = verify_parity(
+            work.exported.path,
+            work.recorded or work.loaded.model,
+            work.options.verify_batch_sizes,
+            checkpoint_sha256=work.loaded.sha256,
+            # On cores other processes keep busy, spinning PyTorch threads cost 4× the CPU for
+            # the same numbers: one thread then.
+            intra_op_threads=1 if load_average()[0] > physical_cores() / 2 else 0,
+        )
+        worst = max(d.max_abs for d in parity.diffs)
+        task = parity.task
+        work.run.note(
+            f"max abs {worst:.1e}"
+            + (f", held-out mean distance {task.mean_distance_m:.2g} m" if task else "")
+        )
+
+
+def variants_step(work: Work) -> None:
+    assert work.exported is not None
+    with work.run.step("variants"):
+        work.variants = tuple(
+            build_variant(
+                variant,
+                work.exported.path,
+                work.out / f"model.{variant}.onnx",
+                work.loaded.model,
+                calibration=work.options.calibration,
+            )
+            for variant in work.options.variants
+        )
+        if not work.variants:
+            work.run.note("fp32 only", "skipped")
+        else:
+            work.run.note("; ".join(f"{v.variant}: {v.reason}" for v in work.variants))
+
+
+def bench_step(work: Work) -> None:
+    assert work.exported is not None
+    with work.run.step("benchmark"):
+        if not work.options.bench:
+            work.run.note("not asked for", "skipped")
+            return
+        passing = {v.variant: v.path for v in work.variants if v.passed}
+        timings = work.timings = benchmark(
+            work.loaded.model,
+            {FP32: work.exported.path, **passing},
+            batch_sizes=BENCH_BATCH_SIZES,
+            budget_s=work.options.bench_budget_s,
+            peak=False,
+        )
+        speedup = timings.timing(FP32, 1).speedup_vs_pytorch
+        busy = " (machine busy: not a reliable figure)" if is_busy(timings.environment) else ""
+        work.run.note(f"batch 1: ONNX Runtime {speedup:.2f}× PyTorch eager{busy}")
+
+
+def exports_apart(source: object, model: LocalizationNet) -> bool:
+    """Whether to export in a process of its own: a large model that a file holds."""
+    if not isinstance(source, str | Path):
+        return False
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) >= (
+        ISOLATED_EXPORT_BYTES
+    )
+
+
+def weightless(config: ModelConfig) -> LocalizationNet:
+    """The model's structure without weights: config and parameter counts for the metadata."""
+    with torch.device("meta"):
+        return LocalizationNet(config)
