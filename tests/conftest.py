@@ -3,7 +3,12 @@
 from collections.abc import Iterator
 
 import pytest
-import torch
+
+from heimdall.config import prefer_passive_threads
+
+prefer_passive_threads()  # before torch is imported: two workers share two cores
+
+import torch  # noqa: E402
 
 pytest_plugins = [
     "tests.fixtures.seaweedfs",

@@ -17,6 +17,7 @@ from heimdall.config import (
     configure_logging,
     heimdall_version,
     load_settings,
+    prefer_passive_threads,
     redact_uri,
 )
 from heimdall.display import (
@@ -37,6 +38,8 @@ from heimdall.display import (
     thresholds,
     when,
 )
+
+prefer_passive_threads()  # before any command imports torch
 
 if TYPE_CHECKING:
     from heimdall.results import PublishResult

@@ -47,6 +47,7 @@ ENV_NAMES = (
     "HEIMDALL_LOG_JSON",
     "HEIMDALL_GIT_COMMIT",
     "GIT_COMMIT",
+    "OMP_WAIT_POLICY",
 )
 
 SECRET = "s3cr3t-Value-42"
@@ -113,6 +114,16 @@ def test_the_git_commit_is_read_from_heimdall_git_commit_or_ci_git_commit(
     assert load_settings().git_commit == "abc123"
     monkeypatch.setenv("HEIMDALL_GIT_COMMIT", "def456")
     assert load_settings().git_commit == "def456"
+
+
+def test_idle_pytorch_threads_sleep_unless_the_user_chose_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config.prefer_passive_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    config.prefer_passive_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_data_dir_is_read_from_heimdall_data_dir(
