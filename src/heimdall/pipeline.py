@@ -33,6 +33,7 @@ from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant
 from heimdall.registry import (
     DEFAULT_ALIAS,
     Gate,
+    RegisteredVersion,
     Registration,
     Validated,
     log_run_files,
@@ -268,6 +269,45 @@ def _publish_one(
     path, sha256 = file
     label = "" if variant == FP32 else f"[{variant}]"
     uploaded = _upload_step(run, shared, variant, file, label)
+    metadata = _metadata_step(run, shared, (variant, path), uploaded, parity, validation, label)
+    # The registry's read-back copy of the bytes validated above is not validated again: the
+    # upload's and the copy's read-backs showed both have the sha256 the export computed.
+    validator = (
+        validate_onnx_model
+        if validation is None
+        else Validated(sha256, validation, validate_onnx_model)
+    )
+    registration = _register_step(
+        run, shared, variant, uploaded, metadata, evaluation, label, validator
+    )
+    target = _alias_for(shared.alias, variant)
+    version, gates = _alias_step(
+        run, shared, registration.version, (target, label), evaluation, stage
+    )
+    return PublishedModel(
+        variant=variant,
+        onnx_path=path,
+        upload=uploaded,
+        version=version,
+        reused_version=not registration.created,
+        alias=target,
+        metadata=metadata,
+        heldout=evaluation,
+        gates=gates,
+    )
+
+
+def _metadata_step(
+    run: Run,
+    shared: _Shared,
+    file: tuple[str, Path],
+    uploaded: UploadResult,
+    parity: ParityResult | None,
+    validation: ValidationResult | None,
+    label: str,
+) -> dict[str, Any]:
+    """What the registry records of this variant, from the checks already made."""
+    variant, path = file
     with run.step(f"metadata{label}"):
         metadata = get_model_metadata(
             path,
@@ -282,18 +322,19 @@ def _publish_one(
         )
         metadata.update({"variant": variant, "s3_uri": uploaded.uri})
         run.note(f"sha256 {metadata['sha256']}")
-    # The registry's read-back copy of the bytes validated above is not validated again: the
-    # upload's and the copy's read-backs showed both have the sha256 the export computed.
-    validator = (
-        validate_onnx_model
-        if validation is None
-        else Validated(sha256, validation, validate_onnx_model)
-    )
-    registration = _register_step(
-        run, shared, variant, uploaded, metadata, evaluation, label, validator
-    )
-    version = registration.version
-    target = _alias_for(shared.alias, variant)
+    return metadata
+
+
+def _alias_step(
+    run: Run,
+    shared: _Shared,
+    version: RegisteredVersion,
+    alias: tuple[str | None, str],
+    evaluation: HeldOut,
+    stage: str | None,
+) -> tuple[RegisteredVersion, tuple[Gate, ...]]:
+    """Move the alias (and the legacy stage) to ``version`` only behind the quality gates."""
+    target, label = alias
     gates: tuple[Gate, ...] = ()
     with run.step(f"alias{label}"):
         if target is None:
@@ -320,17 +361,7 @@ def _publish_one(
             )
         if stage is not None:  # the legacy stage moves behind the same gates
             version = set_stage(shared.name, version.version, stage, settings=shared.settings)
-    return PublishedModel(
-        variant=variant,
-        onnx_path=path,
-        upload=uploaded,
-        version=version,
-        reused_version=not registration.created,
-        alias=target,
-        metadata=metadata,
-        heldout=evaluation,
-        gates=gates,
-    )
+    return version, gates
 
 
 def _alias_for(alias: str | None, variant: str) -> str | None:

@@ -31,6 +31,7 @@ from heimdall.onnxfile import ValidationResult
 from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
 from heimdall.registry.lineage import describe, facts_of, lineage_run, verification_of
 from heimdall.registry.model_dir import (
+    StagedModel,
     Validator,
     changed_bytes,
     check_upload,
@@ -149,13 +150,7 @@ def register_model(
     """
     settings = settings or load_settings()
     meta = dict(metadata or {})
-    if sha256 is not None:
-        check_sha256(sha256)
-    check_name(name)
-    legacy_stage = canonical_stage(stage) if stage is not None else None
-    reserved = sorted(set(tags or {}) & RESERVED_TAGS)
-    if reserved:
-        raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
+    legacy_stage = _checked_request(sha256, name, stage, tags)
     where = (
         f"; the model bytes are already stored at {onnx_uri}: register again once MLflow is "
         "back, nothing needs to be uploaded again"
@@ -182,24 +177,10 @@ def register_model(
         **(tags or {}),
     }
     text = description or describe(facts, staged.sha256)
-    created: ModelVersion | None = None
-    creating = False  # from here on a version may exist that points at the staged folder
-    try:
-        with session(settings, action, stored=where) as client:
-            _ensure_registered_model(client, name)
-            with model_lock(client, name, wait_s=_lock_wait(settings)):
-                found, altered = _intact_version(client, store, name, staged.sha256)
-                if found is None:
-                    training_run = run_id or facts.get("training_run_id")
-                    lineage = lineage_run(client, settings, training_run, staged.sha256, meta)
-                    creating = True
-                    created = _create_version(
-                        client, name, staged.source, lineage, version_tags, text
-                    )
-                    _await_ready(client, created)
-    finally:
-        if not creating:
-            remove_staged(store, staged.source, staged.keys)
+    lineage = (run_id or facts.get("training_run_id"), meta)
+    created, found, altered = _create_once(
+        settings, (action, where), store, name, staged, lineage, (version_tags, text)
+    )
     if created is None:  # another process registered these bytes while we staged
         assert found is not None
         with session(settings, action) as client:
@@ -218,6 +199,51 @@ def register_model(
         run_id=version.run_id,
     )
     return Registration(version, created=True, altered=altered)
+
+
+def _checked_request(
+    sha256: str | None, name: str, stage: str | None, tags: Mapping[str, str] | None
+) -> str | None:
+    """Refuse a bad sha256, name, stage or reserved tag before any work; the canonical stage."""
+    if sha256 is not None:
+        check_sha256(sha256)
+    check_name(name)
+    reserved = sorted(set(tags or {}) & RESERVED_TAGS)
+    if reserved:
+        raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
+    return canonical_stage(stage) if stage is not None else None
+
+
+def _create_once(
+    settings: Settings,
+    action: tuple[str, str],
+    store: ObjectStore,
+    name: str,
+    staged: StagedModel,
+    lineage: tuple[str | None, Mapping[str, Any]],
+    described: tuple[dict[str, str], str],
+) -> tuple[ModelVersion | None, RegisteredVersion | None, tuple[str, ...]]:
+    """Under the model's lock: create the version of the staged folder unless an intact one
+    of these bytes exists; the folder is removed unless a version may point at it.
+    ``action`` is the session's (what is being done, what is already stored). Returns
+    (created, found, altered)."""
+    created: ModelVersion | None = None
+    creating = False  # from here on a version may exist that points at the staged folder
+    try:
+        with session(settings, action[0], stored=action[1]) as client:
+            _ensure_registered_model(client, name)
+            with model_lock(client, name, wait_s=_lock_wait(settings)):
+                found, altered = _intact_version(client, store, name, staged.sha256)
+                if found is None:
+                    training_run, meta = lineage
+                    run = lineage_run(client, settings, training_run, staged.sha256, meta)
+                    creating = True
+                    created = _create_version(client, name, staged.source, run, *described)
+                    _await_ready(client, created)
+    finally:
+        if not creating:
+            remove_staged(store, staged.source, staged.keys)
+    return created, found, altered
 
 
 def _lock_wait(settings: Settings) -> float:

@@ -153,16 +153,34 @@ def upload_model(
         "format": "onnx",
         **user_metadata,
     }
-    for key in keys:
-        state = "stale" if key in stale else _key_state(store, bucket, key, files, stale)
-        if state == "same":
+    return _store_at_first_free_key(
+        store, bucket, (keys, object_name), files, base, (stale, progress)
+    )
+
+
+def _store_at_first_free_key(
+    store: ObjectStore,
+    bucket: str,
+    keys: tuple[list[str], str | None],
+    files: list[_LocalFile],
+    base: dict[str, str],
+    state: tuple[list[str], Progress | None],
+) -> UploadResult:
+    """Upload under the first key that is free (or find these bytes there); an explicit key
+    (``keys[1]``) that holds other bytes is an error, never overwritten."""
+    candidates, object_name = keys
+    stale, progress = state
+    prefix = candidates[0].rpartition("/")[0]
+    for key in candidates:
+        found = "stale" if key in stale else _key_state(store, bucket, key, files, stale)
+        if found == "same":
             _write_index(store, bucket, prefix, key, files)
             return _reused(store, bucket, key, files)
-        if state in {"taken", "stale"}:
+        if found in {"taken", "stale"}:
             if object_name is not None:
                 holds = (
                     "holds bytes that no longer match their recorded sha256"
-                    if state == "stale"
+                    if found == "stale"
                     else "already holds a different object"
                 )
                 raise StorageError(
@@ -182,7 +200,7 @@ def upload_model(
             return replace(result, replaced_stale=stale[0])
         return result
     raise StorageError(
-        f"no free key for {keys[0]!r} in bucket {bucket!r} after {len(keys)} tries; "
+        f"no free key for {candidates[0]!r} in bucket {bucket!r} after {len(candidates)} tries; "
         "pass an explicit key (--key)"
     )
 
