@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from heimdall.cli_registry import models_app, promote, rollback
 from heimdall.config import (
     DEFAULT_ALIAS,
-    Settings,
     configure_logging,
     heimdall_version,
     load_settings,
@@ -21,6 +20,9 @@ from heimdall.config import (
     redact_uri,
 )
 from heimdall.display import (
+    ForceOpt,
+    JsonOpt,
+    ReasonOpt,
     StepDisplay,
     call_bar,
     console,
@@ -30,13 +32,11 @@ from heimdall.display import (
     parity_table,
     plain,
     progress_bar,
-    records_table,
-    show_model,
+    settings_of,
     show_publish,
     show_variants,
     sigma_units,
     thresholds,
-    when,
 )
 
 prefer_passive_threads()  # before any command imports torch
@@ -52,12 +52,6 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},
     help="Publish LocalizationNet: checkpoint → verified ONNX → object store → MLflow registry.",
 )
-
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
-ForceOpt = typer.Option(
-    False, "--force", help="Move the alias even if quality gates fail (needs --reason)."
-)
-ReasonOpt = typer.Option(None, "--reason", help="Why --force is used; recorded with the move.")
 
 
 def _print_version(value: bool) -> None:
@@ -98,12 +92,6 @@ def main(
     ctx.obj = settings
 
 
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
-
-
 @app.command(short_help="Train on synthetic RF data and save the best checkpoint.")
 def train(
     ctx: typer.Context,
@@ -131,7 +119,7 @@ def train(
     from heimdall.demo import train_with_settings
     from heimdall.train import TrainConfig
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     overrides = {
         k: v for k, v in {"epochs": epochs, "train_samples": samples}.items() if v is not None
     }
@@ -275,7 +263,7 @@ def upload(
     from heimdall.storage import open_store, upload_model
     from heimdall.validate import validate_onnx_model
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with errors(as_json):
         # Nothing is stored that `heimdall validate` refuses: not ONNX, or external data that
         # points outside the model's folder. The files the model refers to are the ones sent.
@@ -316,7 +304,7 @@ def predict(
 
     with errors(as_json):
         batch = load_features(features)
-        served = LocalizationModel.load(model_uri, settings=_settings(ctx))
+        served = LocalizationModel.load(model_uri, settings=settings_of(ctx))
         data = plain(served.predict(batch))
     if as_json:
         emit(data, True, "prediction")
@@ -355,7 +343,7 @@ def _publish(
         display = StepDisplay(bar)
         result = run_publish(
             checkpoint,
-            settings=_settings(ctx),
+            settings=settings_of(ctx),
             name=name,
             alias=alias or None,
             stage=stage,
@@ -430,7 +418,7 @@ def demo(
     from heimdall.demo import run_demo
     from heimdall.train import TrainConfig
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     overrides: dict[str, Any] = {
         k: v for k, v in {"epochs": epochs, "train_samples": samples}.items() if v is not None
     }
@@ -456,101 +444,9 @@ def demo(
     emit(result.to_dict() if as_json else result.summary(), as_json, "heimdall demo")
 
 
-@app.command()
-def promote(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help="Registered model name."),
-    version: str = typer.Argument(..., help="Version number to promote."),
-    to: str = typer.Option("production", "--to", help="Alias to move."),
-    force: bool = ForceOpt,
-    reason: str = ReasonOpt,
-    as_json: bool = JsonOpt,
-) -> None:
-    """Move an alias to a version if every gate passes.
-
-    Gates: READY, verified, bytes unchanged, better than the centre baseline, not worse than
-    the alias's current holder.
-    """
-    from heimdall.gates import promote as run_promote
-    from heimdall.inference import evaluate_heldout
-
-    with errors(as_json):
-        settings = _settings(ctx)
-        change = run_promote(
-            name,
-            version,
-            evaluate=partial(evaluate_heldout, settings=settings),
-            to=to,
-            force=force,
-            reason=reason,
-            settings=settings,
-        )
-        emit(change, as_json, "promote")
-
-
-@app.command()
-def rollback(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help="Registered model name."),
-    alias: str = typer.Option("production", help="Alias to return to its previous holder."),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Return an alias to the version that held it before."""
-    from heimdall.registry import rollback as run_rollback
-    from heimdall.storage import open_store
-
-    settings = _settings(ctx)
-    with errors(as_json):
-        change = run_rollback(name, alias=alias, settings=settings, store=open_store(settings))
-        emit(change, as_json, "rollback")
-
-
-models_app = typer.Typer(no_args_is_help=True, help="Inspect registered models.")
+app.command()(promote)
+app.command()(rollback)
 app.add_typer(models_app, name="models")
-
-
-@models_app.command("list")
-def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
-    """Registered models with their aliases and latest version."""
-    from heimdall.registry import list_models
-
-    with errors(as_json):
-        models = [m.to_dict() for m in list_models(settings=_settings(ctx))]
-        if as_json:
-            emit(models, True, "models")
-            return
-        if not models:
-            out.print("no registered models")
-            return
-        # The descriptions are long and alike: `models show` has them.
-        rows = [
-            {
-                "name": m["name"],
-                "latest version": m["latest_version"],
-                "aliases": {a: f"version {n}" for a, n in m["aliases"].items()},
-                "updated (UTC)": when(m["updated_at"]),
-            }
-            for m in models
-        ]
-        out.print(records_table("registered models", rows))
-
-
-@models_app.command("show")
-def models_show(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help="Registered model name."),
-    version: str = typer.Option(None, help="One version instead of the model."),
-    as_json: bool = JsonOpt,
-) -> None:
-    """A model's versions, aliases and alias history (or one version's details)."""
-    from heimdall.registry import show_model as details_of
-
-    with errors(as_json):
-        details = details_of(name, version=version, settings=_settings(ctx))
-        if as_json:
-            emit(details, True, name)
-        else:
-            show_model(details.to_dict(), version)
 
 
 @app.command("bench")

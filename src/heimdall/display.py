@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from heimdall.config import redact_uri
+from heimdall.config import Settings, redact_uri
 from heimdall.errors import HeimdallError, PublishError
 
 # Messages on stderr are one line each, whatever the width: a log or a pipe reads them whole.
@@ -443,3 +443,17 @@ class StepDisplay:
             total=total,
             info=f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB",
         )
+
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+ForceOpt = typer.Option(
+    False, "--force", help="Move the alias even if quality gates fail (needs --reason)."
+)
+ReasonOpt = typer.Option(None, "--reason", help="Why --force is used; recorded with the move.")
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings the CLI's main callback loaded for this command."""
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings

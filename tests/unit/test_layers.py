@@ -47,7 +47,7 @@ STAGES = frozenset(
 ORCHESTRATION = frozenset(
     {"heimdall", "inference", "gates", "results", "steps", "pipeline", "demo", "legacy"}
 )
-CLI = frozenset({"cli", "display"})
+CLI = frozenset({"cli", "cli_registry", "display"})
 LAYERS = {
     "core": CORE,
     "torch": TORCH,
