@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,21 +22,23 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from heimdall.contract import INPUT_NAME, INPUT_SHAPE, Progress, part
+from heimdall.contract import INPUT_NAME, Progress, part
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.machine import (
     Environment,
-    clock_mhz,
     fingerprint,
-    flops_per_cycle,
     is_busy,
     load_average,
     physical_cores,
 )
 from heimdall.model import LocalizationNet
+from heimdall.roofline import PEAK_GEMM_SIZE as PEAK_GEMM_SIZE
+from heimdall.roofline import PeakEstimate as PeakEstimate
+from heimdall.roofline import count_flops as count_flops
+from heimdall.roofline import estimate_peak as estimate_peak
+from heimdall.roofline import eval_mode, seconds_of, torch_threads
 from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
     SessionSettings,
@@ -63,10 +64,8 @@ SPINNING_GAP_S = 0.06
 _WARMUP_WINDOW = 5
 _WARMUP_TOLERANCE = 0.05
 _WARMUP_SHARE = 0.3
-PEAK_GEMM_SIZE = 2048
 # Progress units per batch size: ``measure`` reports each tenth of its rounds or budget.
 MEASURE_STEPS = 10
-_PEAK_READ_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -109,31 +108,6 @@ class Engine:
     device: str
     load_seconds: float
     settings: dict[str, object] | None
-
-
-@dataclass(frozen=True)
-class PeakEstimate:
-    """The machine's fp32 FLOP peak, measured and theoretical, and its memory bandwidth.
-
-    ``measured_gflops``: best of repeated ``torch.mm`` on square fp32 matrices of side
-    ``gemm_size`` with ``threads`` threads (the practical peak of a tuned BLAS).
-    ``theoretical_gflops``: cores × clock × FLOPs per cycle, where FLOPs per cycle assumes two
-    FMA pipes of the widest vector ISA (AVX2: 2 × 8 lanes × 2 = 32; AVX-512: 64). The clock is
-    the maximum frequency the kernel reports, else the current one (a VM often shows only its
-    base clock). ``memory_read_gbps``: best ``Tensor.sum`` over a buffer far larger than any
-    cache, i.e. the rate at which weights stream from DRAM: at batch 1 every weight is read
-    once per inference, so ``weight bytes / memory_read_gbps`` is a latency floor.
-    """
-
-    measured_gflops: float
-    gemm_size: int
-    theoretical_gflops: float | None
-    clock_mhz: float | None
-    clock_source: str
-    flops_per_cycle_per_core: int | None
-    cores: int
-    memory_read_gbps: float
-    threads: int
 
 
 @dataclass(frozen=True)
@@ -249,7 +223,7 @@ def benchmark(
             cores=environment.physical_cores,
             hint="other processes compete for the cores; timings will be noisy and slow",
         )
-    with _torch_threads(n_threads), _eval(model):
+    with torch_threads(n_threads), eval_mode(model):
         torch_model = model.to(device)
         sessions, engines = _open_sessions(variants, per_variant, n_threads, chosen)
         if include_pytorch:
@@ -373,29 +347,6 @@ def _wants_cuda(providers: Sequence[str]) -> bool:
     return bool(providers) and providers[0] in gpu and torch.cuda.is_available()
 
 
-@contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
-def _eval(model: LocalizationNet) -> Iterator[None]:
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.to(device)
-        model.train(was_training)
-
-
 def _torch_call(model: torch.nn.Module, x: np.ndarray, device: str) -> Callable[[], object]:
     tensor = torch.from_numpy(x).to(device)
     if device == "cpu":
@@ -423,7 +374,7 @@ def _warm_up(call: Callable[[], object], limit_s: float) -> tuple[int, bool]:
     while True:
         window = []
         for _ in range(_WARMUP_WINDOW):
-            window.append(_time(call))
+            window.append(seconds_of(call))
             runs += 1
         median = statistics.median(window)
         if previous is not None and abs(median - previous) <= _WARMUP_TOLERANCE * previous:
@@ -431,12 +382,6 @@ def _warm_up(call: Callable[[], object], limit_s: float) -> tuple[int, bool]:
         if time.perf_counter() - started > limit_s:
             return runs, False
         previous = median
-
-
-def _time(call: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 def measure(
@@ -470,7 +415,7 @@ def measure(
     ):
         for index in order.permutation(len(names)):
             name = names[index]
-            times[name].append(_time(calls[name]))
+            times[name].append(seconds_of(calls[name]))
             if gaps[name]:
                 time.sleep(gaps[name])
         rounds += 1
@@ -516,41 +461,4 @@ def _stats(
             other: float(np.median(seconds / arrays[other])) for other in arrays if other != name
         },
         samples_ms=tuple(round(float(s) * 1e3, 4) for s in seconds),
-    )
-
-
-def count_flops(model: LocalizationNet) -> int:
-    """FLOPs of one sample through ``model`` (see the module docstring for what counts)."""
-    device = next(model.parameters()).device
-    with _eval(model), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *INPUT_SHAPE, device=device))
-    return int(counter.get_total_flops())
-
-
-def estimate_peak(
-    threads: int | None = None, *, repeats: int = 5, gemm_size: int = PEAK_GEMM_SIZE
-) -> PeakEstimate:
-    """Measure sgemm GFLOP/s and copy bandwidth with ``threads`` threads; add the theoretical."""
-    n_threads = threads or physical_cores()
-    n = gemm_size
-    with _torch_threads(n_threads), torch.inference_mode():
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        gemm = min(_time(lambda: torch.mm(a, b)) for _ in range(repeats))
-        buffer = torch.ones(_PEAK_READ_BYTES // 4)
-        buffer.sum()
-        read = min(_time(buffer.sum) for _ in range(repeats))
-    clock, source = clock_mhz()
-    per_cycle = flops_per_cycle()
-    cores = min(n_threads, physical_cores())
-    return PeakEstimate(
-        measured_gflops=2 * n**3 / gemm / 1e9,
-        gemm_size=n,
-        theoretical_gflops=cores * clock * per_cycle / 1e3 if clock and per_cycle else None,
-        clock_mhz=clock,
-        clock_source=source,
-        flops_per_cycle_per_core=per_cycle,
-        cores=cores,
-        memory_read_gbps=_PEAK_READ_BYTES / read / 1e9,
-        threads=n_threads,
     )

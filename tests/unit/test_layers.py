@@ -36,7 +36,7 @@ CORE = frozenset(
     }
 )
 # The PyTorch model and what trains and stores it: core below, no stage.
-TORCH = frozenset({"model", "checkpoint", "train"})
+TORCH = frozenset({"model", "checkpoint", "train", "roofline"})
 # Stages work on one thing (an ONNX file, the object store, the registry, a report); they build
 # on the core and the PyTorch layer, never on each other.
 STAGES = frozenset(
