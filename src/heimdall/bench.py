@@ -199,30 +199,13 @@ def benchmark(
     measures the machine's FLOP peak (about two seconds). ``progress(done, total)`` follows
     each tenth of every batch size's rounds (``MEASURE_STEPS``) and the peak measurement.
     """
-    variants = (
-        {"onnx": Path(onnx_models)}
-        if isinstance(onnx_models, str | Path)
-        else {name: Path(p) for name, p in onnx_models.items()}
-    )
+    variants, per_variant = _engines_asked(onnx_models, settings)
     check_args(variants, batch_sizes, budget_s, min_iterations, max_iterations, include_pytorch)
-    per_variant = {
-        name: settings.get(name, RECOMMENDED_SESSION_SETTINGS)
-        if isinstance(settings, Mapping)
-        else settings
-        for name in variants
-    }
     n_threads = threads or _common_threads(per_variant.values())
     chosen = select_providers(preferred_providers() if providers is None else providers)
     device = "cuda" if _wants_cuda(chosen) else "cpu"
     flops = count_flops(model)
-    environment = fingerprint(n_threads)
-    if is_busy(environment):
-        log.warning(
-            "benchmark_machine_busy",
-            load_average=environment.load_average,
-            cores=environment.physical_cores,
-            hint="other processes compete for the cores; timings will be noisy and slow",
-        )
+    environment = _fingerprint_warned(n_threads)
     with torch_threads(n_threads), eval_mode(model):
         torch_model = model.to(device)
         sessions, engines = _open_sessions(variants, per_variant, n_threads, chosen)
@@ -231,11 +214,8 @@ def benchmark(
         timings: list[Timing] = []
         total = len(batch_sizes) * MEASURE_STEPS + int(peak)
         for index, batch in enumerate(batch_sizes):
-            x, _ = generate(batch, seed=seed)
-            calls = {
-                **({PYTORCH: _torch_call(torch_model, x, device)} if include_pytorch else {}),
-                **{name: ort_call(s, x) for name, s in sessions.items()},
-            }
+            reference = torch_model if include_pytorch else None
+            calls = _round_calls(reference, sessions, generate(batch, seed=seed)[0], device)
             gaps = {name: gap_after(per_variant.get(name), gap_s) for name in calls}
             timings.extend(
                 measure(
@@ -273,6 +253,51 @@ def benchmark(
         p50_ms={f"{t.engine}@{t.batch_size}": round(t.p50_ms, 3) for t in timings},
     )
     return result
+
+
+def _engines_asked(
+    onnx_models: Mapping[str, Path | str] | Path | str,
+    settings: SessionSettings | Mapping[str, SessionSettings],
+) -> tuple[dict[str, Path], dict[str, SessionSettings]]:
+    """Each ONNX engine's file and session settings (a bare path is the engine ``onnx``)."""
+    variants = (
+        {"onnx": Path(onnx_models)}
+        if isinstance(onnx_models, str | Path)
+        else {name: Path(p) for name, p in onnx_models.items()}
+    )
+    per_variant = {
+        name: settings.get(name, RECOMMENDED_SESSION_SETTINGS)
+        if isinstance(settings, Mapping)
+        else settings
+        for name in variants
+    }
+    return variants, per_variant
+
+
+def _fingerprint_warned(threads: int) -> Environment:
+    """The machine now; a warning when other processes keep its cores busy."""
+    environment = fingerprint(threads)
+    if is_busy(environment):
+        log.warning(
+            "benchmark_machine_busy",
+            load_average=environment.load_average,
+            cores=environment.physical_cores,
+            hint="other processes compete for the cores; timings will be noisy and slow",
+        )
+    return environment
+
+
+def _round_calls(
+    model: torch.nn.Module | None,
+    sessions: Mapping[str, ort.InferenceSession],
+    x: np.ndarray,
+    device: str,
+) -> dict[str, Callable[[], object]]:
+    """One timed call per engine on the same batch: PyTorch (if given) and each session."""
+    return {
+        **({PYTORCH: _torch_call(model, x, device)} if model is not None else {}),
+        **{name: ort_call(session, x) for name, session in sessions.items()},
+    }
 
 
 def _open_sessions(
