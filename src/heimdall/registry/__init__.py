@@ -39,6 +39,7 @@ from heimdall.registry.aliases import (
     set_alias,
     show_model,
 )
+from heimdall.registry.lineage import log_run_files, log_run_metrics
 from heimdall.registry.model_dir import (
     MODEL_FILE,
     Validated,
@@ -54,8 +55,6 @@ from heimdall.registry.versions import (
     Registration,
     find_version_by_sha256,
     list_models,
-    log_run_files,
-    log_run_metrics,
     register_model,
     resolve_model_uri,
     set_stage,

@@ -1,19 +1,22 @@
-"""Lineage of a registration: the facts its tags carry and the run its metadata is logged to."""
+"""Lineage of a registration: the facts its tags carry, the run its metadata is logged to,
+and the files and metrics logged to that run."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from heimdall.config import Settings, heimdall_version
-from heimdall.errors import RegistryError
+from heimdall.config import Settings, heimdall_version, load_settings
+from heimdall.errors import InputError, RegistryError
 from heimdall.onnxfile import ValidationResult
-from heimdall.registry.client import call
+from heimdall.registry.client import call, session
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +78,36 @@ def lineage_run(
     call(client.log_text, run_id, text, artifact)
     call(client.set_terminated, run_id)
     return run_id
+
+
+def log_run_files(
+    run_id: str, paths: Sequence[Path], artifact_path: str, *, settings: Settings | None = None
+) -> None:
+    """Attach local files (e.g. a publish report) to an MLflow run as artifacts."""
+    if not run_id:
+        raise InputError("run_id must not be empty")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"cannot log {missing} to run {run_id}: not files")
+    settings = settings or load_settings()
+    with session(settings, f"log {len(paths)} file(s) to run {run_id}") as client:
+        for path in paths:
+            call(client.log_artifact, run_id, str(path), artifact_path)
+
+
+def log_run_metrics(
+    run_id: str, metrics: Mapping[str, float], *, settings: Settings | None = None
+) -> None:
+    """Record numbers users filter on (held-out error, latency) as MLflow run metrics."""
+    from mlflow.entities import Metric
+
+    if not run_id:
+        raise InputError("run_id must not be empty")
+    settings = settings or load_settings()
+    now = int(time.time() * 1000)
+    entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    with session(settings, f"log {len(entries)} metric(s) to run {run_id}") as client:
+        call(client.log_batch, run_id, metrics=entries)
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -345,36 +344,6 @@ def set_stage(
             transition_stage(client, name, target.version, canonical)
             target = get_version(client, name, target.version)
     return target
-
-
-def log_run_files(
-    run_id: str, paths: Sequence[Path], artifact_path: str, *, settings: Settings | None = None
-) -> None:
-    """Attach local files (e.g. a publish report) to an MLflow run as artifacts."""
-    if not run_id:
-        raise InputError("run_id must not be empty")
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise InputError(f"cannot log {missing} to run {run_id}: not files")
-    settings = settings or load_settings()
-    with session(settings, f"log {len(paths)} file(s) to run {run_id}") as client:
-        for path in paths:
-            call(client.log_artifact, run_id, str(path), artifact_path)
-
-
-def log_run_metrics(
-    run_id: str, metrics: Mapping[str, float], *, settings: Settings | None = None
-) -> None:
-    """Record numbers users filter on (held-out error, latency) as MLflow run metrics."""
-    from mlflow.entities import Metric
-
-    if not run_id:
-        raise InputError("run_id must not be empty")
-    settings = settings or load_settings()
-    now = int(time.time() * 1000)
-    entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    with session(settings, f"log {len(entries)} metric(s) to run {run_id}") as client:
-        call(client.log_batch, run_id, metrics=entries)
 
 
 def tag_version(
