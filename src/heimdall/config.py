@@ -296,6 +296,12 @@ def load_settings(**overrides: Any) -> Settings:
         ) from None
 
 
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced by ``***`` and URI passwords redacted: the one
+    scrubber for messages, logs and reports (a secret of any length is replaced)."""
+    return str(_scrubber(secrets)(text))
+
+
 def _scrubber(secrets: Iterable[str]) -> Any:
     hidden = [s for s in secrets if s]
 

@@ -35,6 +35,7 @@ from heimdall.contract import Outputs as Outputs
 from heimdall.contract import Reference as Reference
 from heimdall.data import HELDOUT_SEED, generate, haversine_km
 from heimdall.errors import InputError, VerificationError
+from heimdall.heldout import HELDOUT_SAMPLES as HELDOUT_SAMPLES
 from heimdall.onnxfile import METADATA_PREFIX, check_external_data, load_structure
 from heimdall.runtime import ORT_ERRORS, open_session
 
@@ -42,7 +43,6 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 3, 8, 64)
 # Held-out set: train.py draws seed (default 0) and seed + 1_000_003; this is neither.
-HELDOUT_SAMPLES = 256
 INPUT_KINDS = ("synthetic", "normal", "zeros", "large")
 LARGE_SCALE = 1e3
 # Relative diffs are taken against |reference| floored here, so exact zeros do not divide by 0.

@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from heimdall.bench import DEFAULT_BATCH_SIZES as DEFAULT_BENCH_BATCH_SIZES
 from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.config import Settings, redact_uri
@@ -35,12 +36,13 @@ from heimdall.registry import (
 from heimdall.registry.names import check_override
 from heimdall.storage import check_bucket
 from heimdall.validate import ValidationResult, validate_onnx_model
+from heimdall.verify import DEFAULT_BATCH_SIZES as DEFAULT_VERIFY_BATCH_SIZES
 from heimdall.verify import ParityResult, Reference, record_torch_reference, verify_parity
 
 log = structlog.get_logger(__name__)
 
-BENCH_BATCH_SIZES = (1, 8, 32)
-VERIFY_BATCH_SIZES = (1, 2, 3, 8, 64)
+BENCH_BATCH_SIZES = DEFAULT_BENCH_BATCH_SIZES
+VERIFY_BATCH_SIZES = DEFAULT_VERIFY_BATCH_SIZES
 # A checkpoint file with more weights than this is exported in a process of its own (the
 # exporter's peak is ~3 more copies of the weights); below it, a process start costs more.
 ISOLATED_EXPORT_BYTES = 256 * 2**20

@@ -372,6 +372,13 @@ def test_log_lines_follow_stderr_when_a_progress_bar_redirects_it(
     assert "above-the-bar" in redirected.getvalue()
 
 
+def test_the_one_scrubber_hides_secrets_of_any_length_and_uri_passwords() -> None:
+    text = f"server said: key ab12 rejected at {DB_URI}"
+    scrubbed = config.scrub_secrets(text, ["ab12"])
+    assert "ab12" not in scrubbed and URI_PASSWORD not in scrubbed
+    assert scrubbed == "server said: key *** rejected at postgresql://***@db.internal:5432/mlflow"
+
+
 def test_unknown_log_level_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="CHATTY"):
         configure_logging("CHATTY")

@@ -27,7 +27,7 @@ import structlog
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
-from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, Settings, redact_uri
+from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, Settings, redact_uri, scrub_secrets
 from heimdall.errors import LockTimeoutError, RegistryError
 from heimdall.tracking import http_policy, open_client
 
@@ -115,9 +115,7 @@ def explain(settings: Settings, action: str, exc: BaseException) -> str:
 
 
 def settings_scrub(settings: Settings, text: str) -> str:
-    for secret in settings.secret_values():
-        text = text.replace(secret, "***")
-    return redact_uri(text)
+    return scrub_secrets(text, settings.secret_values())
 
 
 def first_line(message: str, limit: int = 400) -> str:
