@@ -41,7 +41,7 @@ from heimdall.config import (
     DEFAULT_MODEL_NAME,
     Settings,
     load_settings,
-    redact_uri,
+    scrub_secrets,
 )
 from heimdall.errors import HeimdallError, InputError, PublishError, VerificationError
 from heimdall.gates import move_alias_gated
@@ -337,10 +337,9 @@ def export_and_register_model(
             pytorch_model, run_id, store, settings, Path(output_dir), model_name
         )
     except Exception as exc:  # the seed promises a dict, never a raise
-        log.exception("legacy.export_and_register_failed", name=model_name)
-        reason = redact_uri(f"{type(exc).__name__}: {exc}")
-        for secret in settings.secret_values():
-            reason = reason.replace(secret, "***")
+        # No traceback in the log: its rendering shows local values, secrets among them.
+        reason = scrub_secrets(f"{type(exc).__name__}: {exc}", settings.secret_values())
+        log.error("legacy.export_and_register_failed", name=model_name, error=reason)
         return _failed(reason)
     metrics = result.get("inference_metrics")
     if isinstance(metrics, dict):

@@ -295,3 +295,31 @@ def test_workflow_returns_a_dict_when_the_library_raises_something_unexpected(
 
     assert result["success"] is False
     assert result["error"] == "AttributeError: 'NoneType' object has no attribute 'version'"
+
+
+def test_an_unexpected_failure_keeps_secrets_out_of_the_dict_and_the_log(
+    atto_checkpoint: LoadedCheckpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-key-value")
+
+    def broken(*args: object, **kwargs: object) -> dict[str, object]:
+        raise RuntimeError(
+            "cannot reach postgresql://heimdall:hunter2pass@db/mlflow with s3cr3t-key-value"
+        )
+
+    monkeypatch.setattr(legacy.pipeline, "publish", broken)
+
+    result = legacy.export_and_register_model(
+        atto_checkpoint.model, None, LocalStore(tmp_path / "objects")
+    )
+
+    out, err = capfd.readouterr()
+    assert result["success"] is False
+    assert "RuntimeError: cannot reach postgresql://" in result["error"]
+    for secret in ("hunter2pass", "s3cr3t-key-value"):
+        assert secret not in result["error"]
+        assert secret not in out + err
+    assert "legacy.export_and_register_failed" in err
