@@ -5,12 +5,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from heimdall.errors import LockTimeoutError
+from heimdall.retry import wait_for
 
 CHUNK = 8 * 1024 * 1024
 
@@ -46,19 +46,22 @@ def file_lock(path: Path, *, timeout_s: float, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def take() -> bool | None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return True
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeoutError(
-                        f"waited {timeout_s:.0f} s for {what} (lock file {path}); another "
-                        "heimdall process holds it: let it finish, or raise "
-                        "HEIMDALL_MLFLOW_TIMEOUT_S"
-                    ) from None
-                time.sleep(0.05)
+                return None
+
+        wait_for(
+            take,
+            deadline_s=timeout_s,
+            timeout=lambda: LockTimeoutError(
+                f"waited {timeout_s:.0f} s for {what} (lock file {path}); another "
+                "heimdall process holds it: let it finish, or raise HEIMDALL_MLFLOW_TIMEOUT_S"
+            ),
+        )
         try:
             yield
         finally:

@@ -26,6 +26,7 @@ CORE = frozenset(
         "contract",
         "files",
         "runtime",
+        "retry",
         "machine",
         "tracking",
         "data",

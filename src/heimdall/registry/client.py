@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, Settings, redact_uri, scrub_secrets
 from heimdall.errors import LockTimeoutError, RegistryError
+from heimdall.retry import Backoff, retry, wait_for
 from heimdall.tracking import http_policy, open_client
 
 if TYPE_CHECKING:
@@ -76,19 +77,21 @@ def _unreachable_database(settings: Settings, attempts: int = 3) -> str | None:
     default_ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
     if scheme not in default_ports or not parsed.hostname:
         return None
+    address = (parsed.hostname, parsed.port or default_ports[scheme])
     per_attempt = max(1.0, settings.mlflow_timeout_s / (2 * attempts))
-    for attempt in range(1, attempts + 1):
-        try:
-            address = (parsed.hostname, parsed.port or default_ports[scheme])
-            socket.create_connection(address, timeout=per_attempt).close()
-            return None
-        except OSError as exc:
-            if attempt == attempts:
-                return (
-                    f"the MLflow database at {_where(settings)} refuses connections "
-                    f"({exc.strerror or exc}, {attempts} attempts); is it running?"
-                )
-            time.sleep(0.5 * attempt)
+    try:
+        retry(
+            lambda: socket.create_connection(address, timeout=per_attempt).close(),
+            retryable=lambda exc: isinstance(exc, OSError),
+            attempts=attempts,
+            deadline_s=settings.mlflow_timeout_s,
+            backoff=Backoff(first_s=0.5, max_s=2.0),
+        )
+    except OSError as exc:
+        return (
+            f"the MLflow database at {_where(settings)} refuses connections "
+            f"({exc.strerror or exc}); is it running?"
+        )
     return None
 
 
@@ -132,17 +135,20 @@ def call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     breaks the unique constraint, and trying again updates the row that now exists.
     """
     alias_race = getattr(fn, "__name__", "") == "set_registered_model_alias"
-    for attempt in range(1, _LOCK_RETRIES + 1):
-        try:
-            return fn(*args, **kwargs)
-        except (MlflowException, SQLAlchemyError) as exc:
-            text = str(exc)
-            duplicate = "UNIQUE constraint failed" in text or "duplicate key value" in text
-            retry = "database is locked" in text or (alias_race and duplicate)
-            if not retry or attempt == _LOCK_RETRIES:
-                raise
-            time.sleep(min(0.05 * 2**attempt, 1.0))
-    raise AssertionError("unreachable")
+
+    def transient(exc: Exception) -> bool:
+        if not isinstance(exc, MlflowException | SQLAlchemyError):
+            return False
+        text = str(exc)
+        duplicate = "UNIQUE constraint failed" in text or "duplicate key value" in text
+        return "database is locked" in text or (alias_race and duplicate)
+
+    return retry(
+        lambda: fn(*args, **kwargs),
+        retryable=transient,
+        attempts=_LOCK_RETRIES,
+        backoff=Backoff(first_s=0.1, max_s=1.0),
+    )
 
 
 def paged(search: Callable[..., Any], *args: Any) -> list[Any]:
@@ -171,8 +177,8 @@ def model_lock(client: MlflowClient, name: str, *, wait_s: float) -> Iterator[No
     lock = f"{LOCK_PREFIX}{name}"
     token = uuid.uuid4().hex
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": token}
-    deadline = time.monotonic() + wait_s
-    while True:
+
+    def take() -> bool | None:
         try:
             call(
                 client.create_registered_model,
@@ -180,20 +186,25 @@ def model_lock(client: MlflowClient, name: str, *, wait_s: float) -> Iterator[No
                 tags={"heimdall.lock": json.dumps(owner)},
                 description=f"heimdall: a registration of {name} is in progress",
             )
-            break
+            return True
         except MlflowException as exc:
-            # Taken; or taken and released between MLflow's failed insert and its lookup of the
-            # holder, which it reports as "not found".
+            # Taken; or taken and released between MLflow's failed insert and its lookup of
+            # the holder, which it reports as "not found".
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_if_abandoned(client, lock)
-        if time.monotonic() > deadline:
-            raise LockTimeoutError(
-                f"waited {wait_s:.0f} s for another registration of {name} to finish (its lock "
-                f"is the registered model {lock!r}); if no heimdall process is running, delete "
-                "that registered model, else raise HEIMDALL_MLFLOW_TIMEOUT_S"
-            )
-        time.sleep(0.05 + 0.1 * (uuid.uuid4().int % 100) / 100)
+        return None
+
+    wait_for(
+        take,
+        deadline_s=wait_s,
+        timeout=lambda: LockTimeoutError(
+            f"waited {wait_s:.0f} s for another registration of {name} to finish (its lock "
+            f"is the registered model {lock!r}); if no heimdall process is running, delete "
+            "that registered model, else raise HEIMDALL_MLFLOW_TIMEOUT_S"
+        ),
+        backoff=Backoff(first_s=0.1, max_s=0.3),
+    )
     try:
         yield
     finally:

@@ -10,7 +10,6 @@ same bytes published by N processes at once give one version, and the others rep
 
 from __future__ import annotations
 
-import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from heimdall.registry.names import (
     check_sha256,
     parse_models_uri,
 )
+from heimdall.retry import Backoff, retry, wait_for
 
 log = structlog.get_logger(__name__)
 
@@ -419,8 +419,8 @@ def _create_version(
     """
     token = uuid.uuid4().hex
     tagged = {**tags, REGISTRATION_TAG: token}
-    attempts = 5
-    for attempt in range(1, attempts + 1):
+
+    def create() -> ModelVersion:
         try:
             return call(
                 client.create_model_version,
@@ -430,35 +430,43 @@ def _create_version(
                 tags=tagged,
                 description=description,
             )
-        except MlflowException as exc:
+        except MlflowException:
             landed = search_versions(
                 client, f"name = '{name}' and tags.`{REGISTRATION_TAG}` = '{token}'"
             )
             if landed:
                 return landed[0]
-            if attempt == attempts or "Model Version creation error" not in str(exc):
-                raise
-            log.warning("registry.create_version.retry", name=name, attempt=attempt)
-            time.sleep(0.2 * attempt)
-    raise AssertionError("unreachable")
+            raise
+
+    return retry(
+        create,
+        retryable=lambda exc: "Model Version creation error" in str(exc),
+        attempts=5,
+        backoff=Backoff(first_s=0.2, max_s=1.0),
+        on_retry=lambda n, _: log.warning("registry.create_version.retry", name=name, attempt=n),
+    )
 
 
 def _await_ready(client: MlflowClient, created: ModelVersion) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    version = created
-    while version.status != "READY":
+    def ready() -> ModelVersion | None:
+        version = call(client.get_model_version, created.name, created.version)
         if version.status == "FAILED_REGISTRATION":
             raise RegistryError(
                 f"MLflow marked {created.name} version {created.version} FAILED_REGISTRATION: "
                 f"{version.status_message}"
             )
-        if time.monotonic() > deadline:
-            raise RegistryError(
-                f"{created.name} version {created.version} is still {version.status} after "
+        return version if version.status == "READY" else None
+
+    if created.status != "READY":
+        wait_for(
+            ready,
+            deadline_s=_READY_TIMEOUT_S,
+            timeout=lambda: RegistryError(
+                f"{created.name} version {created.version} is not READY after "
                 f"{_READY_TIMEOUT_S:.0f} s"
-            )
-        time.sleep(0.5)
-        version = call(client.get_model_version, created.name, created.version)
+            ),
+            backoff=Backoff(first_s=0.2, max_s=1.0),
+        )
 
 
 def transition_stage(client: MlflowClient, name: str, version: str, stage: str) -> None:

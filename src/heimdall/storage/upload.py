@@ -48,6 +48,7 @@ from heimdall.objects import (
     check_key,
     check_metadata,
 )
+from heimdall.retry import Backoff, retry
 from heimdall.storage.stores import open_store
 
 log = structlog.get_logger(__name__)
@@ -455,15 +456,15 @@ def _verify(store: ObjectStore, bucket: str, key: str, f: _LocalFile, attempts: 
     info = store.head(bucket, key)
     if info is None:
         raise StorageError(f"{uri} is missing right after its upload")
-    for attempt in range(1, attempts + 1):
-        try:
-            digest, size = sha256_chunks(store.iter_bytes(bucket, key))
-            break
-        except StorageError as exc:  # a dropped read is retried; a mismatch is not
-            if attempt == attempts:
-                raise
-            log.warning("storage.verify.retry", uri=uri, attempt=attempt, error=str(exc))
-            time.sleep(0.5 * 2**attempt)
+    digest, size = retry(  # a dropped read is retried; a mismatch is not
+        lambda: sha256_chunks(store.iter_bytes(bucket, key)),
+        retryable=lambda exc: isinstance(exc, StorageError),
+        attempts=attempts,
+        backoff=Backoff(first_s=1.0, max_s=4.0),
+        on_retry=lambda n, exc: log.warning(
+            "storage.verify.retry", uri=uri, attempt=n, error=str(exc)
+        ),
+    )
     problems = []
     if info.size != f.size or size != f.size:
         problems.append(f"size {size} (listed {info.size}) != {f.size}")
