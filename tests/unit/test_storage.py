@@ -246,7 +246,7 @@ def test_a_given_sha256_is_not_computed_again_from_the_local_file(
     def no_hashing(path: Path, *args: Any) -> Any:
         raise AssertionError(f"{path} was read to be hashed")
 
-    monkeypatch.setattr("heimdall.storage.upload.iter_file", no_hashing)
+    monkeypatch.setattr("heimdall.storage.reuse.iter_file", no_hashing)
     result = upload_model(model, store, bucket, clock=at(NOW), sha256=known)
 
     assert (result.sha256, result.key, result.reused) == (known, default_key(model), False)

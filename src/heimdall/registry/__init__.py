@@ -4,6 +4,7 @@
   per-model registry lock;
 - ``model_dir``: the write-once MLflow model folder of each registration;
 - ``versions``: one version per sha256 and model name, found again by its stored bytes;
+- ``records``: what heimdall makes of MLflow's entities (versions, registrations, models);
 - ``lineage``: the facts a version's tags carry and the run its metadata goes to;
 - ``names``: model names, aliases, stages and ``models:/`` URIs the registry accepts;
 - ``aliases``: alias moves behind the integrity gates, their history, rollback (the quality
@@ -48,11 +49,9 @@ from heimdall.registry.model_dir import (
     stored_sha256,
 )
 from heimdall.registry.names import PRODUCTION, STAGES, check_registration
+from heimdall.registry.records import ModelSummary, RegisteredVersion, Registration
 from heimdall.registry.versions import (
     INTEGRITY_TAG,
-    ModelSummary,
-    RegisteredVersion,
-    Registration,
     find_version_by_sha256,
     list_models,
     register_model,

@@ -25,7 +25,7 @@ from heimdall.objects import ObjectStore
 from heimdall.registry.client import call, model_lock, search_versions, session
 from heimdall.registry.model_dir import version_bytes_problem
 from heimdall.registry.names import PRODUCTION, check_alias, check_name
-from heimdall.registry.versions import RegisteredVersion, aliases_of, get_version, to_version
+from heimdall.registry.records import RegisteredVersion, aliases_of, get_version, to_version
 
 log = structlog.get_logger(__name__)
 

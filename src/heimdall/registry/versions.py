@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +24,6 @@ from mlflow.exceptions import MlflowException
 from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
 from heimdall.objects import ObjectStore
-from heimdall.onnxfile import ValidationResult
 from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
 from heimdall.registry.lineage import describe, facts_of, lineage_run, verification_of
 from heimdall.registry.model_dir import (
@@ -41,6 +39,15 @@ from heimdall.registry.names import (
     check_name,
     check_sha256,
     parse_models_uri,
+)
+from heimdall.registry.records import (
+    ModelSummary,
+    RegisteredVersion,
+    Registration,
+    aliases_of,
+    get_version,
+    iso,
+    to_version,
 )
 from heimdall.retry import Backoff, retry, wait_for
 
@@ -63,60 +70,6 @@ RESERVED_TAGS = {
     INTEGRITY_TAG,
     REGISTRATION_TAG,
 }
-
-
-@dataclass(frozen=True)
-class RegisteredVersion:
-    """One model version as heimdall sees it."""
-
-    name: str
-    version: str
-    status: str
-    source: str
-    onnx_uri: str | None
-    sha256: str | None
-    run_id: str | None
-    aliases: tuple[str, ...]
-    stage: str | None
-    verification: str | None
-    created_at: str
-    description: str | None
-    tags: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["aliases"] = list(self.aliases)
-        data["tags"] = dict(self.tags)
-        data["uri"] = self.uri
-        return data
-
-
-@dataclass(frozen=True)
-class Registration:
-    """The version that holds some bytes, and whether this call created it."""
-
-    version: RegisteredVersion
-    created: bool
-    # Earlier versions of these bytes whose stored bytes no longer match (never reused).
-    altered: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    """A registered model in :func:`list_models`."""
-
-    name: str
-    description: str | None
-    latest_version: str | None
-    aliases: Mapping[str, str]
-    updated_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "aliases": dict(self.aliases)}
 
 
 # --- registering ------------------------------------------------------------------------------
@@ -161,43 +114,66 @@ def register_model(
         if found is not None:
             return _reuse(client, found, legacy_stage, altered)
 
-    def mlmodel_metadata(checked: ValidationResult, digest: str) -> dict[str, str]:
-        return {"sha256": digest, "onnx_uri": onnx_uri, **facts_of(meta, checked)}
-
-    staged = stage_model_dir(store, onnx_uri, sha256, validator, mlmodel_metadata)
+    staged = stage_model_dir(
+        store,
+        onnx_uri,
+        sha256,
+        validator,
+        lambda checked, digest: {"sha256": digest, "onnx_uri": onnx_uri, **facts_of(meta, checked)},
+    )
     facts = facts_of(meta, staged.validation)
+    described = _described(onnx_uri, staged.sha256, meta, facts, tags, description)
+    lineage = (run_id or facts.get("training_run_id"), meta)
+    outcome = _create_once(settings, (action, where), store, name, staged, lineage, described)
+    return _registration(settings, action, outcome, legacy_stage)
+
+
+def _registration(
+    settings: Settings,
+    action: str,
+    outcome: tuple[ModelVersion | None, RegisteredVersion | None, tuple[str, ...]],
+    stage: str | None,
+) -> Registration:
+    """The created version (with its legacy ``stage``), or the one another process created."""
+    created, found, altered = outcome
+    with session(settings, action) as client:
+        if created is None:  # another process registered these bytes while we staged
+            assert found is not None
+            return _reuse(client, found, stage, altered)
+        if stage is not None:
+            transition_stage(client, created.name, created.version, stage)
+        version = get_version(client, created.name, created.version)
+    log.info(
+        "registry.registered",
+        name=version.name,
+        version=version.version,
+        source=version.source,
+        sha256=version.sha256,
+        stage=stage,
+        run_id=version.run_id,
+    )
+    return Registration(version, created=True, altered=altered)
+
+
+def _described(
+    onnx_uri: str,
+    sha256: str,
+    meta: Mapping[str, Any],
+    facts: Mapping[str, str],
+    tags: Mapping[str, str] | None,
+    description: str | None,
+) -> tuple[dict[str, str], str]:
+    """The new version's tags (verified facts first, the caller's own after) and description."""
     version_tags = {
         "framework": "pytorch",
         "format": "onnx",
-        "sha256": staged.sha256,
+        "sha256": sha256,
         "onnx_uri": onnx_uri,
         "verification": verification_of(meta),
         **facts,
         **(tags or {}),
     }
-    text = description or describe(facts, staged.sha256)
-    lineage = (run_id or facts.get("training_run_id"), meta)
-    created, found, altered = _create_once(
-        settings, (action, where), store, name, staged, lineage, (version_tags, text)
-    )
-    if created is None:  # another process registered these bytes while we staged
-        assert found is not None
-        with session(settings, action) as client:
-            return _reuse(client, found, legacy_stage, altered)
-    with session(settings, action) as client:
-        if legacy_stage is not None:
-            transition_stage(client, name, created.version, legacy_stage)
-        version = get_version(client, name, created.version)
-    log.info(
-        "registry.registered",
-        name=name,
-        version=version.version,
-        source=staged.source,
-        sha256=staged.sha256,
-        stage=legacy_stage,
-        run_id=version.run_id,
-    )
-    return Registration(version, created=True, altered=altered)
+    return version_tags, description or describe(facts, sha256)
 
 
 def _checked_request(
@@ -375,15 +351,10 @@ def list_models(*, settings: Settings | None = None) -> list[ModelSummary]:
                     description=model.description or None,
                     latest_version=str(latest) if latest is not None else None,
                     aliases=aliases_of(model),
-                    updated_at=_iso(model.last_updated_timestamp),
+                    updated_at=iso(model.last_updated_timestamp),
                 )
             )
         return summaries
-
-
-def aliases_of(model: Any) -> dict[str, str]:
-    """``{alias: version}`` of a RegisteredModel, sorted by alias."""
-    return {alias: str(version) for alias, version in sorted(model.aliases.items())}
 
 
 # --- MLflow calls -----------------------------------------------------------------------------
@@ -482,42 +453,3 @@ def transition_stage(client: MlflowClient, name: str, version: str, stage: str) 
             archive_existing_versions=False,
         )
     log.info("registry.legacy_stage_set", name=name, version=version, stage=stage)
-
-
-def get_version(client: MlflowClient, name: str, version: str) -> RegisteredVersion:
-    try:
-        return to_version(call(client.get_model_version, name, version))
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"{name} has no version {version}") from exc
-        raise
-
-
-def to_version(mv: ModelVersion) -> RegisteredVersion:
-    tags = dict(mv.tags)
-    stage = mv.current_stage if mv.current_stage and mv.current_stage != "None" else None
-    return RegisteredVersion(
-        name=mv.name,
-        version=str(mv.version),
-        status=str(mv.status),
-        source=str(mv.source),
-        onnx_uri=tags.get("onnx_uri"),
-        sha256=tags.get("sha256"),
-        run_id=mv.run_id or None,
-        aliases=tuple(sorted(mv.aliases)),
-        stage=stage,
-        verification=tags.get("verification"),
-        created_at=_iso(mv.creation_timestamp),
-        description=mv.description or None,
-        tags=dict(sorted(tags.items())),
-    )
-
-
-def _text(value: object) -> str | None:
-    return str(value) if value not in (None, "") else None
-
-
-def _iso(millis: int | None) -> str:
-    if not millis:
-        return ""
-    return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="seconds")

@@ -5,8 +5,9 @@ plain S3 API; production runs MinIO, the tests a real SeaweedFS) and :class:`Loc
 (``local``: buckets as directories, the embedded default, ``file://`` URIs); :func:`open_store`
 picks one (``stores``). :func:`upload_model` (``upload``) is the upload you can trust:
 streamed, conditional, verified by reading the bytes back, idempotent by sha256, all or
-nothing. The interface, its name rules and :func:`download_model` (which checks every file it
-fetches) live in the core module ``heimdall.objects``, so the registry and serving use them
+nothing; ``reuse`` finds bytes already stored (by streaming them back). The interface, its
+name rules and :func:`download_model` (which checks every file it fetches) live in the core
+module ``heimdall.objects``, so the registry and serving use them
 without boto3; every name is re-exported here.
 """
 
@@ -24,11 +25,11 @@ from heimdall.objects import (
     download_verified,
 )
 from heimdall.storage.local import LocalStore
+from heimdall.storage.reuse import INDEX_DIR
 from heimdall.storage.s3 import INCOMPLETE_UPLOAD_DAYS, S3Store
 from heimdall.storage.stores import open_store
 from heimdall.storage.upload import (
     DEFAULT_PREFIX,
-    INDEX_DIR,
     MODEL_TYPE,
     StoredFile,
     UploadResult,

@@ -34,13 +34,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
 from heimdall.config import DEFAULT_BUCKET, Settings, load_settings
 from heimdall.errors import InputError, StorageError
-from heimdall.files import iter_file, sha256_chunks
+from heimdall.files import sha256_chunks
 from heimdall.objects import (
     ObjectExistsError,
     ObjectStore,
@@ -49,13 +49,19 @@ from heimdall.objects import (
     check_metadata,
 )
 from heimdall.retry import Backoff, retry
+from heimdall.storage.reuse import (
+    LocalFile,
+    find_indexed,
+    hash_local,
+    key_state,
+    write_index,
+)
 from heimdall.storage.stores import open_store
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_PREFIX = "models/localization"
 MODEL_TYPE = "LocalizationNet"
-INDEX_DIR = ".sha256"
 _MAX_KEY_SUFFIX = 99
 SHA_IN_KEY = 12
 """Hex digits of the sha256 in a default key."""
@@ -91,14 +97,6 @@ class UploadResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (``files`` as a list)."""
         return {**asdict(self), "files": [asdict(f) for f in self.files]}
-
-
-@dataclass(frozen=True)
-class _LocalFile:
-    path: Path
-    suffix: str  # appended to the model's key: "" for the model, ".data" for model.onnx.data
-    sha256: str
-    size: int
 
 
 def upload_model(
@@ -143,7 +141,7 @@ def upload_model(
 
     stale: list[str] = []  # keys whose recorded sha256 matches but whose bytes do not
     if object_name is None:
-        indexed = _find_indexed(store, bucket, prefix, files, stale)
+        indexed = find_indexed(store, bucket, prefix, files, stale)
         if indexed is not None:
             return _reused(store, bucket, indexed, files)
     _abort_stale(store, bucket, prefix, stale_after, now)
@@ -163,7 +161,7 @@ def _store_at_first_free_key(
     store: ObjectStore,
     bucket: str,
     keys: tuple[list[str], str | None],
-    files: list[_LocalFile],
+    files: list[LocalFile],
     base: dict[str, str],
     state: tuple[list[str], Progress | None],
 ) -> UploadResult:
@@ -173,9 +171,9 @@ def _store_at_first_free_key(
     stale, progress = state
     prefix = candidates[0].rpartition("/")[0]
     for key in candidates:
-        found = "stale" if key in stale else _key_state(store, bucket, key, files, stale)
+        found = "stale" if key in stale else key_state(store, bucket, key, files, stale)
         if found == "same":
-            _write_index(store, bucket, prefix, key, files)
+            write_index(store, bucket, prefix, key, files)
             return _reused(store, bucket, key, files)
         if found in {"taken", "stale"}:
             if object_name is not None:
@@ -195,7 +193,7 @@ def _store_at_first_free_key(
             if object_name is not None:
                 raise StorageError(f"{exc}; choose another key (--key)") from exc
             continue
-        _write_index(store, bucket, prefix, key, files)
+        write_index(store, bucket, prefix, key, files)
         if stale:
             log.warning("storage.upload.replaced_stale", uri=result.uri, stale=stale)
             return replace(result, replaced_stale=stale[0])
@@ -236,7 +234,7 @@ def _default_keys(now: datetime, sha256: str) -> Iterator[str]:
 
 def _local_files(
     model: Path, extra_files: Sequence[Path | str] | None, sha256: str | None = None
-) -> list[_LocalFile]:
+) -> list[LocalFile]:
     """The model first, then its external-data files, each hashed (streamed) unless known."""
     if not model.is_file():
         raise InputError(f"model file {model} does not exist")
@@ -248,9 +246,9 @@ def _local_files(
     else:
         extras = [Path(p) for p in extra_files]
     files = [
-        _hash_local(model, "")
+        hash_local(model, "")
         if sha256 is None
-        else _LocalFile(path=model, suffix="", sha256=sha256, size=model.stat().st_size)
+        else LocalFile(path=model, suffix="", sha256=sha256, size=model.stat().st_size)
     ]
     for extra in extras:
         if not extra.is_file():
@@ -258,13 +256,8 @@ def _local_files(
         if extra.resolve().parent != model.resolve().parent or extra.name == model.name:
             raise InputError(f"external-data file {extra} must sit next to {model.name}")
         suffix = extra.name.removeprefix(model.name)
-        files.append(_hash_local(extra, suffix if suffix != extra.name else f".{extra.name}"))
+        files.append(hash_local(extra, suffix if suffix != extra.name else f".{extra.name}"))
     return files
-
-
-def _hash_local(path: Path, suffix: str) -> _LocalFile:
-    digest, size = sha256_chunks(iter_file(path))
-    return _LocalFile(path=path, suffix=suffix, sha256=digest, size=size)
 
 
 def _ensure_bucket(store: ObjectStore, bucket: str, create: bool) -> None:
@@ -276,98 +269,6 @@ def _ensure_bucket(store: ObjectStore, bucket: str, create: bool) -> None:
             "(create_bucket=True)"
         )
     store.create_bucket(bucket)
-
-
-def _key_state(
-    store: ObjectStore, bucket: str, key: str, files: Sequence[_LocalFile], stale: list[str]
-) -> Literal["free", "same", "taken", "stale"]:
-    """Whether ``key`` and its external-data keys are free, hold these files, or hold others.
-
-    Recorded size and sha256 only say what was stored once: before "same" the stored bytes are
-    streamed back and hashed. Keys whose bytes changed under their metadata are "stale": they
-    are appended to ``stale`` with a warning and never reused or overwritten.
-    """
-    infos = [store.head(bucket, key + f.suffix) for f in files]
-    if all(info is None for info in infos):
-        return "free"
-    recorded = all(
-        info is not None and info.size == f.size and info.metadata.get("sha256") == f.sha256
-        for info, f in zip(infos, files, strict=True)
-    )
-    if not recorded:
-        return "taken"
-    for f in files:
-        digest, size = sha256_chunks(store.iter_bytes(bucket, key + f.suffix))
-        if (digest, size) != (f.sha256, f.size):
-            log.warning(
-                "storage.reuse.stale_bytes",
-                uri=store.uri(bucket, key + f.suffix),
-                recorded_sha256=f.sha256,
-                stored_sha256=digest,
-                stored_size=size,
-                problem="the stored bytes no longer match their recorded sha256; they are left "
-                "as they are and these bytes are uploaded to a new key",
-            )
-            stale.append(key)
-            return "stale"
-    return "same"
-
-
-def _index_key(prefix: str, sha256: str) -> str:
-    return f"{prefix}/{INDEX_DIR}/{sha256}.json" if prefix else f"{INDEX_DIR}/{sha256}.json"
-
-
-def _find_indexed(
-    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile], stale: list[str]
-) -> str | None:
-    """The key of an earlier upload of these bytes, from the index, if it still holds them."""
-    index_key = _index_key(prefix, files[0].sha256)
-    if not store.exists(bucket, index_key):
-        return _find_unindexed(store, bucket, prefix, files, stale)
-    try:
-        key = str(json.loads(store.read_bytes(bucket, index_key))["key"])
-    except (ValueError, KeyError, TypeError):
-        log.warning("storage.index.unreadable", bucket=bucket, key=index_key)
-        return _find_unindexed(store, bucket, prefix, files, stale)
-    if _key_state(store, bucket, key, files, stale) == "same":
-        return key
-    return _find_unindexed(store, bucket, prefix, files, stale)
-
-
-def _find_unindexed(
-    store: ObjectStore, bucket: str, prefix: str, files: Sequence[_LocalFile], stale: list[str]
-) -> str | None:
-    """An upload of these bytes that the index does not point at, by size and sha256.
-
-    The writer may have been killed between upload and index write; the entry is repaired.
-    """
-    start = f"{prefix}/" if prefix else ""
-    for info in store.list_objects(bucket, start):
-        name = info.key[len(start) :]
-        if "/" in name or info.size != files[0].size or info.key in stale:
-            continue
-        if _key_state(store, bucket, info.key, files, stale) == "same":
-            _write_index(store, bucket, prefix, info.key, files)
-            return info.key
-    return None
-
-
-def _write_index(
-    store: ObjectStore, bucket: str, prefix: str, key: str, files: Sequence[_LocalFile]
-) -> None:
-    """Point the model's sha256 at ``key``; a failure only costs a later re-upload."""
-    entry = {"key": key, "files": {f.suffix: f.sha256 for f in files}}
-    index_key = _index_key(prefix, files[0].sha256)
-    try:
-        store.put_bytes(
-            bucket,
-            index_key,
-            json.dumps(entry).encode(),
-            content_type="application/json",
-            if_absent=False,
-        )
-    except StorageError as exc:
-        log.warning("storage.index.write_failed", bucket=bucket, key=index_key, error=str(exc))
 
 
 def _abort_stale(
@@ -385,7 +286,7 @@ def _upload_unit(
     store: ObjectStore,
     bucket: str,
     key: str,
-    files: Sequence[_LocalFile],
+    files: Sequence[LocalFile],
     base: Mapping[str, str],
     progress: Progress | None,
 ) -> UploadResult:
@@ -450,7 +351,7 @@ def _shifted(progress: Progress | None, offset: int, total: int) -> Progress | N
     return lambda done, _size: report(offset + done, total)
 
 
-def _verify(store: ObjectStore, bucket: str, key: str, f: _LocalFile, attempts: int = 3) -> None:
+def _verify(store: ObjectStore, bucket: str, key: str, f: LocalFile, attempts: int = 3) -> None:
     """Check size, recorded sha256 and the sha256 of the bytes read back; raise on a mismatch."""
     uri = store.uri(bucket, key)
     info = store.head(bucket, key)
@@ -493,7 +394,7 @@ def _remove(store: ObjectStore, bucket: str, keys: Sequence[str]) -> str:
     return "the uploaded objects were removed"
 
 
-def _reused(store: ObjectStore, bucket: str, key: str, files: Sequence[_LocalFile]) -> UploadResult:
+def _reused(store: ObjectStore, bucket: str, key: str, files: Sequence[LocalFile]) -> UploadResult:
     uri = store.uri(bucket, key)
     log.info("storage.upload.reused", uri=uri, sha256=files[0].sha256)
     return UploadResult(
@@ -507,7 +408,7 @@ def _reused(store: ObjectStore, bucket: str, key: str, files: Sequence[_LocalFil
     )
 
 
-def _stored_files(key: str, files: Sequence[_LocalFile]) -> tuple[StoredFile, ...]:
+def _stored_files(key: str, files: Sequence[LocalFile]) -> tuple[StoredFile, ...]:
     return tuple(
         StoredFile(name=f.path.name, key=key + f.suffix, sha256=f.sha256, size=f.size)
         for f in files
