@@ -26,13 +26,7 @@ import torch
 from heimdall.contract import INPUT_NAME, Progress, part
 from heimdall.data import generate
 from heimdall.errors import InputError
-from heimdall.machine import (
-    Environment,
-    fingerprint,
-    is_busy,
-    load_average,
-    physical_cores,
-)
+from heimdall.machine import Environment, fingerprint, is_busy, load_average, physical_cores
 from heimdall.model import LocalizationNet
 from heimdall.roofline import PEAK_GEMM_SIZE as PEAK_GEMM_SIZE
 from heimdall.roofline import PeakEstimate as PeakEstimate
@@ -213,42 +207,57 @@ def benchmark(
             engines.insert(0, Engine(PYTORCH, None, (), device, 0.0, None))
         timings: list[Timing] = []
         total = len(batch_sizes) * MEASURE_STEPS + int(peak)
+        iterations = (min_iterations, max_iterations)
         for index, batch in enumerate(batch_sizes):
             reference = torch_model if include_pytorch else None
             calls = _round_calls(reference, sessions, generate(batch, seed=seed)[0], device)
             gaps = {name: gap_after(per_variant.get(name), gap_s) for name in calls}
-            timings.extend(
-                measure(
-                    calls,
-                    batch,
-                    flops,
-                    budget_s,
-                    (min_iterations, max_iterations),
-                    gaps,
-                    progress=part(progress, index * MEASURE_STEPS, total),
-                )
-            )
-        estimate = estimate_peak(n_threads) if peak else None
-        if estimate is not None and progress is not None:
-            progress(total, total)
+            step = part(progress, index * MEASURE_STEPS, total)
+            timings += measure(calls, batch, flops, budget_s, iterations, gaps, progress=step)
+        estimate = _peak(n_threads, progress, total) if peak else None
+    return _result(
+        model, flops, n_threads, budget_s, batch_sizes, engines, timings, environment, estimate
+    )
+
+
+def _peak(threads: int, progress: Progress | None, total: int) -> PeakEstimate:
+    """The machine's FLOP peak, the last unit of ``benchmark``'s progress."""
+    estimate = estimate_peak(threads)
+    if progress is not None:
+        progress(total, total)
+    return estimate
+
+
+def _result(
+    model: LocalizationNet,
+    flops: int,
+    threads: int,
+    budget_s: float,
+    batch_sizes: Sequence[int],
+    engines: Sequence[Engine],
+    timings: Sequence[Timing],
+    environment: Environment,
+    peak: PeakEstimate | None,
+) -> BenchmarkResult:
+    """What ``benchmark`` measured, logged as one event."""
     result = BenchmarkResult(
         backbone=model.config.backbone,
         flops_per_sample=flops,
         flop_counter=FLOP_COUNTER,
         weight_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
-        threads=n_threads,
+        threads=threads,
         budget_s=budget_s,
         batch_sizes=tuple(batch_sizes),
         engines=tuple(engines),
         timings=tuple(timings),
         environment=environment,
         load_average_after=load_average(),
-        peak=estimate,
+        peak=peak,
     )
     log.info(
         "benchmark_done",
         backbone=result.backbone,
-        threads=n_threads,
+        threads=threads,
         engines=[e.name for e in engines],
         p50_ms={f"{t.engine}@{t.batch_size}": round(t.p50_ms, 3) for t in timings},
     )

@@ -160,26 +160,8 @@ def emit(result: Any, as_json: bool, title: str) -> None:
 def show_publish(data: Mapping[str, Any]) -> None:
     """The publish summary: what was made, its versions, the gates they passed, each step."""
     published = data["published"]
-    primary = published[0]
-    speedup = data["speedup_batch1"]
     _show(
-        fields_table(
-            "published",
-            [
-                ("name", data["name"]),
-                ("checkpoint sha256", data["checkpoint_sha256"]),
-                ("model URI", primary["model_uri"]),
-                ("stored at", primary["uri"]),
-                ("parity", _verdict(data["parity_passed"])),
-                (
-                    "speed-up, batch 1",
-                    "not measured"
-                    if speedup is None
-                    else f"{speedup:.2f}× ONNX Runtime vs PyTorch eager",
-                ),
-                ("held-out median error", f"{data['heldout_median_error_km']:.1f} km"),
-            ],
-        ),
+        fields_table("published", _publish_fields(data)),
         records_table(
             "versions",
             [
@@ -216,6 +198,24 @@ def show_publish(data: Mapping[str, Any]) -> None:
     )
     if data["report"] is not None:  # on a line of its own: a path to copy, never folded
         out.print(Text(f"report: {data['report']}"), soft_wrap=True)
+
+
+def _publish_fields(data: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The publish summary's headline: what was published, where, and how it measured."""
+    primary = data["published"][0]
+    speedup = data["speedup_batch1"]
+    return [
+        ("name", data["name"]),
+        ("checkpoint sha256", data["checkpoint_sha256"]),
+        ("model URI", primary["model_uri"]),
+        ("stored at", primary["uri"]),
+        ("parity", _verdict(data["parity_passed"])),
+        (
+            "speed-up, batch 1",
+            "not measured" if speedup is None else f"{speedup:.2f}× ONNX Runtime vs PyTorch eager",
+        ),
+        ("held-out median error", f"{data['heldout_median_error_km']:.1f} km"),
+    ]
 
 
 def _verdict(passed: bool) -> str:
@@ -281,18 +281,7 @@ def show_model(data: Mapping[str, Any], version: str | None) -> None:
                 ("tags", one["tags"]),
             ],
         )
-    moves = [(alias, e) for alias, events in data["alias_history"].items() for e in events]
-    history = [
-        {
-            "alias": alias,
-            "at (UTC)": when(e["at"]),
-            "action": e["action"],
-            "version": e["version"],
-            "previous": e.get("previous"),
-            "reason": e.get("reason"),
-        }
-        for alias, e in sorted(moves, key=lambda move: str(move[1]["at"]))  # one timeline
-    ]
+    history = _alias_timeline(data["alias_history"])
     # MLflow's legacy stages are rare next to aliases: a column only when a version has one.
     staged = any(v["stage"] for v in versions)
     _show(
@@ -325,6 +314,24 @@ def show_model(data: Mapping[str, Any], version: str | None) -> None:
         details,
         records_table("alias history", history) if history else None,
     )
+
+
+def _alias_timeline(
+    alias_history: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Every alias's moves as one timeline, oldest first."""
+    moves = [(alias, e) for alias, events in alias_history.items() for e in events]
+    return [
+        {
+            "alias": alias,
+            "at (UTC)": when(e["at"]),
+            "action": e["action"],
+            "version": e["version"],
+            "previous": e.get("previous"),
+            "reason": e.get("reason"),
+        }
+        for alias, e in sorted(moves, key=lambda move: str(move[1]["at"]))
+    ]
 
 
 @contextmanager

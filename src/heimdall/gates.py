@@ -136,13 +136,7 @@ def move_alias_gated(
     policy = policy or GatePolicy.from_settings(settings)
     for _ in range(_ATTEMPTS):
         holder = registry.alias_holder(name, alias, settings=settings)
-        mine = candidate or evaluate(f"models:/{name}/{version}")
-        champion = (
-            evaluate(f"models:/{name}/{holder}")
-            if holder is not None and holder != version
-            else None
-        )
-        gates = judge(mine, champion, policy)
+        gates = _judge_now(name, version, holder, candidate, evaluate, policy)
         failed = [g for g in gates if not g.passed]
         if failed and not force:
             _record_refusal(name, version, alias, failed, settings)
@@ -170,6 +164,22 @@ def move_alias_gated(
         f"{name}@{alias} kept moving while version {version} was judged ({_ATTEMPTS} tries); "
         "run the command again"
     )
+
+
+def _judge_now(
+    name: str,
+    version: str,
+    holder: str | None,
+    candidate: HeldOut | None,
+    evaluate: Evaluator,
+    policy: GatePolicy,
+) -> tuple[Gate, ...]:
+    """The gates of ``version`` against ``holder``, the alias's champion, measured now."""
+    mine = candidate or evaluate(f"models:/{name}/{version}")
+    champion = (
+        evaluate(f"models:/{name}/{holder}") if holder is not None and holder != version else None
+    )
+    return judge(mine, champion, policy)
 
 
 def promote(

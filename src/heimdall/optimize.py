@@ -44,6 +44,7 @@ from heimdall.data import generate
 from heimdall.errors import ExportError, InputError, ValidationError
 from heimdall.files import sha256_file
 from heimdall.model import LocalizationNet, torch_reference
+from heimdall.optimize_graph import output_tail, quantizable_nodes, sort_topologically
 from heimdall.parity import Gates, ParityResult, measure_parity, parity_steps
 from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
@@ -64,9 +65,11 @@ METADATA_KEY_RECIPE = "heimdall.variant_recipe"
 CALIBRATION_SEED = 2_000_029
 DEFAULT_CALIBRATION = 256
 _CALIBRATION_BATCH = 16
-# Ops whose fp32 → fp16 conversion would round the outputs (positions are ~45° where fp16's
-# step is 0.03°, i.e. kilometres): kept float32 when they sit between the head and an output.
-_OUTPUT_TAIL_OPS = {"Add", "Mul", "Sub", "Div", "Clip", "Softplus", "Where", "Greater"}
+_CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
 # The held-out set a variant is judged on. On 256 samples the median error of a trained atto
 # moved +1.2 % for fp16 and +2.3 % for an int8 variant that moves it +0.1 % on 2048 samples:
 # the median of a few hundred samples is too noisy for a 2 % gate (benchmarks/README.md).
@@ -184,38 +187,21 @@ def quantize_int8(
     ``progress(done, total)`` follows each calibration batch (``calibration_batches``).
     """
     source, output = _paths(onnx_path, output_path)
-    if calibration < 1:
-        raise InputError(f"calibration needs at least 1 sample, got {calibration}")
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
-    if method not in methods:
-        raise InputError(f"unknown calibration method {method!r}; choose one of {list(methods)}")
-    if scope not in ("blocks", "all"):
-        raise InputError(f"unknown quantization scope {scope!r}; choose 'blocks' or 'all'")
+    _check_int8_options(calibration, scope, method)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
         staged = Path(tmp) / output.name
-        try:
-            quant_pre_process(str(source), str(prepared))
-            nodes = _quantizable(onnx.load(str(prepared)).graph, scope)
-            quantize_static(
-                str(prepared),
-                str(staged),
-                _RFCalibration(calibration, seed, progress),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=sorted({op for op, _ in nodes}),
-                nodes_to_quantize=[name for _, name in nodes],
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=methods[method],
-            )
-        except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-            raise ExportError(f"int8 quantization of {source} failed: {exc}") from exc
+        quantized = _quantize(
+            source,
+            Path(tmp) / "prepared.onnx",
+            staged,
+            scope=scope,
+            method=method,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            calibration=calibration,
+            seed=seed,
+            progress=progress,
+        )
         recipe = {
             "format": "QDQ",
             "activations": "uint8",
@@ -223,7 +209,7 @@ def quantize_int8(
             "per_channel": per_channel,
             "reduce_range": reduce_range,
             "scope": scope,
-            "quantized_nodes": len(nodes),
+            "quantized_nodes": quantized,
             "calibration_samples": calibration,
             "calibration_seed": seed,
             "calibration_method": method,
@@ -232,6 +218,56 @@ def quantize_int8(
         staged.replace(output)
     log.info("int8_variant_written", source=str(source), path=str(output), **recipe)
     return output
+
+
+def _check_int8_options(calibration: int, scope: str, method: str) -> None:
+    """Refuse fewer than one calibration sample, or an unknown calibration method or scope."""
+    if calibration < 1:
+        raise InputError(f"calibration needs at least 1 sample, got {calibration}")
+    if method not in _CALIBRATION_METHODS:
+        raise InputError(
+            f"unknown calibration method {method!r}; choose one of {list(_CALIBRATION_METHODS)}"
+        )
+    if scope not in ("blocks", "all"):
+        raise InputError(f"unknown quantization scope {scope!r}; choose 'blocks' or 'all'")
+
+
+def _quantize(
+    source: Path,
+    prepared: Path,
+    staged: Path,
+    *,
+    scope: str,
+    method: str,
+    per_channel: bool,
+    reduce_range: bool,
+    calibration: int,
+    seed: int,
+    progress: Progress | None,
+) -> int:
+    """Write ``source`` shape-inferred to ``prepared``, then quantized to ``staged``.
+
+    Returns the number of nodes quantized; ``quantize_int8`` documents the options.
+    """
+    try:
+        quant_pre_process(str(source), str(prepared))
+        nodes = quantizable_nodes(onnx.load(str(prepared)).graph, scope)
+        quantize_static(
+            str(prepared),
+            str(staged),
+            _RFCalibration(calibration, seed, progress),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=sorted({op for op, _ in nodes}),
+            nodes_to_quantize=[name for _, name in nodes],
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=_CALIBRATION_METHODS[method],
+        )
+    except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ExportError(f"int8 quantization of {source} failed: {exc}") from exc
+    return len(nodes)
 
 
 def convert_fp16(
@@ -244,14 +280,14 @@ def convert_fp16(
     """
     source, output = _paths(onnx_path, output_path)
     model = onnx.load(str(source))
-    kept = _output_tail(model.graph)
+    kept = output_tail(model.graph)
     try:
         converted = convert_float_to_float16(
             model, keep_io_types=True, node_block_list=sorted(kept)
         )
     except (ValueError, RuntimeError) as exc:
         raise ExportError(f"fp16 conversion of {source} failed: {exc}") from exc
-    _sort_topologically(converted.graph)
+    sort_topologically(converted.graph)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         staged = Path(tmp) / output.name
         onnx.save_model(converted, str(staged))
@@ -427,56 +463,3 @@ def _stamp(path: Path, source: Path, variant: str, recipe: Mapping[str, object])
     for key in sorted(props):
         model.metadata_props.add(key=key, value=props[key])
     onnx.save_model(model, str(path))
-
-
-def _quantizable(graph: onnx.GraphProto, scope: str) -> list[tuple[str, str]]:
-    """(op type, name) of the nodes to quantize: MatMuls and depthwise Convs, or all matrix ops."""
-    chosen = []
-    for node in graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm"):
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        in_blocks = node.op_type == "MatMul" or (node.op_type == "Conv" and group > 1)
-        if scope == "all" or in_blocks:
-            chosen.append((node.op_type, node.name))
-    if any(not name for _, name in chosen):
-        raise ExportError("the graph has unnamed Conv/MatMul/Gemm nodes; cannot select them")
-    return chosen
-
-
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """Reorder nodes so each follows the producers of its inputs.
-
-    The fp16 converter appends its input casts at the end, which the ONNX checker rejects.
-    """
-    ready = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
-    pending = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        blocked = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                blocked.append(node)
-        if len(blocked) == len(pending):
-            raise ExportError(f"the graph has a cycle or a dangling input at {blocked[0].name!r}")
-        pending = blocked
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def _output_tail(graph: onnx.GraphProto) -> set[str]:
-    """Names of the elementwise nodes between the last matrix op and each graph output."""
-    producer = {out: node for node in graph.node for out in node.output}
-    initializers = {t.name for t in graph.initializer}
-    kept: set[str] = set()
-    stack = [o.name for o in graph.output]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.op_type not in _OUTPUT_TAIL_OPS or node.name in kept:
-            continue
-        kept.add(node.name)
-        stack.extend(i for i in node.input if i and i not in initializers)
-    return kept

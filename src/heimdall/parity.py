@@ -23,20 +23,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import structlog
-from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import (
-    convert_model_to_external_data,
-    uses_external_data,
-    write_external_data_tensors,
-)
 
-from heimdall.contract import BATCH_AXIS, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, Progress, counter
+from heimdall.contract import INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, Progress, counter
 from heimdall.contract import Outputs as Outputs
 from heimdall.contract import Reference as Reference
 from heimdall.data import HELDOUT_SEED, generate, haversine_km
 from heimdall.errors import InputError, VerificationError
 from heimdall.heldout import HELDOUT_SAMPLES as HELDOUT_SAMPLES
 from heimdall.onnxfile import METADATA_PREFIX, check_external_data, load_structure
+from heimdall.parity_graph import NORMALIZED_OUTPUT, check_io, expose_normalized, weights_apart
 from heimdall.runtime import ORT_ERRORS, open_session
 
 log = structlog.get_logger(__name__)
@@ -49,13 +44,7 @@ LARGE_SCALE = 1e3
 REL_FLOOR = 1e-6
 UNITS = "normalized region units"
 LINEAGE_KEY = METADATA_PREFIX + "checkpoint_sha256"
-# The extra graph output that carries the positions before the region de-normalisation.
-NORMALIZED_OUTPUT = "heimdall_verify_normalized_positions"
-_PASS_THROUGH_OPS = {"Cast", "Identity"}
 _CHUNK = 64
-# Embedded tensors above this size are moved to a private data file for ONNX Runtime.
-_EMBEDDED_BYTES = 1024
-_WEIGHTS = "weights.bin"
 
 
 class LineageWarning(UserWarning):
@@ -242,25 +231,16 @@ def measure_parity(
     lineage = (
         _lineage(proto, path, checkpoint_sha256, stacklevel=4) if checkpoint_sha256 else "unchecked"
     )
-    _check_io(proto, path)
-    tail_failures = _expose_normalized(proto, reference, path)
+    check_io(proto, path)
+    tail_failures = expose_normalized(proto, reference, path)
     with tempfile.TemporaryDirectory(prefix="heimdall-verify-") as tmp:
-        model, folder = _weights_apart(proto, path, bool(data_files), Path(tmp))
+        model, folder = weights_apart(proto, path, bool(data_files), Path(tmp))
         del proto  # its weights are in files now: the session reads them there, not from here
         session = _session(model, folder, intra_op_threads, str(path))
     ort_run = _ort_runner(session, path)
     tick = counter(progress, parity_steps(batch_sizes, task_samples))
-    pool = _inputs(max(batch_sizes), input_seed)
-    diffs = tuple(
-        _judged(diff, gates)
-        for batch in batch_sizes
-        for diff in _compare(
-            reference, ort_run, {k: x[:batch] for k, x in pool.items()}, batch, tick
-        )
-    )
-    task = _task_check(reference, ort_run, task_samples, task_seed, tick) if task_samples else None
-    if task is not None:
-        task = dataclasses.replace(task, passed=not _task_failures(task, gates))
+    diffs = _judged_diffs(reference, ort_run, batch_sizes, input_seed, gates, tick)
+    task = _judged_task(reference, ort_run, task_samples, task_seed, gates, tick)
     failures = (
         *tail_failures,
         *(f for d in diffs for f in _diff_failures(d, gates)),
@@ -294,88 +274,6 @@ def _lineage(proto: onnx.ModelProto, path: Path, checkpoint_sha256: str, stackle
             "or export this checkpoint again"
         )
     return "matched"
-
-
-def _check_io(proto: onnx.ModelProto, path: Path) -> None:
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
-    outputs = [o.name for o in proto.graph.output]
-    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
-        raise VerificationError(
-            f"{path}: IO is {inputs} → {outputs}, expected [{INPUT_NAME!r}] → {list(OUTPUT_NAMES)}"
-        )
-
-
-def _expose_normalized(proto: onnx.ModelProto, reference: Reference, path: Path) -> list[str]:
-    """Add the positions before ``× coord_scale + coord_center`` as an extra graph output.
-
-    Returns a failure for each de-normalisation constant that differs from the reference's.
-    """
-    graph = proto.graph
-    producers = {name: node for node in graph.node for name in node.output}
-    initializers = {t.name: t for t in graph.initializer}
-
-    def constant(name: str) -> np.ndarray | None:
-        if name in initializers and not uses_external_data(initializers[name]):
-            return numpy_helper.to_array(initializers[name])
-        node = producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return None if value is None else numpy_helper.to_array(value)
-        return None
-
-    def split(name: str, op: str) -> tuple[np.ndarray, str]:
-        node = producers.get(name)
-        while node is not None and node.op_type in _PASS_THROUGH_OPS:
-            node = producers.get(node.input[0])
-        values = [constant(i) for i in node.input] if node is not None else []
-        known = [v is not None for v in values]
-        if node is None or node.op_type != op or known not in ([True, False], [False, True]):
-            raise VerificationError(
-                f"{path}: {OUTPUT_NAMES[0]!r} is not computed as normalized × coord_scale + "
-                "coord_center at the end of the graph, so its normalized positions cannot be "
-                "compared; export it with heimdall.export"
-            )
-        index = known.index(True)
-        return np.asarray(values[index]), node.input[1 - index]
-
-    center, shifted = split(OUTPUT_NAMES[0], "Add")
-    scale, normalized = split(shifted, "Mul")
-    failures = []
-    for label, stored, expected in (
-        ("coord_center", center, reference.coord_center),
-        ("coord_scale", scale, reference.coord_scale),
-    ):
-        if not np.array_equal(stored.astype(np.float32).ravel(), expected):
-            failures.append(
-                f"the graph's de-normalisation uses {label} {stored.ravel().tolist()}, the model "
-                f"{expected.tolist()}"
-            )
-    graph.node.append(
-        helper.make_node("Cast", [normalized], [NORMALIZED_OUTPUT], to=TensorProto.FLOAT)
-    )
-    graph.output.append(
-        helper.make_tensor_value_info(NORMALIZED_OUTPUT, TensorProto.FLOAT, [BATCH_AXIS, 2])
-    )
-    return failures
-
-
-def _weights_apart(
-    proto: onnx.ModelProto, path: Path, external: bool, tmp: Path
-) -> tuple[bytes, Path]:
-    """The modified graph as bytes, and the folder its external weights are read from.
-
-    Embedded weights are written to ``tmp`` first: serialized with the graph they would sit in
-    memory twice more (proto and bytes) while ONNX Runtime builds its own copy, 3x a large
-    model. A file that keeps its weights in data files is read from its own folder.
-    """
-    if external:
-        return proto.SerializeToString(), path.resolve().parent
-    convert_model_to_external_data(
-        proto, all_tensors_to_one_file=True, location=_WEIGHTS, size_threshold=_EMBEDDED_BYTES
-    )
-    write_external_data_tensors(proto, str(tmp))
-    return proto.SerializeToString(), tmp
 
 
 def _session(model: bytes, folder: Path, threads: int, name: str) -> ort.InferenceSession:
@@ -486,8 +384,38 @@ def _task_check(
     )
 
 
-def _judged(diff: OutputDiff, gates: Gates) -> OutputDiff:
-    return dataclasses.replace(diff, passed=not _diff_failures(diff, gates))
+def _judged_diffs(
+    reference: Reference,
+    ort_run: OrtRun,
+    batch_sizes: Sequence[int],
+    input_seed: int,
+    gates: Gates,
+    tick: Callable[[], None],
+) -> tuple[OutputDiff, ...]:
+    """Every output at every batch size over every input kind, each marked passed or not."""
+    pool = _inputs(max(batch_sizes), input_seed)
+    return tuple(
+        dataclasses.replace(diff, passed=not _diff_failures(diff, gates))
+        for batch in batch_sizes
+        for diff in _compare(
+            reference, ort_run, {k: x[:batch] for k, x in pool.items()}, batch, tick
+        )
+    )
+
+
+def _judged_task(
+    reference: Reference,
+    ort_run: OrtRun,
+    samples: int,
+    seed: int,
+    gates: Gates,
+    tick: Callable[[], None],
+) -> TaskCheck | None:
+    """The held-out task check marked passed or not; None when ``samples`` is 0."""
+    if not samples:
+        return None
+    task = _task_check(reference, ort_run, samples, seed, tick)
+    return dataclasses.replace(task, passed=not _task_failures(task, gates))
 
 
 def _diff_failures(d: OutputDiff, gates: Gates) -> list[str]:

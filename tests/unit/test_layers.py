@@ -33,6 +33,8 @@ CORE = frozenset(
         "objects",
         "onnxfile",
         "parity",
+        "parity_graph",
+        "optimize_graph",
         "heldout",
     }
 )
@@ -48,7 +50,7 @@ STAGES = frozenset(
 ORCHESTRATION = frozenset(
     {"heimdall", "inference", "gates", "results", "steps", "pipeline", "demo", "legacy"}
 )
-CLI = frozenset({"cli", "cli_registry", "display"})
+CLI = frozenset({"cli", "cli_registry", "cli_measure", "display"})
 LAYERS = {
     "core": CORE,
     "torch": TORCH,

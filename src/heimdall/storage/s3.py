@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from heimdall.storage.s3_client import (
     MIN_TIMEOUT_S,
     MISSING_CODES,
     SLOW_LINK_BYTES_PER_S,
-    FilePart,
     abort_rule,
     aborts_incomplete,
     attempt_plan,
@@ -48,13 +46,12 @@ from heimdall.storage.s3_client import (
     make_client,
     without_legacy_prefix,
 )
+from heimdall.storage.s3_multipart import send_parts
 
 log = structlog.get_logger(__name__)
 
 INCOMPLETE_UPLOAD_DAYS = 1
 """Days after which a bucket created here aborts an unfinished multipart upload (S3 lifecycle)."""
-
-_MAX_PARTS = 10_000
 
 
 class S3Store(ObjectStore):
@@ -88,15 +85,7 @@ class S3Store(ObjectStore):
         multipart upload that stops answering fails within about three deadlines (parts in
         flight, then the abort). DNS resolution is not bounded.
         """
-        if part_size < 5 * MiB:
-            raise InputError(f"part_size must be at least 5 MiB (the S3 minimum), got {part_size}")
-        if concurrency < 1:
-            raise InputError(f"concurrency must be at least 1, got {concurrency}")
-        if not timeout_s >= MIN_TIMEOUT_S:
-            raise InputError(
-                f"the S3 deadline must be at least {MIN_TIMEOUT_S:g} s, got {timeout_s:g} "
-                "(timeout_s, HEIMDALL_S3_TIMEOUT_S)"
-            )
+        _check_options(part_size, concurrency, timeout_s)
         self.endpoint_url = endpoint_url
         self.region = region
         self.part_size = part_size
@@ -244,6 +233,20 @@ class S3Store(ObjectStore):
             if progress is not None:
                 progress(size, size)
             return
+        self._put_multipart(bucket, key, path, size, metadata, content_type, if_absent, progress)
+
+    def _put_multipart(
+        self,
+        bucket: str,
+        key: str,
+        path: Path,
+        size: int,
+        metadata: Mapping[str, str] | None,
+        content_type: str,
+        if_absent: bool,
+        progress: Progress | None,
+    ) -> None:
+        """``put_file`` of a file over ``part_size``: a multipart upload, aborted on any failure."""
         check_key(key)
         action = f"upload to {self.uri(bucket, key)}"
         upload_id = self._call(
@@ -254,13 +257,14 @@ class S3Store(ObjectStore):
             ContentType=content_type,
             Metadata=dict(metadata or {}),
         )["UploadId"]
+        upload = {"Bucket": bucket, "Key": key, "UploadId": upload_id}
         try:
-            parts = self._upload_parts(bucket, key, upload_id, path, size, progress)
+            parts = send_parts(
+                self._send_client, upload, path, size, self.part_size, self.concurrency, progress
+            )
             self._client.complete_multipart_upload(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                **upload,
+                MultipartUpload={"Parts": parts},
                 **if_absent_args(if_absent),
             )
         except BaseException as exc:
@@ -402,47 +406,6 @@ class S3Store(ObjectStore):
     def _endpoint(self) -> str:
         return redact_uri(self.endpoint_url or "the AWS default endpoint")
 
-    def _upload_parts(
-        self,
-        bucket: str,
-        key: str,
-        upload_id: str,
-        path: Path,
-        size: int,
-        progress: Progress | None,
-    ) -> list[dict[str, Any]]:
-        """Send parts, ``concurrency`` at a time, each streamed from its range of the file."""
-        part_size = max(self.part_size, -(-size // _MAX_PARTS))
-
-        def send(number: int, offset: int) -> tuple[dict[str, Any], int]:
-            length = min(part_size, size - offset)
-            with FilePart(path, offset, length) as body:
-                resp = self._send_client.upload_part(
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,  # type: ignore[arg-type]
-                    ContentLength=length,
-                    ContentMD5=body.md5_base64(),
-                )
-            return {"PartNumber": number, "ETag": resp["ETag"]}, length
-
-        parts, done = [], 0
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="heimdall-upload")
-        try:
-            offsets = enumerate(range(0, size, part_size), start=1)
-            futures = [pool.submit(send, number, offset) for number, offset in offsets]
-            for future in as_completed(futures):
-                part, length = future.result()
-                parts.append(part)
-                done += length
-                if progress is not None:
-                    progress(done, size)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return sorted(parts, key=lambda part: int(part["PartNumber"]))
-
     def _abort(self, bucket: str, key: str, upload_id: str) -> str | None:
         """Abort a multipart upload; say why when that failed (it then outlives this call)."""
         try:
@@ -510,3 +473,16 @@ class S3Store(ObjectStore):
         secret = self._secret.get_secret_value()
         text = redact_uri(text)
         return text.replace(secret, "***") if len(secret) >= 8 else text
+
+
+def _check_options(part_size: int, concurrency: int, timeout_s: float) -> None:
+    """Refuse parts under the S3 minimum, no concurrency, or a deadline too short to split."""
+    if part_size < 5 * MiB:
+        raise InputError(f"part_size must be at least 5 MiB (the S3 minimum), got {part_size}")
+    if concurrency < 1:
+        raise InputError(f"concurrency must be at least 1, got {concurrency}")
+    if not timeout_s >= MIN_TIMEOUT_S:
+        raise InputError(
+            f"the S3 deadline must be at least {MIN_TIMEOUT_S:g} s, got {timeout_s:g} "
+            "(timeout_s, HEIMDALL_S3_TIMEOUT_S)"
+        )
