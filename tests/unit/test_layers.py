@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -297,3 +298,16 @@ def test_cycle_finder_and_levels_on_a_small_graph() -> None:
     assert cycles(graph) == []
     assert levels(graph) == {"a": 2, "b": 1, "c": 0}
     assert cycles({**graph, "c": frozenset({"a"})}) == [["a", "b", "c", "a"]]
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """The README's Layout block lists each module once, so the map matches the code."""
+    readme = (SOURCE.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = re.findall(r"[a-z_0-9]+", block)
+    modules = {
+        path.stem if path.stem != "__init__" else path.parent.name
+        for path in (SOURCE / "heimdall").rglob("*.py")
+    } - {"__main__"}
+
+    assert sorted(m for m in modules if m not in listed) == []
