@@ -18,13 +18,14 @@ from pathlib import Path
 import onnx
 import structlog
 
-from heimdall.bench import DEFAULT_GAP_S, Timing, check_args, gap_after, measure, ort_call
+from heimdall.bench import check_args
 from heimdall.contract import INPUT_NAME
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.machine import physical_cores
 from heimdall.optimize import SESSION_CANDIDATES
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, SessionSettings, open_session
+from heimdall.timing import DEFAULT_GAP_S, Timing, gap_after, measure, ort_call
 
 log = structlog.get_logger(__name__)
 

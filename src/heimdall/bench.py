@@ -1,18 +1,16 @@
 """PyTorch eager vs ONNX Runtime latency, measured in one process on the same inputs.
 
 Every engine (PyTorch and each ONNX variant) runs with the same thread count on the same
-synthetic RF batch. After a warm-up that lasts until the median of consecutive windows stops
-moving, the engines run in rounds, each round once per engine in a shuffled order, so slow
-drift (other processes, thermal state) hits every engine alike; ratios are the median of the
-per-round ratios. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the PyTorch
-model (2 FLOPs per multiply-accumulate of convolutions and matmuls; normalization, GELU and
-elementwise ops are not counted), so int8 and fp16 variants report fp32-equivalent GFLOP/s.
+synthetic RF batch, timed by ``heimdall.timing`` (warm-up until stable, shuffled rounds,
+ratios as medians of per-round ratios). FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode`` on the PyTorch model (2 FLOPs per
+multiply-accumulate of convolutions and matmuls; normalization, GELU and elementwise ops are
+not counted), so int8 and fp16 variants report fp32-equivalent GFLOP/s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,16 +21,18 @@ import onnxruntime as ort
 import structlog
 import torch
 
-from heimdall.contract import INPUT_NAME, Progress, part
+from heimdall.contract import Progress, part
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.machine import Environment, fingerprint, is_busy, load_average, physical_cores
 from heimdall.model import LocalizationNet
-from heimdall.roofline import PEAK_GEMM_SIZE as PEAK_GEMM_SIZE
-from heimdall.roofline import PeakEstimate as PeakEstimate
-from heimdall.roofline import count_flops as count_flops
-from heimdall.roofline import estimate_peak as estimate_peak
-from heimdall.roofline import eval_mode, seconds_of, torch_threads
+from heimdall.roofline import (
+    PeakEstimate,
+    count_flops,
+    estimate_peak,
+    eval_mode,
+    torch_threads,
+)
 from heimdall.runtime import (
     RECOMMENDED_SESSION_SETTINGS,
     SessionSettings,
@@ -40,56 +40,16 @@ from heimdall.runtime import (
     preferred_providers,
     select_providers,
 )
+from heimdall.timing import DEFAULT_GAP_S as DEFAULT_GAP_S
+from heimdall.timing import MEASURE_STEPS, PYTORCH, Timing, gap_after, measure, ort_call
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
-PYTORCH = "pytorch"
 FLOP_COUNTER = (
     "torch.utils.flop_counter.FlopCounterMode on the PyTorch model: 2 FLOPs per multiply-"
     "accumulate of conv/matmul/linear; norms, GELU and elementwise ops not counted"
 )
-# Idle time after each timed call, so the next engine does not share the cores with busy-waiting
-# workers (measured with getrusage): PyTorch's OpenMP (libgomp) workers spin ~7-8 ms after a
-# parallel region; ONNX Runtime's spin ~40 ms after a run unless
-# SessionSettings.stop_spinning_after_run puts them to sleep at once.
-DEFAULT_GAP_S = 0.015
-SPINNING_GAP_S = 0.06
-_WARMUP_WINDOW = 5
-_WARMUP_TOLERANCE = 0.05
-_WARMUP_SHARE = 0.3
-# Progress units per batch size: ``measure`` reports each tenth of its rounds or budget.
-MEASURE_STEPS = 10
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latency statistics of one engine at one batch size; ratios are medians of paired rounds.
-
-    ``ratios[name]`` is the median over rounds of ``this engine's time / name's time`` (below 1
-    means this engine is faster); ``speedup_vs_pytorch`` is ``1 / ratios["pytorch"]``.
-    """
-
-    engine: str
-    batch_size: int
-    iterations: int
-    warmup_iterations: int
-    warmup_stable: bool
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    stdev_ms: float
-    min_ms: float
-    throughput: float
-    gflops: float
-    ratios: dict[str, float]
-    samples_ms: tuple[float, ...] = ()  # every timed call, in run order (for plots)
-
-    @property
-    def speedup_vs_pytorch(self) -> float | None:
-        ratio = self.ratios.get(PYTORCH)
-        return None if ratio is None else 1.0 / ratio
 
 
 @dataclass(frozen=True)
@@ -133,24 +93,34 @@ class BenchmarkResult:
             raw["speedup_vs_pytorch"] = timing.speedup_vs_pytorch
         return data
 
-    def to_markdown(self) -> str:
-        """The performance table: one row per engine and batch size."""
+    def rows(self) -> list[dict[str, str]]:
+        """The performance table: one row per engine and batch size, values as printed."""
         reference = next((e.name for e in self.engines if e.name != PYTORCH), None)
         peak = self.peak.measured_gflops if self.peak else None
-        header = (
-            "| engine | batch | p50 ms | p90 ms | p99 ms | mean ± sd ms | samples/s | GFLOP/s "
-            f"| % peak | × PyTorch latency | speedup vs PyTorch | × {reference} latency |"
-        )
-        lines = [header, "|" + "---|" * (header.count("|") - 1)]
-        for t in sorted(self.timings, key=lambda t: (t.batch_size, self._order(t.engine))):
-            speedup = t.speedup_vs_pytorch
-            lines.append(
-                f"| {t.engine} | {t.batch_size} | {t.p50_ms:.2f} | {t.p90_ms:.2f} | "
-                f"{t.p99_ms:.2f} | {t.mean_ms:.2f} ± {t.stdev_ms:.2f} | {t.throughput:.1f} | "
-                f"{t.gflops:.1f} | {_pct(t.gflops, peak)} | {_num(t.ratios.get(PYTORCH))} | "
-                f"{_num(speedup)} | {_num(t.ratios.get(reference) if reference else None)} |"
-            )
-        return "\n".join(lines)
+        return [
+            {
+                "engine": t.engine,
+                "batch": str(t.batch_size),
+                "p50 ms": f"{t.p50_ms:.2f}",
+                "p90 ms": f"{t.p90_ms:.2f}",
+                "p99 ms": f"{t.p99_ms:.2f}",
+                "mean ± sd ms": f"{t.mean_ms:.2f} ± {t.stdev_ms:.2f}",
+                "samples/s": f"{t.throughput:.1f}",
+                "GFLOP/s": f"{t.gflops:.1f}",
+                "% peak": _pct(t.gflops, peak),
+                "× PyTorch latency": _num(t.ratios.get(PYTORCH)),
+                "speedup vs PyTorch": _num(t.speedup_vs_pytorch),
+                f"× {reference} latency": _num(t.ratios.get(reference) if reference else None),
+            }
+            for t in sorted(self.timings, key=lambda t: (t.batch_size, self._order(t.engine)))
+        ]
+
+    def to_markdown(self) -> str:
+        """The performance table (:meth:`rows`) in Markdown, for reports."""
+        rows = self.rows()
+        header = list(rows[0]) if rows else ["engine", "batch"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row.values()) + " |" for row in rows])
 
     def _order(self, engine: str) -> int:
         return next(i for i, e in enumerate(self.engines) if e.name == engine)
@@ -333,13 +303,6 @@ def _open_sessions(
     return sessions, engines
 
 
-def gap_after(settings: SessionSettings | None, gap_s: float) -> float:
-    """The idle time after a call: longer after a session whose workers spin between runs."""
-    if settings is not None and settings.allow_spinning and not settings.stop_spinning_after_run:
-        return max(gap_s, SPINNING_GAP_S)
-    return gap_s
-
-
 def check_args(
     variants: Mapping[str, Path],
     batch_sizes: Sequence[int],
@@ -392,107 +355,3 @@ def _torch_call(model: torch.nn.Module, x: np.ndarray, device: str) -> Callable[
         return out
 
     return call
-
-
-def ort_call(session: ort.InferenceSession, x: np.ndarray) -> Callable[[], object]:
-    """One timed call: the session run on ``x``."""
-    feed = {INPUT_NAME: x}
-    return lambda: session.run(None, feed)
-
-
-def _warm_up(call: Callable[[], object], limit_s: float) -> tuple[int, bool]:
-    """Run until two consecutive windows have medians within 5 %, or ``limit_s`` passes."""
-    started = time.perf_counter()
-    previous: float | None = None
-    runs = 0
-    while True:
-        window = []
-        for _ in range(_WARMUP_WINDOW):
-            window.append(seconds_of(call))
-            runs += 1
-        median = statistics.median(window)
-        if previous is not None and abs(median - previous) <= _WARMUP_TOLERANCE * previous:
-            return runs, True
-        if time.perf_counter() - started > limit_s:
-            return runs, False
-        previous = median
-
-
-def measure(
-    calls: Mapping[str, Callable[[], object]],
-    batch: int,
-    flops: int,
-    budget_s: float,
-    iterations: tuple[int, int],
-    gaps: Mapping[str, float],
-    *,
-    progress: Progress | None = None,
-) -> list[Timing]:
-    """Warm each call up, then time them in shuffled rounds until ``budget_s`` has passed.
-
-    ``iterations`` is (at least, at most) the number of rounds; ``gaps`` the idle time after
-    each call of an engine; ``flops`` per sample (0: no GFLOP/s). ``progress(done,
-    MEASURE_STEPS)`` follows the rounds: done is the share of the budget or of the rounds
-    that ends the loop, whichever is further, in tenths.
-    """
-    started = time.perf_counter()
-    min_iterations, max_iterations = iterations
-    names = list(calls)
-    warm = {
-        name: _warm_up(call, _WARMUP_SHARE * budget_s / len(names)) for name, call in calls.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in names}
-    order = np.random.default_rng(0)  # a fresh order each round: no engine always follows another
-    rounds = reported = 0
-    while rounds < max_iterations and (
-        rounds < min_iterations or time.perf_counter() - started < budget_s
-    ):
-        for index in order.permutation(len(names)):
-            name = names[index]
-            times[name].append(seconds_of(calls[name]))
-            if gaps[name]:
-                time.sleep(gaps[name])
-        rounds += 1
-        if progress is not None:
-            # The loop ends once both shares reach 1 or the rounds reach max_iterations.
-            spent = (time.perf_counter() - started) / budget_s
-            share = max(min(rounds / min_iterations, spent), rounds / max_iterations)
-            step = min(int(share * MEASURE_STEPS), MEASURE_STEPS - 1)
-            if step > reported:
-                reported = step
-                progress(step, MEASURE_STEPS)
-    if progress is not None:
-        progress(MEASURE_STEPS, MEASURE_STEPS)
-    arrays = {name: np.asarray(t) for name, t in times.items()}
-    return [_stats(name, batch, flops, arrays, warm[name]) for name in names]
-
-
-def _stats(
-    name: str,
-    batch: int,
-    flops: int,
-    arrays: Mapping[str, np.ndarray],
-    warm: tuple[int, bool],
-) -> Timing:
-    seconds = arrays[name]
-    p50, p90, p99 = np.percentile(seconds, [50, 90, 99])
-    mean = float(seconds.mean())
-    return Timing(
-        engine=name,
-        batch_size=batch,
-        iterations=len(seconds),
-        warmup_iterations=warm[0],
-        warmup_stable=warm[1],
-        p50_ms=float(p50) * 1e3,
-        p90_ms=float(p90) * 1e3,
-        p99_ms=float(p99) * 1e3,
-        mean_ms=mean * 1e3,
-        stdev_ms=float(seconds.std(ddof=1)) * 1e3 if len(seconds) > 1 else 0.0,
-        min_ms=float(seconds.min()) * 1e3,
-        throughput=batch / mean,
-        gflops=flops * batch / float(p50) / 1e9,
-        ratios={
-            other: float(np.median(seconds / arrays[other])) for other in arrays if other != name
-        },
-        samples_ms=tuple(round(float(s) * 1e3, 4) for s in seconds),
-    )

@@ -17,6 +17,7 @@ from heimdall.display import (
     out,
     parity_table,
     plain,
+    records_table,
     show_variants,
     thresholds,
 )
@@ -109,7 +110,9 @@ def bench_cmd(
         if as_json:
             emit(result, True, "benchmark")
             return
-        out.print(result.to_markdown())
+        shown = ("engine", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "GFLOP/s")
+        rows = [{k: r[k] for k in (*shown, "speedup vs PyTorch")} for r in result.rows()]
+        out.print(records_table("benchmark (all columns: --json)", rows))
 
 
 def optimize(

@@ -7,8 +7,7 @@ ISA and clock (``heimdall.machine``). Benchmarks report latency against both.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from heimdall.contract import INPUT_SHAPE
 from heimdall.machine import clock_mhz, flops_per_cycle, physical_cores
 from heimdall.model import LocalizationNet
+from heimdall.timing import seconds_of
 
 PEAK_GEMM_SIZE = 2048
 _PEAK_READ_BYTES = 512 * 2**20
@@ -108,10 +108,3 @@ def eval_mode(model: LocalizationNet) -> Iterator[None]:
     finally:
         model.to(device)
         model.train(was_training)
-
-
-def seconds_of(call: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from heimdall import bench
+from heimdall import bench, timing
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.errors import InputError
 from heimdall.export import ExportResult
-from heimdall.model import INPUT_SHAPE, LocalizationNet
+from heimdall.model import LocalizationNet
 from heimdall.runtime import SessionSettings
 from tests.unit.test_verify import assert_progress_counts_to_its_total
 
@@ -112,23 +110,20 @@ def test_markdown_table_has_one_row_per_timing(result: bench.BenchmarkResult) ->
     assert len({line.count("|") for line in lines}) == 1
 
 
-def test_count_flops_matches_conv_and_linear_macs(model: LocalizationNet) -> None:
-    macs = 0
+def test_table_rows_name_every_engine_and_batch_with_the_same_columns(
+    result: bench.BenchmarkResult,
+) -> None:
+    rows = result.rows()
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-            macs += output.numel() * per_output
-        elif isinstance(module, nn.Linear):
-            macs += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    with torch.inference_mode():
-        model(torch.zeros(1, *INPUT_SHAPE))
-    for handle in handles:
-        handle.remove()
-    assert bench.count_flops(model) == 2 * macs
+    assert [(r["engine"], int(r["batch"])) for r in rows] == sorted(
+        ((t.engine, t.batch_size) for t in result.timings),
+        key=lambda eb: (eb[1], eb[0] != "pytorch"),
+    )
+    assert len({tuple(r) for r in rows}) == 1
+    fp32 = next(r for r in rows if r["engine"] != "pytorch")
+    assert float(fp32["p50 ms"]) == pytest.approx(
+        result.timing(fp32["engine"], int(fp32["batch"])).p50_ms, abs=0.005
+    )
 
 
 @pytest.mark.parametrize(
@@ -162,16 +157,6 @@ def test_benchmark_refuses_different_thread_counts(model: LocalizationNet, onnx_
         bench.benchmark(model, {"a": onnx_path, "b": onnx_path}, settings=settings, peak=False)
 
 
-def test_estimate_peak_reports_positive_rates() -> None:
-    peak = bench.estimate_peak(threads=1, repeats=1, gemm_size=256)
-    assert peak.measured_gflops > 0 and peak.memory_read_gbps > 0
-    assert peak.cores == 1 and peak.gemm_size == 256
-    if peak.theoretical_gflops is not None:
-        assert peak.clock_mhz and peak.flops_per_cycle_per_core
-        expected = peak.clock_mhz * peak.flops_per_cycle_per_core / 1e3
-        assert peak.theoretical_gflops == pytest.approx(expected)
-
-
 def test_benchmark_progress_follows_each_tenth_of_the_rounds_of_each_batch_size(
     model: LocalizationNet, onnx_path: Path
 ) -> None:
@@ -188,7 +173,7 @@ def test_benchmark_progress_follows_each_tenth_of_the_rounds_of_each_batch_size(
         progress=lambda done, total: calls.append((done, total)),
     )
     # With min = max rounds the share is rounds / ROUNDS: tenths 2, 4, 6, 8, then the end.
-    steps = bench.MEASURE_STEPS
+    steps = timing.MEASURE_STEPS
     assert calls == [(d, 2 * steps) for d in (2, 4, 6, 8, 9, 10, 12, 14, 16, 18, 19, 20)]
     assert_progress_counts_to_its_total(calls)
     assert all(t.iterations == ROUNDS for t in result.timings)

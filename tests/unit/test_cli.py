@@ -404,6 +404,21 @@ def test_verify_states_the_thresholds_it_passed(
     )
 
 
+def test_bench_prints_a_table_with_one_row_per_engine_not_markdown(
+    atto_checkpoint: LoadedCheckpoint, atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    result = Home(tmp_path / "data", "unused").run(
+        "bench", atto_onnx.path, "--checkpoint", atto_checkpoint.path, "--batch-sizes", "1",
+        "--budget", "0.3", "--threads", "1",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "|---" not in result.stdout
+    rows = tables(result.stdout)["benchmark (all columns: --json)"]
+    assert [row[0].replace("\n", "") for row in rows] == ["pytorch", "fp32"]
+    assert all(row[1] == "1" for row in rows)
+
+
 def tables(output: str) -> dict[str, list[list[str]]]:
     """Each table's records under its title; a record folded over lines has its cells' lines
     joined with newlines (a name folded mid-word: remove them to read it whole)."""

@@ -28,6 +28,7 @@ CORE = frozenset(
         "files",
         "runtime",
         "retry",
+        "timing",
         "machine",
         "tracking",
         "data",
