@@ -16,7 +16,7 @@ import math
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +124,10 @@ class ParityResult:
     task: TaskCheck | None
     failures: tuple[str, ...]
     lineage: str = "unchecked"
+    # ONNX Runtime's positions on the task check's samples and their true positions, in order:
+    # a held-out score of the file is computed from them, not run again (not serialized).
+    task_positions: np.ndarray | None = field(default=None, repr=False, compare=False)
+    task_labels: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -240,14 +244,21 @@ def measure_parity(
     ort_run = _ort_runner(session, path)
     tick = counter(progress, parity_steps(batch_sizes, task_samples))
     diffs = _judged_diffs(reference, ort_run, batch_sizes, input_seed, gates, tick)
-    task = _judged_task(reference, ort_run, task_samples, task_seed, gates, tick)
+    task, positions, labels = _judged_task(reference, ort_run, task_samples, task_seed, gates, tick)
     failures = (
         *tail_failures,
         *(f for d in diffs for f in _diff_failures(d, gates)),
         *(_task_failures(task, gates) if task else ()),
     )
     result = ParityResult(
-        onnx_path=path, gates=gates, diffs=diffs, task=task, failures=failures, lineage=lineage
+        onnx_path=path,
+        gates=gates,
+        diffs=diffs,
+        task=task,
+        failures=failures,
+        lineage=lineage,
+        task_positions=positions,
+        task_labels=labels,
     )
     log.info("onnx_parity", path=str(path), passed=result.passed, failures=len(result.failures))
     if raise_on_failure and not result.passed:
@@ -358,7 +369,8 @@ def _compare(
 
 def _task_check(
     reference: Reference, ort_run: OrtRun, samples: int, seed: int, tick: Callable[[], None]
-) -> TaskCheck:
+) -> tuple[TaskCheck, np.ndarray, np.ndarray]:
+    """The task check, ONNX Runtime's positions and the true ones."""
     x, labels = generate(samples, seed=seed)
     reference_pos, onnx_pos = [], []
     for i in range(0, samples, _CHUNK):
@@ -371,7 +383,7 @@ def _task_check(
     err_torch = float(np.median(haversine_km(torch_pos.astype(np.float64), labels)))
     err_onnx = float(np.median(haversine_km(ort_pos.astype(np.float64), labels)))
     change = err_onnx - err_torch
-    return TaskCheck(
+    check = TaskCheck(
         samples=samples,
         seed=seed,
         mean_distance_m=float(distance_m.mean()),
@@ -382,6 +394,7 @@ def _task_check(
         median_error_change_rel=change / err_torch if err_torch > 0 else float(change != 0),
         finite=bool(np.isfinite(torch_pos).all() and np.isfinite(ort_pos).all()),
     )
+    return check, ort_pos, labels
 
 
 def _judged_diffs(
@@ -410,12 +423,13 @@ def _judged_task(
     seed: int,
     gates: Gates,
     tick: Callable[[], None],
-) -> TaskCheck | None:
-    """The held-out task check marked passed or not; None when ``samples`` is 0."""
+) -> tuple[TaskCheck | None, np.ndarray | None, np.ndarray | None]:
+    """The held-out task check marked passed or not, ONNX Runtime's positions and the true
+    ones; Nones when ``samples`` is 0."""
     if not samples:
-        return None
-    task = _task_check(reference, ort_run, samples, seed, tick)
-    return dataclasses.replace(task, passed=not _task_failures(task, gates))
+        return None, None, None
+    task, positions, labels = _task_check(reference, ort_run, samples, seed, tick)
+    return dataclasses.replace(task, passed=not _task_failures(task, gates)), positions, labels
 
 
 def _diff_failures(d: OutputDiff, gates: Gates) -> list[str]:

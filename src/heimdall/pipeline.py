@@ -51,8 +51,8 @@ from heimdall.results import (
     timing_summary,
 )
 from heimdall.steps import BENCH_BATCH_SIZES as BENCH_BATCH_SIZES
+from heimdall.steps import ISOLATED_EXPORT_BYTES as ISOLATED_EXPORT_BYTES
 from heimdall.steps import (
-    HELDOUT_CHUNK,
     VERIFY_BATCH_SIZES,
     BytesProgress,
     PublishOptions,
@@ -61,11 +61,12 @@ from heimdall.steps import (
     Work,
     bench_step,
     export_step,
+    heldout_of,
+    heldout_step,
     validate_step,
     variants_step,
     verify_step,
 )
-from heimdall.steps import ISOLATED_EXPORT_BYTES as ISOLATED_EXPORT_BYTES
 from heimdall.storage import ObjectStore, UploadResult, open_store, upload_model
 from heimdall.validate import ValidationResult, get_model_metadata, validate_onnx_model
 from heimdall.verify import ParityResult
@@ -122,37 +123,21 @@ def publish(
     )
     options.check(settings)
     run = Run(progress, settings.secret_values())
-    with run.step("load"):
-        loaded = _load(source)
-        run.note(f"{loaded.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
-    out = options.output_dir or _default_output_dir(settings, loaded)
-    work = Work(options, settings, run, source, loaded, out)
-    for step in (export_step, validate_step, verify_step, variants_step, bench_step, _heldout):
+    loaded = _load_step(run, source)
+    work = Work(options, settings, run, source, loaded, _output_dir(options, settings, loaded))
+    for step in (export_step, validate_step, verify_step, variants_step, bench_step, heldout_step):
         step(work)
-    shared = _Shared(
-        model=work.loaded.model,
-        loaded=work.loaded,
-        training_run=work.training_run,
-        timings=work.timings,
-        settings=settings,
-        store=store or open_store(settings),
-        name=options.name,
-        alias=options.alias,
-        create_bucket=options.create_bucket,
-        upload_progress=upload_progress,
-        force=options.force,
-        reason=options.reason,
-    )
+    shared = _Shared.of(work, store or open_store(settings), upload_progress)
     return _report(work, _publish_versions(work, shared))
 
 
-def _heldout(work: Work) -> None:
-    assert work.exported is not None
-    with work.run.step("heldout"):
-        heldout = work.heldout = evaluate_heldout(
-            work.exported.path, settings=work.settings, chunk=HELDOUT_CHUNK
-        )
-        work.run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
+def _load_step(
+    run: Run, source: Path | str | LoadedCheckpoint | LocalizationNet
+) -> LoadedCheckpoint:
+    with run.step("load"):
+        loaded = _load(source)
+        run.note(f"{loaded.config.backbone} backbone, checkpoint sha256 {loaded.sha256}")
+    return loaded
 
 
 def _publish_versions(work: Work, shared: _Shared) -> list[PublishedModel]:
@@ -173,7 +158,8 @@ def _publish_versions(work: Work, shared: _Shared) -> list[PublishedModel]:
     ]
     for built in (v for v in work.variants if v.passed):
         with work.run.step(f"heldout[{built.variant}]"):
-            evaluation = evaluate_heldout(built.path, settings=work.settings, chunk=HELDOUT_CHUNK)
+            assert built.parity is not None  # a variant passed its parity check
+            evaluation = heldout_of(built.parity, built.sha256)
             work.run.note(f"median error {evaluation.median_error_km:.1f} km")
         published.append(
             _publish_one(
@@ -249,6 +235,24 @@ class _Shared:
     upload_progress: BytesProgress | None
     force: bool
     reason: str | None
+
+    @classmethod
+    def of(cls, work: Work, store: ObjectStore, upload_progress: BytesProgress | None) -> _Shared:
+        options = work.options
+        return cls(
+            model=work.loaded.model,
+            loaded=work.loaded,
+            training_run=work.training_run,
+            timings=work.timings,
+            settings=work.settings,
+            store=store,
+            name=options.name,
+            alias=options.alias,
+            create_bucket=options.create_bucket,
+            upload_progress=upload_progress,
+            force=options.force,
+            reason=options.reason,
+        )
 
 
 def _publish_one(
@@ -466,9 +470,9 @@ def _load(source: Path | str | LoadedCheckpoint | LocalizationNet) -> LoadedChec
     )
 
 
-def _default_output_dir(settings: Settings, loaded: LoadedCheckpoint) -> Path:
-    # One folder per checkpoint: a re-run rewrites the same (deterministic) files.
-    return settings.resolved_data_dir / "exports" / loaded.sha256[:16]
+def _output_dir(options: PublishOptions, settings: Settings, loaded: LoadedCheckpoint) -> Path:
+    # By default one folder per checkpoint: a re-run rewrites the same (deterministic) files.
+    return options.output_dir or settings.resolved_data_dir / "exports" / loaded.sha256[:16]
 
 
 def _check_variants(variants: Sequence[str] | str) -> list[Variant]:

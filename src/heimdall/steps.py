@@ -1,4 +1,4 @@
-"""The publish steps on the local file: export, validate, verify, variants, benchmark.
+"""The publish steps on the local file: export, validate, verify, variants, benchmark, held-out.
 
 Each step reads what earlier ones left in :class:`Work` and adds its own; :class:`Run` times and
 records every step for the report and the progress display. ``heimdall.pipeline`` runs them,
@@ -24,9 +24,9 @@ from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.config import Settings, redact_uri
 from heimdall.contract import FP32, StepRecord
-from heimdall.errors import HeimdallError, InputError, PublishError
+from heimdall.errors import HeimdallError, InputError, PublishError, VerificationError
 from heimdall.export import ExportResult, export_checkpoint_isolated, export_to_onnx
-from heimdall.heldout import HeldOut
+from heimdall.heldout import HeldOut, HeldOutSet, score
 from heimdall.machine import is_busy, load_average, physical_cores
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.optimize import Variant, VariantResult, build_variant
@@ -46,9 +46,6 @@ VERIFY_BATCH_SIZES = DEFAULT_VERIFY_BATCH_SIZES
 # A checkpoint file with more weights than this is exported in a process of its own (the
 # exporter's peak is ~3 more copies of the weights); below it, a process start costs more.
 ISOLATED_EXPORT_BYTES = 256 * 2**20
-# Held-out samples per ONNX Runtime call: ConvNeXt-Large's activations cost ~6.4 MiB a sample
-# (256 at once: +1.6 GB beyond its session; 32: +0.2 GB); the predictions are the same.
-HELDOUT_CHUNK = 32
 
 # Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
 # "failed".
@@ -273,6 +270,33 @@ def bench_step(work: Work) -> None:
         speedup = timings.timing(FP32, 1).speedup_vs_pytorch
         busy = " (machine busy: not a reliable figure)" if is_busy(timings.environment) else ""
         work.run.note(f"batch 1: ONNX Runtime {speedup:.2f}× PyTorch eager{busy}")
+
+
+def heldout_step(work: Work) -> None:
+    """fp32's held-out score, from the predictions verify's task check made (not run again)."""
+    assert work.exported is not None and work.parity is not None
+    with work.run.step("heldout"):
+        heldout = work.heldout = heldout_of(work.parity, work.exported.sha256)
+        work.run.note(f"median error {heldout.median_error_km:.1f} km on {heldout.samples} samples")
+
+
+def heldout_of(parity: ParityResult, sha256: str) -> HeldOut:
+    """The held-out score of the file ``parity`` checked, from its task check's predictions.
+
+    The task check ran ONNX Runtime on the held-out seed's first samples, at least as many as
+    the set holds (variants: more; a shorter ``data.generate`` draw is a prefix of a longer one),
+    so the set's predictions are its first rows: scored as ``inference.evaluate_heldout`` scores
+    a served model's, with the same numbers (``tests/unit/test_pipeline.py`` compares them).
+    """
+    heldout, task = HeldOutSet(), parity.task
+    if task is None or task.seed != heldout.seed or task.samples < heldout.size:
+        raise VerificationError(
+            f"{parity.onnx_path}: its parity check ran no task check on the first "
+            f"{heldout.size} samples of seed {heldout.seed}, so there is no held-out score"
+        )
+    assert parity.task_positions is not None and parity.task_labels is not None  # with any task
+    positions, labels = parity.task_positions[: heldout.size], parity.task_labels[: heldout.size]
+    return score(positions, labels, heldout, version=None, sha256=sha256)
 
 
 def exports_apart(source: object, model: LocalizationNet) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -15,11 +17,14 @@ from safetensors.torch import save_file
 
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
+from heimdall.data import HELDOUT_SEED, generate
 from heimdall.errors import InputError, PublishError
+from heimdall.heldout import HELDOUT_SAMPLES
 from heimdall.inference import evaluate_heldout
 from heimdall.legacy import export_and_register_model
 from heimdall.machine import software
 from heimdall.model import LocalizationNet, ModelConfig
+from heimdall.optimize import METADATA_KEY_VARIANT
 from heimdall.pipeline import publish
 from heimdall.report import REPORT_SCHEMA_VERSION
 from heimdall.results import PublishResult
@@ -232,6 +237,7 @@ def test_a_large_checkpoint_is_exported_apart_and_verified_from_recorded_outputs
     assert [type(r) for r in references] == [Reference]
     assert apart.primary.upload.sha256 == first.primary.upload.sha256
     assert (apart.parity.diffs, apart.parity.task) == (first.parity.diffs, first.parity.task)
+    assert apart.heldout == first.heldout
     assert apart.primary.metadata["parameters"] == first.primary.metadata["parameters"]
     assert apart.primary.metadata["model_config"] == first.primary.metadata["model_config"]
 
@@ -423,21 +429,50 @@ def test_demo_trains_publishes_and_serves_the_staging_alias(
     assert list((tmp_path / "demo").rglob(report))
 
 
-def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(
-    embedded_mlflow: MlflowBackend, atto_checkpoint: LoadedCheckpoint, tmp_path: Path
-) -> None:
-    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
-    name = unique("variants")
+@dataclass(frozen=True)
+class WithInt8:
+    """One publish of fp32 and int8, and how often ONNX Runtime ran each held-out sample."""
 
-    result = publish(
-        atto_checkpoint.path,
-        settings=settings,
-        name=name,
-        variants="fp32,int8",
-        calibration=16,
-        bench=False,
-        **FAST,
-    )
+    settings: Settings
+    name: str
+    result: PublishResult
+    heldout_runs: Counter[str]  # held-out samples run, per model file (its variant)
+
+
+@pytest.fixture(scope="module")
+def with_int8(
+    embedded_mlflow: MlflowBackend,
+    atto_checkpoint: LoadedCheckpoint,
+    tmp_path_factory: pytest.TempPathFactory,
+    one_torch_thread: None,
+) -> WithInt8:
+    settings = embedded_mlflow.settings(data_dir=tmp_path_factory.mktemp("publish-int8"))
+    name = unique("variants")
+    heldout = {row.tobytes() for row in generate(HELDOUT_SAMPLES, seed=HELDOUT_SEED)[0]}
+    runs: Counter[str] = Counter()
+    run = ort.InferenceSession.run
+
+    def counting(session: ort.InferenceSession, names: Any, feeds: Any, *args: Any) -> Any:
+        variant = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY_VARIANT, "fp32")
+        runs[variant] += sum(row.tobytes() in heldout for row in next(iter(feeds.values())))
+        return run(session, names, feeds, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ort.InferenceSession, "run", counting)
+        result = publish(
+            atto_checkpoint.path,
+            settings=settings,
+            name=name,
+            variants="fp32,int8",
+            calibration=16,
+            bench=False,
+            **FAST,
+        )
+    return WithInt8(settings, name, result, runs)
+
+
+def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(with_int8: WithInt8) -> None:
+    settings, name, result = with_int8.settings, with_int8.name, with_int8.result
 
     (int8,) = result.variants
     assert int8.passed, int8.reason
@@ -450,6 +485,18 @@ def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(
         assert version.tags["sha256"] == sha256_file(published.onnx_path)
     assert result.published[0].upload.sha256 != result.published[1].upload.sha256
     assert versions_of(settings, name) == ["1", "2"]
+
+
+def test_publish_runs_each_model_file_over_the_heldout_samples_once(with_int8: WithInt8) -> None:
+    assert with_int8.heldout_runs == {"fp32": HELDOUT_SAMPLES, "int8": HELDOUT_SAMPLES}
+
+
+def test_published_heldout_figures_are_those_of_evaluate_heldout_on_the_same_file(
+    with_int8: WithInt8,
+) -> None:
+    for published in with_int8.result.published:
+        served = evaluate_heldout(published.onnx_path, settings=with_int8.settings)
+        assert published.heldout == served, published.variant
 
 
 def test_stage_is_set_and_kept_when_the_version_is_reused(
