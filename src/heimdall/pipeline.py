@@ -235,6 +235,8 @@ class _Shared:
     upload_progress: BytesProgress | None
     force: bool
     reason: str | None
+    # package versions and the git commit of the code that ran: looked up once per publish
+    software_tags: dict[str, str]
 
     @classmethod
     def of(cls, work: Work, store: ObjectStore, upload_progress: BytesProgress | None) -> _Shared:
@@ -252,6 +254,7 @@ class _Shared:
             upload_progress=upload_progress,
             force=options.force,
             reason=options.reason,
+            software_tags=software(git_commit=work.settings.git_commit).tags(),
         )
 
 
@@ -420,8 +423,7 @@ def _register_step(
                 "variant": variant,
                 **evaluation.tags(),
                 **bench_tags(shared.timings, variant),
-                # package versions and the git commit of the code that ran, when there is one
-                **software(git_commit=shared.settings.git_commit).tags(),
+                **shared.software_tags,
             },
             settings=shared.settings,
         )

@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
+from heimdall import machine
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
 from heimdall.data import HELDOUT_SEED, generate
@@ -437,6 +438,7 @@ class WithInt8:
     name: str
     result: PublishResult
     heldout_runs: Counter[str]  # held-out samples run, per model file (its variant)
+    git_calls: int  # `git` processes the publish started
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +453,12 @@ def with_int8(
     heldout = {row.tobytes() for row in generate(HELDOUT_SAMPLES, seed=HELDOUT_SEED)[0]}
     runs: Counter[str] = Counter()
     run = ort.InferenceSession.run
+    git: list[tuple[str, ...]] = []
+    real_git = machine._git
+
+    def counting_git(where: Path | None, *args: str) -> str | None:
+        git.append(args)
+        return real_git(where, *args)
 
     def counting(session: ort.InferenceSession, names: Any, feeds: Any, *args: Any) -> Any:
         variant = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY_VARIANT, "fp32")
@@ -459,6 +467,7 @@ def with_int8(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ort.InferenceSession, "run", counting)
+        patch.setattr(machine, "_git", counting_git)
         result = publish(
             atto_checkpoint.path,
             settings=settings,
@@ -468,7 +477,14 @@ def with_int8(
             bench=False,
             **FAST,
         )
-    return WithInt8(settings, name, result, runs)
+    return WithInt8(settings, name, result, runs, len(git))
+
+
+def test_a_publish_of_two_variants_asks_git_for_the_commit_once(with_int8: WithInt8) -> None:
+    commits = {p.version.tags.get("heimdall.git_commit") for p in with_int8.result.published}
+
+    assert len(commits) == 1
+    assert with_int8.git_calls <= 2  # rev-parse, then status when there is a repository
 
 
 def test_int8_variant_is_its_own_tagged_version_with_its_own_alias(with_int8: WithInt8) -> None:
