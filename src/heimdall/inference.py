@@ -36,6 +36,7 @@ from heimdall.data import HELDOUT_SEED, generate
 from heimdall.errors import InputError, RegistryError
 from heimdall.files import sha256_file
 from heimdall.heldout import HELDOUT_SAMPLES, HeldOut, HeldOutSet, score
+from heimdall.objects import fetch
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, open_session, recorded_settings
 from heimdall.storage import download_model, download_verified, open_store
 
@@ -116,8 +117,8 @@ class LocalizationModel:
         settings = settings or load_settings()
         text = str(uri)
         with tempfile.TemporaryDirectory(prefix="heimdall-load-") as tmp:
-            local, expected, version = _fetch(text, Path(tmp), settings)
-            sha256 = sha256_file(local)
+            local, expected, version, arrived = _fetch(text, Path(tmp), settings)
+            sha256 = arrived or sha256_file(local)  # a download hashed its bytes as they came
             if expected is not None and sha256 != expected:
                 raise RegistryError(
                     f"{redact_uri(text)}: the stored model has sha256 {sha256} but {expected} "
@@ -186,26 +187,29 @@ def _open(local: Path, providers: Sequence[str] | None, name: str) -> ort.Infere
     return open_session(local, recorded, providers=providers, name=name)
 
 
-def _fetch(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | None, str | None]:
-    """A local ``.onnx`` for ``uri``, the sha256 its bytes must have (if known), its version."""
+def _fetch(
+    uri: str, tmp: Path, settings: Settings
+) -> tuple[Path, str | None, str | None, str | None]:
+    """A local ``.onnx`` for ``uri``, the sha256 its bytes must have (if known), its version,
+    and the sha256 of the bytes as they arrived (None for a file already on this machine)."""
     if uri.startswith("models:/"):
         version = registry.resolve_model_uri(uri, settings=settings)
-        local, _ = _local_model(version.source, tmp, settings)
-        return local, version.sha256, version.version
-    local, recorded = _local_model(uri, tmp, settings)
-    return local, recorded, None
+        local, _, arrived = _local_model(version.source, tmp, settings)
+        return local, version.sha256, version.version, arrived
+    local, recorded, arrived = _local_model(uri, tmp, settings)
+    return local, recorded, None, arrived
 
 
-def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | None]:
+def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | None, str | None]:
     """A local ``.onnx`` for a path, ``file://`` or ``s3://`` URI of a file or an MLflow model
-    directory, and the sha256 the store recorded for it when it has not been checked yet."""
+    directory, the sha256 the store recorded for it, and the sha256 of what was downloaded."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
         path = path / registry.MODEL_FILE if path.is_dir() else path
         if not path.is_file():
             raise InputError(f"no ONNX model at {uri}")
-        return path, None
+        return path, None, None
     if parsed.scheme != "s3":
         raise InputError(
             f"cannot load {redact_uri(uri)!r}: use models:/NAME@alias, models:/NAME/VERSION, "
@@ -213,8 +217,10 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         )
     store = open_store(settings)
     bucket, key = store.locate(uri)
-    if store.head(bucket, key) is not None:
-        return download_model(store, uri, tmp), None  # checked against its recorded sha256
+    upload = store.head(bucket, key)
+    if upload is not None:  # download_model checks every file against its recorded sha256
+        digest = upload.metadata.get("sha256")
+        return download_model(store, uri, tmp), digest, digest
     key = f"{key.rstrip('/')}/{registry.MODEL_FILE}"
     info = store.head(bucket, key)
     if info is None:
@@ -226,7 +232,8 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         recorded = store.head(bucket, f"{folder}/{name}")
         expected = recorded.metadata.get("sha256") if recorded is not None else None
         download_verified(store, bucket, f"{folder}/{name}", tmp / name, expected)
-    return store.get(bucket, key, tmp / registry.MODEL_FILE), info.metadata.get("sha256")
+    local = tmp / registry.MODEL_FILE
+    return local, info.metadata.get("sha256"), fetch(store, bucket, key, local)
 
 
 def evaluate_heldout(

@@ -20,7 +20,7 @@ import torch
 import yaml
 from structlog.testing import capture_logs
 
-from heimdall import registry
+from heimdall import inference, registry
 from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import RegistryError
@@ -138,6 +138,7 @@ def test_registered_version_is_an_onnx_mlflow_model_equal_to_onnxruntime(
     atto: Export,
     model_name: str,
     fluent_mlflow: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = backend.store()
     uri = upload(store, backend, atto, f"models/localization/{model_name}.onnx")
@@ -195,6 +196,11 @@ def test_registered_version_is_an_onnx_mlflow_model_equal_to_onnxruntime(
     assert np.abs(predicted["positions"] - atto.expected[0]).max() <= 1e-6
     assert np.abs(predicted["uncertainties"] - atto.expected[1]).max() <= 1e-6
 
+    hashed: list[Path] = []  # local files hashed after their download
+    real_sha256_file = inference.sha256_file
+    monkeypatch.setattr(
+        inference, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path)
+    )
     loaded = LocalizationModel.load(f"models:/{model_name}@staging", settings=backend.settings())
     assert loaded.version == "1" and loaded.sha256 == atto.result.sha256
     assert np.abs(loaded.predict(atto.features).positions - atto.expected[0]).max() <= 1e-6
@@ -202,6 +208,8 @@ def test_registered_version_is_an_onnx_mlflow_model_equal_to_onnxruntime(
         loaded = LocalizationModel.load(direct, settings=backend.settings())
         assert loaded.sha256 == atto.result.sha256
         assert np.abs(loaded.predict(atto.features).positions - atto.expected[0]).max() <= 1e-6
+    if uri.startswith("s3://"):
+        assert hashed == []  # each download was hashed as its bytes arrived
 
 
 def test_direct_postgresql_tracking_uri_registers_and_loads(
