@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import typer
@@ -67,15 +70,31 @@ def rollback(
         emit(change, as_json, "rollback")
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Collect no cycles while a short read runs: importing MLflow would trigger full passes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        # Re-enabled as is, the next allocation would scan every object made meanwhile as young;
+        # freezing and unfreezing moves them to the oldest generation without a pass.
+        gc.freeze()
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Inspect registered models.")
 
 
 @models_app.command("list")
 def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
     """Registered models with their aliases and latest version."""
-    from heimdall.registry import list_models
+    with _gc_paused(), errors(as_json):
+        from heimdall.registry import list_models
 
-    with errors(as_json):
         models = [m.to_dict() for m in list_models(settings=settings_of(ctx))]
         if as_json:
             emit(models, True, "models")
@@ -104,9 +123,9 @@ def models_show(
     as_json: bool = JsonOpt,
 ) -> None:
     """A model's versions, aliases and alias history (or one version's details)."""
-    from heimdall.registry import show_model as details_of
+    with _gc_paused(), errors(as_json):
+        from heimdall.registry import show_model as details_of
 
-    with errors(as_json):
         details = details_of(name, version=version, settings=settings_of(ctx))
         if as_json:
             emit(details, True, name)

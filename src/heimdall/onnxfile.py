@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import onnx
-from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from typing import TYPE_CHECKING
 
 from heimdall.errors import ValidationError
+
+# onnx is imported where a file is read: reading the registry (`models list`) needs none of it.
+if TYPE_CHECKING:
+    import onnx
 
 # Every metadata_props key heimdall writes into an exported file starts with this.
 METADATA_PREFIX = "heimdall."
@@ -67,6 +68,9 @@ class ValidationResult:
 
 def load_structure(path: Path) -> onnx.ModelProto:
     """The model proto without its external data: cheap, and reads nothing but the file."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     if not path.is_file():
         raise ValidationError(f"ONNX file not found: {path}")
     advice = "Export it again or re-download it and compare its sha256."
@@ -90,6 +94,8 @@ def check_external_data(path: Path | str, proto: onnx.ModelProto | None = None) 
     A location must be relative, free of ``..``, and resolve (symlinks included) to a file
     inside the model's folder, large enough for every tensor's offset and length.
     """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
     path = Path(path)
     proto = proto if proto is not None else load_structure(path)
     folder = path.resolve().parent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -362,3 +364,14 @@ def test_the_registry_lock_exists_only_while_held_and_never_frees_another_holder
         # As if this lock had expired and another process had broken and taken it.
         client.set_registered_model_tag(lock, "heimdall.lock", '{"token": "someone-else"}')
     assert client.get_registered_model(lock).tags["heimdall.lock"] == '{"token": "someone-else"}'
+
+
+def test_importing_the_registry_loads_neither_onnx_nor_onnxruntime() -> None:
+    """`models list` and `models show` only read the registry: the two would cost them 0.05 s."""
+    code = (
+        "import sys, heimdall.registry, heimdall.cli; "
+        "print(sorted({'onnx', 'onnxruntime'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -23,21 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.onnx
 import numpy as np
-import onnx
 import structlog
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
 
 from heimdall.config import redact_uri
-from heimdall.data import generate
 from heimdall.errors import HeimdallError, InputError, RegistryError
 from heimdall.files import sha256_chunks
 from heimdall.objects import ObjectInfo, ObjectStore, fetch
 from heimdall.onnxfile import TensorSpec, ValidationResult
-from heimdall.runtime import recorded_settings
 
 log = structlog.get_logger(__name__)
 
@@ -243,6 +239,13 @@ def _write_mlflow_model(path: Path, checked: ValidationResult, info: Mapping[str
     ``model.onnx`` that is dropped here: the real one is the server-side copy beside these files.
     The flavor carries the session settings serving uses, so ``mlflow.pyfunc`` users get them.
     """
+    # Only a registration writes a model folder: reading the registry loads no onnx or ORT.
+    import mlflow.onnx
+    import onnx
+
+    from heimdall.data import generate
+    from heimdall.runtime import recorded_settings
+
     signature = ModelSignature(
         inputs=Schema([_mlflow_spec(s) for s in checked.inputs]),
         outputs=Schema([_mlflow_spec(s) for s in checked.outputs]),
