@@ -19,6 +19,7 @@ overrides, and the reason is recorded in the version's tags and the alias histor
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,7 +99,14 @@ def judge(candidate: HeldOut, champion: HeldOut | None, policy: GatePolicy) -> t
 
 
 def _passes(value: float, ceiling: float) -> bool:
-    """MLflow's own threshold check: ``value <= ceiling`` for a lower-is-better metric."""
+    """MLflow's own threshold check: ``value <= ceiling`` for a lower-is-better metric.
+
+    MLflow logs its progress at INFO on a handler of its own; the verdict is reported by
+    heimdall, so those lines are held back while it checks.
+    """
+    chatty = logging.getLogger(validate_evaluation_results.__module__)
+    level = chatty.level
+    chatty.setLevel(max(level, logging.WARNING))
     try:
         validate_evaluation_results(
             {_METRIC: MetricThreshold(threshold=ceiling, greater_is_better=False)},
@@ -106,6 +114,8 @@ def _passes(value: float, ceiling: float) -> bool:
         )
     except ModelValidationFailedException:
         return False
+    finally:
+        chatty.setLevel(level)
     return True
 
 

@@ -62,3 +62,11 @@ def test_a_policy_that_lets_everything_or_nothing_through_is_refused() -> None:
         GatePolicy(baseline_fraction=0)
     with pytest.raises(InputError):
         GatePolicy(champion_tolerance=-0.1)
+
+
+def test_judging_prints_none_of_mlflows_info_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """Used as a library, a gate check stays quiet; its verdict is heimdall's to report."""
+    judge(held_out(20.0), held_out(20.0, version="3"), GatePolicy())
+
+    out, err = capfd.readouterr()
+    assert "validation" not in (out + err).lower()
