@@ -125,6 +125,7 @@ def publish(
     run = Run(progress, settings.secret_values())
     loaded = _load_step(run, source)
     work = Work(options, settings, run, source, loaded, _output_dir(options, settings, loaded))
+    del loaded  # work holds the only reference: the export step may free the weights
     for step in (export_step, validate_step, verify_step, variants_step, bench_step, heldout_step):
         step(work)
     shared = _Shared.of(work, store or open_store(settings), upload_progress)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
-from heimdall import machine
+from heimdall import machine, pipeline
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
 from heimdall.data import HELDOUT_SEED, generate
@@ -221,11 +223,21 @@ def test_a_large_checkpoint_is_exported_apart_and_verified_from_recorded_outputs
         raise AssertionError("exported in the publishing process")
 
     references: list[object] = []
+    loaded_models: list[weakref.ref[LocalizationNet]] = []
+    load = pipeline._load
+
+    def loading(source: Any) -> LoadedCheckpoint:
+        loaded = load(source)
+        loaded_models.append(weakref.ref(loaded.model))
+        return loaded
 
     def recording(path: Path, reference: object, *args: Any, **kwargs: Any) -> Any:
+        gc.collect()
         references.append(reference)
+        references.append([ref() is not None for ref in loaded_models])
         return verify_parity(path, reference, *args, **kwargs)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(pipeline, "_load", loading)
     monkeypatch.setattr(steps, "ISOLATED_EXPORT_BYTES", 0)  # atto counts as large
     monkeypatch.setattr(steps, "export_to_onnx", not_in_process)
     monkeypatch.setattr(steps, "verify_parity", recording)
@@ -235,7 +247,8 @@ def test_a_large_checkpoint_is_exported_apart_and_verified_from_recorded_outputs
     )
 
     first = published.first
-    assert [type(r) for r in references] == [Reference]
+    assert [type(r) for r in references] == [Reference, list]
+    assert references[1] == [False]  # the checkpoint's weights were freed before the export
     assert apart.primary.upload.sha256 == first.primary.upload.sha256
     assert (apart.parity.diffs, apart.parity.task) == (first.parity.diffs, first.parity.task)
     assert apart.heldout == first.heldout
