@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,9 +40,6 @@ from heimdall.display import (
 )
 
 prefer_passive_threads()  # before any command imports torch
-# The process ends after one command: Python's last collections at exit would walk every object
-# MLflow made (0.3-0.5 s) to free memory the OS takes back anyway. Runs after later handlers.
-atexit.register(gc.freeze)
 
 if TYPE_CHECKING:
     from heimdall.results import PublishResult
@@ -92,6 +90,19 @@ def main(
             settings.log_level, json=settings.log_json, secrets=settings.secret_values()
         )
     ctx.obj = settings
+    _leave_the_heap_to_the_os()
+
+
+@functools.cache
+def _leave_the_heap_to_the_os() -> None:
+    """Skip Python's last collections when a command's process exits.
+
+    The process ends after one command: those collections would walk every object MLflow made
+    (0.3-0.5 s) to free memory the OS takes back anyway. Registered by the first command, so a
+    program that only imports this module keeps its own exit; atexit runs it after the
+    handlers registered later (MLflow's, ``weakref.finalize``).
+    """
+    atexit.register(gc.freeze)
 
 
 @app.command(short_help="Train on synthetic RF data and save the best checkpoint.")

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from heimdall.errors import LockTimeoutError
-from heimdall.retry import wait_for
+from heimdall.retry import Backoff, wait_for
 
 CHUNK = 8 * 1024 * 1024
 
@@ -61,6 +61,7 @@ def file_lock(path: Path, *, timeout_s: float, what: str) -> Iterator[None]:
                 f"waited {timeout_s:.0f} s for {what} (lock file {path}); another "
                 "heimdall process holds it: let it finish, or raise HEIMDALL_MLFLOW_TIMEOUT_S"
             ),
+            backoff=Backoff(first_s=0.02, max_s=0.1),
         )
         try:
             yield

@@ -102,11 +102,13 @@ def _passes(value: float, ceiling: float) -> bool:
     """MLflow's own threshold check: ``value <= ceiling`` for a lower-is-better metric.
 
     MLflow logs its progress at INFO on a handler of its own; the verdict is reported by
-    heimdall, so those lines are held back while it checks.
+    heimdall, so those lines are held back while it checks (a filter of this call's own, so
+    concurrent checks never leave the logger changed).
     """
     chatty = logging.getLogger(validate_evaluation_results.__module__)
-    level = chatty.level
-    chatty.setLevel(max(level, logging.WARNING))
+    quiet = logging.Filter()
+    quiet.filter = lambda record: record.levelno >= logging.WARNING  # type: ignore[method-assign]
+    chatty.addFilter(quiet)
     try:
         validate_evaluation_results(
             {_METRIC: MetricThreshold(threshold=ceiling, greater_is_better=False)},
@@ -115,7 +117,7 @@ def _passes(value: float, ceiling: float) -> bool:
     except ModelValidationFailedException:
         return False
     finally:
-        chatty.setLevel(level)
+        chatty.removeFilter(quiet)
     return True
 
 

@@ -36,9 +36,9 @@ from heimdall.data import HELDOUT_SEED, generate
 from heimdall.errors import InputError, RegistryError
 from heimdall.files import sha256_file
 from heimdall.heldout import HELDOUT_SAMPLES, HeldOut, HeldOutSet, score
-from heimdall.objects import fetch
+from heimdall.objects import download_model_hashed, fetch
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, open_session, recorded_settings
-from heimdall.storage import download_model, download_verified, open_store
+from heimdall.storage import download_verified, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -217,10 +217,9 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         )
     store = open_store(settings)
     bucket, key = store.locate(uri)
-    upload = store.head(bucket, key)
-    if upload is not None:  # download_model checks every file against its recorded sha256
-        digest = upload.metadata.get("sha256")
-        return download_model(store, uri, tmp), digest, digest
+    if store.head(bucket, key) is not None:  # every file checked against its recorded sha256
+        local, arrived = download_model_hashed(store, uri, tmp)
+        return local, arrived, arrived
     key = f"{key.rstrip('/')}/{registry.MODEL_FILE}"
     info = store.head(bucket, key)
     if info is None:

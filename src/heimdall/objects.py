@@ -193,6 +193,11 @@ def download_model(store: ObjectStore, uri: str, dest_dir: Path | str) -> Path:
     The model keeps its key's file name; external-data files get the names the ONNX file
     refers to. Returns the model's local path.
     """
+    return download_model_hashed(store, uri, dest_dir)[0]
+
+
+def download_model_hashed(store: ObjectStore, uri: str, dest_dir: Path | str) -> tuple[Path, str]:
+    """:func:`download_model`, and the sha256 of the model bytes as they arrived."""
     bucket, key = store.locate(uri)
     info = store.head(bucket, key)
     if info is None:
@@ -207,9 +212,11 @@ def download_model(store: ObjectStore, uri: str, dest_dir: Path | str) -> Path:
         if extra is None:
             raise StorageError(f"{uri} is missing its external-data object {key + suffix!r}")
         targets.append((key + suffix, dest / name, extra))
-    for target_key, path, target in targets:
+    digests = [
         download_verified(store, bucket, target_key, path, target.metadata.get("sha256"))
-    return targets[0][1]
+        for target_key, path, target in targets
+    ]
+    return targets[0][1], digests[0]
 
 
 def download_verified(

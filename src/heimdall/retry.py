@@ -52,8 +52,9 @@ def retry(
     """``fn()``, called again after an exception ``retryable`` accepts.
 
     Stops after ``attempts`` calls, or when the next sleep would end past ``deadline_s``
-    (seconds from now), and then raises the last exception unchanged. ``on_retry(n, exc)`` is
-    told before each sleep (for a log line).
+    (seconds from now), and then raises the last exception unchanged. The deadline bounds when
+    the last call starts: each call's own duration is bounded by its client's timeout.
+    ``on_retry(n, exc)`` is told before each sleep (for a log line).
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")

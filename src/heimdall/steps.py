@@ -289,14 +289,15 @@ def heldout_of(parity: ParityResult, sha256: str) -> HeldOut:
     a served model's, with the same numbers (``tests/unit/test_pipeline.py`` compares them).
     """
     heldout, task = HeldOutSet(), parity.task
-    if task is None or task.seed != heldout.seed or task.samples < heldout.size:
+    positions, labels = parity.task_positions, parity.task_labels
+    ran = task is not None and task.seed == heldout.seed and task.samples >= heldout.size
+    if not ran or positions is None or labels is None:
         raise VerificationError(
             f"{parity.onnx_path}: its parity check ran no task check on the first "
             f"{heldout.size} samples of seed {heldout.seed}, so there is no held-out score"
         )
-    assert parity.task_positions is not None and parity.task_labels is not None  # with any task
-    positions, labels = parity.task_positions[: heldout.size], parity.task_labels[: heldout.size]
-    return score(positions, labels, heldout, version=None, sha256=sha256)
+    first = slice(heldout.size)
+    return score(positions[first], labels[first], heldout, version=None, sha256=sha256)
 
 
 def exports_apart(source: object, model: LocalizationNet) -> bool:

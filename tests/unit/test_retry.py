@@ -130,10 +130,9 @@ def _sleeps_in_a_loop(tree: ast.AST) -> list[int]:
     for loop in ast.walk(tree):
         if isinstance(loop, ast.For | ast.While):
             for node in ast.walk(loop):
-                if (
-                    isinstance(node, ast.Call)
-                    and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "sleep"
+                if isinstance(node, ast.Call) and "sleep" in (
+                    getattr(node.func, "attr", None),
+                    getattr(node.func, "id", None),
                 ):
                     lines.append(node.lineno)
     return lines

@@ -41,7 +41,8 @@ log = structlog.get_logger(__name__)
 LOCK_PREFIX = "heimdall-lock."
 # A holder on another machine that stopped without releasing is presumed dead after this long.
 LOCK_EXPIRY_S = 600.0
-_LOCK_RETRIES = 12
+# Jittered back-off from 0.1 s up to 1 s: about 8 s of waiting in all before giving up.
+_LOCK_RETRIES = 15
 _T = TypeVar("_T")
 
 
@@ -90,7 +91,7 @@ def _unreachable_database(settings: Settings, attempts: int = 3) -> str | None:
     except OSError as exc:
         return (
             f"the MLflow database at {_where(settings)} refuses connections "
-            f"({exc.strerror or exc}); is it running?"
+            f"({exc.strerror or exc}, {attempts} attempts); is it running?"
         )
     return None
 

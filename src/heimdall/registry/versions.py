@@ -411,7 +411,9 @@ def _create_version(
 
     return retry(
         create,
-        retryable=lambda exc: "Model Version creation error" in str(exc),
+        retryable=lambda exc: (
+            isinstance(exc, MlflowException) and "Model Version creation error" in str(exc)
+        ),
         attempts=5,
         backoff=Backoff(first_s=0.2, max_s=1.0),
         on_retry=lambda n, _: log.warning("registry.create_version.retry", name=name, attempt=n),
@@ -419,8 +421,11 @@ def _create_version(
 
 
 def _await_ready(client: MlflowClient, created: ModelVersion) -> None:
+    status = [created.status]  # the last one seen, for the timeout message
+
     def ready() -> ModelVersion | None:
         version = call(client.get_model_version, created.name, created.version)
+        status.append(version.status)
         if version.status == "FAILED_REGISTRATION":
             raise RegistryError(
                 f"MLflow marked {created.name} version {created.version} FAILED_REGISTRATION: "
@@ -433,7 +438,7 @@ def _await_ready(client: MlflowClient, created: ModelVersion) -> None:
             ready,
             deadline_s=_READY_TIMEOUT_S,
             timeout=lambda: RegistryError(
-                f"{created.name} version {created.version} is not READY after "
+                f"{created.name} version {created.version} is still {status[-1]} after "
                 f"{_READY_TIMEOUT_S:.0f} s"
             ),
             backoff=Backoff(first_s=0.2, max_s=1.0),
