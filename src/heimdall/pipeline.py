@@ -32,6 +32,7 @@ from heimdall.model import LocalizationNet
 from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant
 from heimdall.registry import (
     DEFAULT_ALIAS,
+    AliasChange,
     Gate,
     RegisteredVersion,
     Registration,
@@ -362,14 +363,19 @@ def _alias_step(
             )
             gates = change.gates
             version = replace(version, aliases=tuple(sorted({*version.aliases, target})))
-            run.note(
-                f"{shared.name}@{target} → version {change.version} (gates passed"
-                + (f"; forced: {shared.reason})" if shared.force else ")"),
-                "reused" if change.action == "unchanged" else "ok",
-            )
+            status = "reused" if change.action == "unchanged" else "ok"
+            run.note(alias_note(change, shared.reason if shared.force else None), status)
         if stage is not None:  # the legacy stage moves behind the same gates
             version = set_stage(shared.name, version.version, stage, settings=shared.settings)
     return version, gates
+
+
+def alias_note(change: AliasChange, forced: str | None) -> str:
+    """The alias step's line: where the alias points, and which gates passed or were overruled."""
+    failed = [g.name for g in change.gates if not g.passed]
+    verdict = f"{', '.join(failed)} failed" if failed else "gates passed"
+    why = f"{verdict}; forced: {forced}" if forced is not None else verdict
+    return f"{change.name}@{change.alias} → version {change.version} ({why})"
 
 
 def _alias_for(alias: str | None, variant: str) -> str | None:

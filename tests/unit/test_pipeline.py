@@ -29,6 +29,7 @@ from heimdall.machine import software
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.optimize import METADATA_KEY_VARIANT
 from heimdall.pipeline import publish
+from heimdall.registry import AliasChange, Gate
 from heimdall.report import REPORT_SCHEMA_VERSION
 from heimdall.results import PublishResult
 from heimdall.storage import open_store
@@ -557,3 +558,26 @@ def test_a_failed_step_names_itself_and_never_quotes_a_secret() -> None:
     assert failure.value.reason.startswith("RuntimeError: server said *** is wrong")
     assert "s3cr3t-value" not in text and "pw-77" not in text
     assert failure.value.steps[-1]["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("baseline_passed", "forced", "detail"),
+    [
+        (True, None, "(gates passed)"),
+        (True, "re-run", "(gates passed; forced: re-run)"),
+        (False, "field test", "(baseline failed; forced: field test)"),
+    ],
+)
+def test_the_alias_step_says_which_gates_a_forced_move_overruled(
+    baseline_passed: bool, forced: str | None, detail: str
+) -> None:
+    change = AliasChange(
+        name="m",
+        alias="staging",
+        version="2",
+        previous="1",
+        action="moved",
+        gates=(Gate("ready", True, ""), Gate("baseline", baseline_passed, "")),
+    )
+
+    assert pipeline.alias_note(change, forced) == f"m@staging → version 2 {detail}"
