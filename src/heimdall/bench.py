@@ -11,6 +11,7 @@ not counted), so int8 and fp16 variants report fp32-equivalent GFLOP/s.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -164,7 +165,9 @@ def benchmark(
     each tenth of every batch size's rounds (``MEASURE_STEPS``) and the peak measurement.
     """
     variants, per_variant = _engines_asked(onnx_models, settings)
-    check_args(variants, batch_sizes, budget_s, min_iterations, max_iterations, include_pytorch)
+    check_args(
+        variants, batch_sizes, budget_s, min_iterations, max_iterations, include_pytorch, threads
+    )
     n_threads = threads or _common_threads(per_variant.values())
     chosen = select_providers(preferred_providers() if providers is None else providers)
     device = "cuda" if _wants_cuda(chosen) else "cpu"
@@ -310,6 +313,7 @@ def check_args(
     min_iterations: int,
     max_iterations: int,
     include_pytorch: bool,
+    threads: int | None = None,
 ) -> None:
     """Raise InputError for missing files, an engine named like PyTorch, or bad counts."""
     if not variants and not include_pytorch:
@@ -321,8 +325,10 @@ def check_args(
         raise InputError(f"ONNX file(s) not found: {', '.join(missing)}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if budget_s <= 0:
-        raise InputError(f"budget_s must be positive, got {budget_s}")
+    if not 0 < budget_s < math.inf:
+        raise InputError(f"budget_s must be a positive number of seconds, got {budget_s}")
+    if threads is not None and threads < 0:
+        raise InputError(f"threads must be positive (0: one per physical core), got {threads}")
     if not 1 <= min_iterations <= max_iterations:
         raise InputError(
             f"need 1 <= min_iterations <= max_iterations, got {min_iterations}, {max_iterations}"

@@ -95,9 +95,12 @@ def bench_cmd(
     """
     from heimdall.bench import benchmark
     from heimdall.checkpoint import load_checkpoint
+    from heimdall.parity import check_lineage
 
     with errors(as_json):
-        sizes, reference = _int_list(batch_sizes), load_checkpoint(checkpoint).model
+        sizes, loaded = _int_list(batch_sizes), load_checkpoint(checkpoint)
+        check_lineage(model, loaded.sha256)  # a speed-up against another model means nothing
+        reference = loaded.model
         with call_bar("benchmarking", as_json) as progress:
             result = benchmark(
                 reference,
@@ -130,6 +133,7 @@ def optimize(
     from heimdall.checkpoint import load_checkpoint
     from heimdall.errors import InputError, VerificationError
     from heimdall.optimize import Variant, build_variant
+    from heimdall.parity import check_lineage
 
     with errors(as_json):
         chosen: list[Variant] = []
@@ -139,8 +143,9 @@ def optimize(
             chosen.append("fp16")
         if not chosen:
             raise InputError("choose at least one of --int8 and --fp16")
-        reference = load_checkpoint(checkpoint).model
-        results = []
+        loaded = load_checkpoint(checkpoint)
+        check_lineage(model, loaded.sha256)  # variants of another checkpoint's export: refused
+        reference, results = loaded.model, []
         for v in chosen:
             with call_bar(f"building {v}", as_json) as progress:
                 target = model.with_name(f"{model.stem}.{v}.onnx")

@@ -36,6 +36,13 @@ DEFAULT_ALIAS = "staging"
 DEFAULT_EXPERIMENT = "heimdall-localization"
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
+# A password given as a query parameter (libpq and SQLAlchemy accept ``?password=``).
+_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pwd|secret|token|[a-z_]*_key)=)(?P<value>[^&#\s]*)",
+    re.IGNORECASE,
+)
+# Tracking and registry stores heimdall supports (SQLAlchemy URIs may name a driver: +psycopg2).
+_STORE_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # What MLflow's own loggers get at import; read once, so a user's choice is kept.
 _USER_MLFLOW_LOGGING_LEVEL = os.environ.get("MLFLOW_LOGGING_LEVEL")
@@ -46,8 +53,21 @@ _URI_FIELDS = ("tracking_uri", "registry_uri", "artifact_uri", "s3_endpoint_url"
 
 
 def redact_uri(uri: str) -> str:
-    """Drop any ``user:password@`` part of a URI so it can be logged or shown."""
-    return _USERINFO.sub(r"\g<scheme>***@", uri)
+    """Drop any ``user:password@`` part and secret query values of a URI so it can be shown."""
+    return _SECRET_PARAM.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", uri))
+
+
+def check_store_uri(uri: str) -> None:
+    """Raise ValueError unless ``uri`` is a tracking/registry store URI heimdall supports."""
+    try:
+        scheme = urlsplit(uri).scheme.split("+")[0]
+    except ValueError as exc:
+        raise ValueError(f"store URI {redact_uri(uri)!r} cannot be parsed ({exc})") from None
+    if scheme not in _STORE_SCHEMES and not re.fullmatch(r"/.*|[a-zA-Z]:.*|[^:]*", uri):
+        raise ValueError(
+            f"store URI {redact_uri(uri)!r}: heimdall supports {', '.join(_STORE_SCHEMES)} "
+            "URIs (an http(s) mlflow server, or a database)"
+        )
 
 
 def check_endpoint_url(url: str) -> None:
@@ -144,6 +164,13 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown log level {value!r}; use {', '.join(LOG_LEVELS)}")
         return value.upper()
 
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _supported_store(cls, value: str | None) -> str | None:
+        if value:
+            check_store_uri(value)
+        return value
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _http_endpoint(cls, value: str | None) -> str | None:
@@ -218,6 +245,7 @@ class Settings(BaseSettings):
             match = re.match(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^/@\s:]*:([^/@\s]+)@", uri or "")
             if match:
                 values.append(match.group(1))
+            values += [m["value"] for m in _SECRET_PARAM.finditer(uri or "")]
         return [v for v in values if v]
 
     def mlflow_s3_env(self) -> dict[str, str]:

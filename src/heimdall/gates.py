@@ -37,6 +37,7 @@ from heimdall.errors import GateError, InputError
 from heimdall.heldout import HeldOut as HeldOut
 from heimdall.heldout import HeldOutSet as HeldOutSet
 from heimdall.registry import AliasChange, Gate
+from heimdall.registry.names import check_alias, check_name
 from heimdall.registry.names import check_override as check_override
 from heimdall.storage import ObjectStore, open_store
 
@@ -142,6 +143,8 @@ def move_alias_gated(
     the same bytes); otherwise it is measured from the stored bytes. The champion is measured
     now; if another process moves the alias meanwhile, the decision is taken again.
     """
+    check_name(name)  # every argument before the first tag is written
+    check_alias(alias)
     check_override(force, reason)
     settings = settings or load_settings()
     store = store or open_store(settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -141,7 +142,7 @@ class PublishOptions:
         for variant in self.variants:
             if self.alias is not None:
                 check_registration(self.name, f"{self.alias}-{variant}")
-        if self.bench_budget_s <= 0:
+        if not 0 < self.bench_budget_s < math.inf:
             raise InputError(f"bench_budget_s must be positive, got {self.bench_budget_s}")
         if not self.verify_batch_sizes or min(self.verify_batch_sizes) < 1:
             raise InputError(

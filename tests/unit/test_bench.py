@@ -132,6 +132,9 @@ def test_table_rows_name_every_engine_and_batch_with_the_same_columns(
         ({"batch_sizes": ()}, "batch sizes"),
         ({"batch_sizes": (0,)}, "batch sizes"),
         ({"budget_s": 0}, "budget_s"),
+        ({"budget_s": float("inf")}, "budget_s"),
+        ({"budget_s": float("nan")}, "budget_s"),
+        ({"threads": -1}, "threads must be positive"),
         ({"min_iterations": 3, "max_iterations": 2}, "min_iterations"),
     ],
 )

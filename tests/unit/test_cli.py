@@ -80,10 +80,11 @@ class Home:
     data_dir: Path
     name: str
 
-    def run(self, *args: str | Path) -> Result:
+    def run(self, *args: str | Path, **extra_env: str) -> Result:
         env: dict[str, str | None] = dict.fromkeys(_FOREIGN_ENV)
         env.update(HEIMDALL_DATA_DIR=str(self.data_dir), HEIMDALL_MODEL_NAME=self.name)
         env.update(GATES_OPEN_ENV)
+        env.update(extra_env)
         with logging_restored():
             return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
@@ -269,6 +270,21 @@ def test_promote_then_rollback_moves_production_back_and_refuses_without_history
         ("promote", "2"),
         ("rollback", "1"),
     ]
+
+
+@pytest.mark.parametrize("alias", ["a b", "latest"])
+def test_promote_to_an_invalid_alias_exits_1_before_writing_any_tag(
+    registry: Registry, alias: str
+) -> None:
+    before = registry.home.json("models", "show", registry.home.name, "--version", "2")
+
+    strict = {"HEIMDALL_GATE_BASELINE_FRACTION": "0.01"}  # random weights fail the gate
+    promote = ("promote", registry.home.name, "2", "--to", alias)
+    message = failed_cleanly(registry.home.run(*promote, **strict))
+
+    assert f"invalid alias {alias!r}" in message
+    after = registry.home.json("models", "show", registry.home.name, "--version", "2")
+    assert after["versions"][0]["tags"] == before["versions"][0]["tags"]
 
 
 def test_promote_of_a_missing_version_exits_1(registry: Registry) -> None:
@@ -462,6 +478,22 @@ def test_bench_prints_a_table_with_one_row_per_engine_not_markdown(
     rows = tables(result.stdout)["benchmark (all columns: --json)"]
     assert [row[0].replace("\n", "") for row in rows] == ["pytorch", "fp32"]
     assert all(row[1] == "1" for row in rows)
+
+
+@pytest.mark.parametrize("command", ["bench", "optimize"])
+def test_bench_and_optimize_refuse_a_checkpoint_the_model_was_not_exported_from(
+    command: str, atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    torch.manual_seed(5)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(LocalizationNet(ModelConfig(backbone="atto")), other)
+    extra = ["--fp16"] if command == "optimize" else ["--budget", "0.1"]
+
+    result = Home(tmp_path / "data", "unused").run(
+        command, atto_onnx.path, "--checkpoint", other, *extra
+    )
+
+    assert "exported from checkpoint sha256" in failed_cleanly(result)
 
 
 def tables(output: str) -> dict[str, list[list[str]]]:

@@ -524,3 +524,30 @@ def test_the_environment_overlay_is_restored_after_the_outermost_call(
 
     assert os.environ["HEIMDALL_TEST_KEEP"] == "before"
     assert "HEIMDALL_TEST_NEW" not in os.environ
+
+
+def test_a_password_given_as_a_query_parameter_is_redacted_and_counts_as_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uri = "postgresql://127.0.0.1:1/x?user=u&password=qu3ry-pw&sslmode=require"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    assert redact_uri(uri) == "postgresql://127.0.0.1:1/x?user=u&password=***&sslmode=require"
+    assert "qu3ry-pw" in load_settings().secret_values()
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("databricks://u:pw@workspace", "heimdall supports file, sqlite, postgresql"),
+        ("http://u:pw@[::1", "cannot be parsed"),
+    ],
+)
+def test_an_unsupported_or_unparsable_store_uri_is_a_config_error_without_its_password(
+    uri: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    with pytest.raises(ConfigError, match=message) as failure:
+        load_settings()
+    assert ":pw@" not in str(failure.value)
