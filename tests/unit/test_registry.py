@@ -17,7 +17,7 @@ from heimdall.export import ExportResult
 from heimdall.files import sha256_file
 from heimdall.legacy import register_with_mlflow
 from heimdall.onnxfile import ValidationResult
-from heimdall.registry import AliasEvent
+from heimdall.registry import AliasEvent, client
 from heimdall.registry.aliases import holders_of
 from heimdall.registry.client import call, explain
 from heimdall.registry.lineage import verification_of
@@ -375,3 +375,28 @@ def test_importing_the_registry_loads_neither_onnx_nor_onnxruntime() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_a_missing_database_socket_fails_in_seconds_without_its_password(tmp_path: Path) -> None:
+    """libpq's ``?host=/folder`` (a Unix socket): MLflow alone would retry for about 100 s."""
+    uri = f"postgresql://u:sock-pw@/mlflow?host={tmp_path / 'no-server'}"
+    settings = Settings(data_dir=tmp_path, tracking_uri=uri, mlflow_timeout_s=5)
+    started = time.monotonic()
+
+    with pytest.raises(RegistryError, match=r"socket .*\.s\.PGSQL\.5432 does not exist"):
+        registry.list_models(settings=settings)
+
+    assert time.monotonic() - started < 10
+
+
+def test_the_running_servers_socket_is_not_refused(tmp_path: Path) -> None:
+    folder = next(
+        (d for d in ("/var/run/postgresql", "/tmp") if Path(d, ".s.PGSQL.5432").exists()), None
+    )
+    if folder is None:
+        pytest.skip("no local PostgreSQL socket")
+    settings = Settings(
+        data_dir=tmp_path, tracking_uri=f"postgresql://postgres@/postgres?host={folder}"
+    )
+
+    assert client._unreachable_database(settings) is None

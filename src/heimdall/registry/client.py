@@ -19,8 +19,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import requests
 import structlog
@@ -76,6 +77,8 @@ def _unreachable_database(settings: Settings, attempts: int = 3) -> str | None:
     parsed = urlparse(settings.resolved_tracking_uri)
     scheme = parsed.scheme.split("+")[0]
     default_ports = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+    if scheme == "postgresql" and not parsed.hostname:
+        return _missing_socket(parse_qs(parsed.query), parsed.port)
     if scheme not in default_ports or not parsed.hostname:
         return None
     address = (parsed.hostname, parsed.port or default_ports[scheme])
@@ -94,6 +97,18 @@ def _unreachable_database(settings: Settings, attempts: int = 3) -> str | None:
             f"({exc.strerror or exc}, {attempts} attempts); is it running?"
         )
     return None
+
+
+def _missing_socket(query: dict[str, list[str]], port: int | None) -> str | None:
+    """Why PostgreSQL's Unix socket (``?host=/dir``) cannot be reached, or None."""
+    folder = query.get("host", [""])[-1]
+    given_port = query.get("port", ["5432"])[-1]
+    if not folder.startswith("/") or not given_port.isdigit():
+        return None  # libpq's default socket folder, or a host name: left to the driver
+    socket_path = Path(folder) / f".s.PGSQL.{port or int(given_port)}"
+    if socket_path.exists():
+        return None
+    return f"the MLflow database socket {socket_path} does not exist; is PostgreSQL running?"
 
 
 def _where(settings: Settings) -> str:
