@@ -125,8 +125,11 @@ def _git(where: Path | None, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def is_busy(environment: Environment) -> bool:
-    """Whether other processes kept more than half the physical cores busy (1-minute load)."""
+def is_busy(environment: Environment | None = None) -> bool:
+    """Whether other processes kept more than half the physical cores busy (1-minute load),
+    as ``environment`` recorded it, or now."""
+    if environment is None:
+        return load_average()[0] > physical_cores() / 2
     return environment.load_average[0] > environment.physical_cores / 2
 
 

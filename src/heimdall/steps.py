@@ -23,12 +23,12 @@ import torch
 from heimdall.bench import DEFAULT_BATCH_SIZES as DEFAULT_BENCH_BATCH_SIZES
 from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint
-from heimdall.config import Settings, redact_uri
+from heimdall.config import Settings, scrub_secrets
 from heimdall.contract import FP32, StepRecord
 from heimdall.errors import HeimdallError, InputError, PublishError, VerificationError
 from heimdall.export import ExportResult, export_checkpoint_isolated, export_to_onnx
 from heimdall.heldout import HeldOut, HeldOutSet, score
-from heimdall.machine import is_busy, load_average, physical_cores
+from heimdall.machine import is_busy
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.optimize import Variant, VariantResult, build_variant
 from heimdall.registry import (
@@ -79,9 +79,7 @@ class Run:
         except Exception as exc:  # every failure names its step and what already exists
             seconds = round(time.perf_counter() - started, 3)
             text = str(exc) if isinstance(exc, HeimdallError) else f"{type(exc).__name__}: {exc}"
-            reason = redact_uri(text)
-            for secret in self.secrets:  # whatever a third-party message may have quoted
-                reason = reason.replace(secret, "***")
+            reason = scrub_secrets(text, self.secrets)  # what a third-party message quoted
             self.records.append(StepRecord(name, "failed", seconds, reason))
             self._emit(name, "failed", reason)
             log.info("publish.step_failed", step=name, error=type(exc).__name__, reason=reason)
@@ -225,7 +223,7 @@ def verify_step(work: Work) -> None:
             checkpoint_sha256=work.loaded.sha256,
             # On cores other processes keep busy, spinning PyTorch threads cost 4× the CPU for
             # the same numbers: one thread then.
-            intra_op_threads=1 if load_average()[0] > physical_cores() / 2 else 0,
+            intra_op_threads=1 if is_busy() else 0,
         )
         worst = max(d.max_abs for d in parity.diffs)
         task = parity.task

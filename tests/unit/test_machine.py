@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from heimdall import machine
@@ -25,6 +26,16 @@ def test_a_machine_is_busy_when_load_exceeds_half_its_physical_cores() -> None:
     env = replace(machine.fingerprint(threads=1), physical_cores=4)
     assert not machine.is_busy(replace(env, load_average=(2.0, 0.0, 0.0)))
     assert machine.is_busy(replace(env, load_average=(2.1, 0.0, 0.0)))
+
+
+@pytest.mark.parametrize(("load", "busy"), [(2.0, False), (2.1, True)])
+def test_without_an_environment_is_busy_reads_the_load_now(
+    load: float, busy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(machine, "physical_cores", lambda: 4)
+    monkeypatch.setattr(machine, "load_average", lambda: (load, 0.0, 0.0))
+
+    assert machine.is_busy() is busy
 
 
 def test_importing_machine_does_not_import_torch() -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from heimdall.config import Settings
 from heimdall.errors import InputError, StorageError
@@ -220,3 +221,12 @@ def test_large_bodies_reach_a_slow_server_within_a_short_deadline(
     path.write_bytes(bytes(size_mib * MiB))
 
     store.put_file("bucket", "models/model.onnx", path, if_absent=False)
+
+
+def test_an_s3_error_hides_a_secret_key_of_any_length() -> None:
+    """S3 servers other than MinIO accept keys under 8 characters; they are scrubbed too."""
+    store = S3Store("http://127.0.0.1:9", access_key_id="AKID", secret_access_key="k3y")
+    failure = ClientError({"Error": {"Code": "Denied", "Message": "key k3y refused"}}, "PutObject")
+
+    message = str(store._translate("upload", failure))
+    assert "refused" in message and "k3y" not in message

@@ -20,7 +20,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
-from heimdall.config import Settings, redact_uri
+from heimdall.config import Settings, redact_uri, scrub_secrets
 from heimdall.errors import InputError, StorageError
 from heimdall.objects import (
     CONTENT_TYPE,
@@ -468,11 +468,8 @@ class S3Store(ObjectStore):
 
     def _scrub(self, text: str) -> str:
         # Messages are composed here and never include the secret; this is the second line of
-        # defence for server text. Secrets under 8 characters (MinIO's minimum) are not
-        # replaced: that would mangle ordinary words.
-        secret = self._secret.get_secret_value()
-        text = redact_uri(text)
-        return text.replace(secret, "***") if len(secret) >= 8 else text
+        # defence for server text, with the one scrubber (a secret of any length is replaced).
+        return scrub_secrets(text, [self._secret.get_secret_value()])
 
 
 def _check_options(part_size: int, concurrency: int, timeout_s: float) -> None:
