@@ -225,7 +225,6 @@ def _report(work: Work, published: list[PublishedModel]) -> PublishResult:
 class _Shared:
     """What every variant's upload, registration and alias move share within one publish."""
 
-    model: LocalizationNet
     loaded: LoadedCheckpoint
     training_run: str | None
     timings: BenchmarkResult | None
@@ -244,7 +243,6 @@ class _Shared:
     def of(cls, work: Work, store: ObjectStore, upload_progress: BytesProgress | None) -> _Shared:
         options = work.options
         return cls(
-            model=work.loaded.model,
             loaded=work.loaded,
             training_run=work.training_run,
             timings=work.timings,
@@ -320,7 +318,7 @@ def _metadata_step(
     with run.step(f"metadata{label}"):
         metadata = get_model_metadata(
             path,
-            shared.model,
+            shared.loaded.model,
             shared.training_run,
             checkpoint_sha256=shared.loaded.sha256,
             parity=parity,
