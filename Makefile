@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup system-deps demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,14 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
+# Debian packages the tests need (Chromium, iproute2), installed with apt-get when missing and
+# run as root; otherwise one line naming the command. `make demo` needs none of them.
+system-deps:
+	bash scripts/system_deps.sh
+
 # Two workers, a test file each: many tests wait on servers and subprocesses, so two keep both
 # cores busy; each worker starts its own servers (free ports, its own database).
-test: lint
+test: system-deps lint
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 clean:

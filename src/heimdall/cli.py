@@ -15,6 +15,8 @@ from rich.text import Text
 
 from heimdall.cli_measure import bench_cmd, optimize, verify
 from heimdall.cli_registry import models_app, promote, rollback
+from heimdall.cli_score import score
+from heimdall.cli_serve import serve
 from heimdall.config import (
     DEFAULT_ALIAS,
     configure_logging,
@@ -407,6 +409,8 @@ app.command()(rollback)
 app.add_typer(models_app, name="models")
 app.command("bench")(bench_cmd)
 app.command()(optimize)
+app.command()(serve)
+app.command()(score)
 
 
 if __name__ == "__main__":

@@ -52,12 +52,15 @@ STAGES = frozenset(
 ORCHESTRATION = frozenset(
     {"heimdall", "inference", "gates", "results", "steps", "pipeline", "demo", "legacy"}
 )
-CLI = frozenset({"cli", "cli_registry", "cli_measure", "display"})
+# The inference side: HTTP serving that follows the registry, and batch scoring; torch-free.
+SERVING = frozenset({"serving", "scoring"})
+CLI = frozenset({"cli", "cli_registry", "cli_measure", "cli_serve", "cli_score", "display"})
 LAYERS = {
     "core": CORE,
     "torch": TORCH,
     "stages": STAGES,
     "orchestration": ORCHESTRATION,
+    "serving": SERVING,
     "cli": CLI,
 }
 # What each layer may import, besides itself (stages: not each other, see below).
@@ -66,7 +69,8 @@ MAY_IMPORT = {
     "torch": {"core", "torch"},
     "stages": {"core", "torch"},
     "orchestration": {"core", "torch", "stages", "orchestration"},
-    "cli": {"core", "torch", "stages", "orchestration"},
+    "serving": {"core", "stages", "orchestration"},
+    "cli": {"core", "torch", "stages", "orchestration", "serving"},
 }
 FORBIDDEN = frozenset({("optimize", "verify"), ("verify", "validate"), ("verify", "export")})
 # Stage-to-stage imports still to remove. Empty this set as they go: the test fails while an
@@ -276,6 +280,21 @@ def test_core_module_imports_only_core_and_never_torch(core: str) -> None:
     assert above == [], f"{name} imports modules above the core"
     # Optional imports (inside ``try/except ImportError``) leave a torch-free install working.
     assert "torch" not in required_third_party()[name]
+
+
+def test_serving_never_needs_torch() -> None:
+    """A `serve` install has no torch: nothing serving or scoring imports, at any depth, does."""
+    graph = import_graph()
+    reached: set[str] = set()
+    todo = [m for m in graph if component(m) in SERVING]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    torch_side = sorted(m for m in reached if component(m) in TORCH)
+    needs_torch = sorted(m for m in reached if "torch" in required_third_party()[m])
+    assert torch_side == [] and needs_torch == []
 
 
 @pytest.mark.parametrize(("stage", "other"), sorted(FORBIDDEN))

@@ -1,0 +1,1 @@
+"""Serving that follows the registry: the Open Inference Protocol over a verified model."""
