@@ -50,7 +50,17 @@ STAGES = frozenset(
 # Compositions of stages, and the public API (``heimdall``, the package itself); serving
 # (``inference``) composes registry, storage and runtime as publishing does.
 ORCHESTRATION = frozenset(
-    {"heimdall", "inference", "gates", "results", "steps", "pipeline", "demo", "legacy"}
+    {
+        "heimdall",
+        "inference",
+        "gates",
+        "results",
+        "steps",
+        "preflight",
+        "pipeline",
+        "demo",
+        "legacy",
+    }
 )
 # The inference side: HTTP serving that follows the registry, and batch scoring; torch-free.
 SERVING = frozenset({"serving", "scoring"})
