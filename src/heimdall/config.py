@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     git_commit: str | None = Field(
         default=None, validation_alias=AliasChoices("HEIMDALL_GIT_COMMIT", "GIT_COMMIT")
     )
+    # Serving: the shared secret MLflow signs its registry webhooks with (X-MLflow-Signature).
+    webhook_secret: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("HEIMDALL_WEBHOOK_SECRET")
+    )
+    # promote/rollback also move MLflow's Production/Staging stage, for stage-based loaders.
+    sync_stages: bool = Field(default=True, validation_alias=AliasChoices("HEIMDALL_SYNC_STAGES"))
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("HEIMDALL_LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=AliasChoices("HEIMDALL_LOG_JSON"))
 
@@ -240,7 +246,11 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Secret strings that must never appear in any output."""
-        values = [s.get_secret_value() for s in (self.s3_secret_access_key,) if s is not None]
+        values = [
+            s.get_secret_value()
+            for s in (self.s3_secret_access_key, self.webhook_secret)
+            if s is not None
+        ]
         for uri in (getattr(self, name) for name in _URI_FIELDS):
             match = re.match(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^/@\s:]*:([^/@\s]+)@", uri or "")
             if match:
