@@ -37,7 +37,7 @@ from heimdall.errors import GateError, InputError
 from heimdall.heldout import HeldOut as HeldOut
 from heimdall.heldout import HeldOutSet as HeldOutSet
 from heimdall.registry import AliasChange, Gate
-from heimdall.registry.names import check_alias, check_name
+from heimdall.registry.names import check_alias, check_name, check_version
 from heimdall.registry.names import check_override as check_override
 from heimdall.storage import ObjectStore, open_store
 
@@ -143,7 +143,8 @@ def move_alias_gated(
     the same bytes); otherwise it is measured from the stored bytes. The champion is measured
     now; if another process moves the alias meanwhile, the decision is taken again.
     """
-    check_name(name)  # every argument before the first tag is written
+    check_name(name)  # every argument before the first tag is written, or a model evaluated
+    version = check_version(version)
     check_alias(alias)
     check_override(force, reason)
     settings = settings or load_settings()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from heimdall.config import Settings
 from heimdall.errors import InputError
-from heimdall.gates import GatePolicy, HeldOut, HeldOutSet, check_override, judge
+from heimdall.gates import GatePolicy, HeldOut, HeldOutSet, check_override, judge, promote
 
 
 def held_out(median: float, baseline: float = 100.0, version: str | None = None) -> HeldOut:
@@ -70,3 +72,18 @@ def test_judging_prints_none_of_mlflows_info_lines(capfd: pytest.CaptureFixture[
 
     out, err = capfd.readouterr()
     assert "validation" not in (out + err).lower()
+
+
+@pytest.mark.parametrize(("version", "message"), [("latest", "not a version number"), ("1.0", "")])
+def test_promote_refuses_a_version_that_is_no_number_before_evaluating(
+    tmp_path: Path, version: str, message: str
+) -> None:
+    """``promote NAME latest`` used to evaluate for seconds before MLflow refused it."""
+
+    def evaluate(uri: str) -> HeldOut:
+        raise AssertionError(f"evaluated {uri} before checking the version")
+
+    settings = Settings(data_dir=tmp_path, tracking_uri=None)
+    with pytest.raises(InputError, match=message or "version number"):
+        promote("heimdall-x", version, evaluate=evaluate, settings=settings)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing opened, nothing written

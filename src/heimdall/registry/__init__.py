@@ -48,7 +48,7 @@ from heimdall.registry.model_dir import (
     model_dir_uri,
     stored_sha256,
 )
-from heimdall.registry.names import PRODUCTION, STAGES, check_registration
+from heimdall.registry.names import PRODUCTION, STAGES, check_registration, check_version
 from heimdall.registry.records import ModelSummary, RegisteredVersion, Registration
 from heimdall.registry.versions import (
     INTEGRITY_TAG,
@@ -78,6 +78,7 @@ __all__ = [
     "Validated",
     "alias_holder",
     "check_registration",
+    "check_version",
     "external_data",
     "find_version_by_sha256",
     "list_models",

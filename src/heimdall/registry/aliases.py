@@ -24,7 +24,7 @@ from heimdall.errors import InputError, RegistryError
 from heimdall.objects import ObjectStore
 from heimdall.registry.client import call, model_lock, search_versions, session
 from heimdall.registry.model_dir import version_bytes_problem
-from heimdall.registry.names import PRODUCTION, check_alias, check_name
+from heimdall.registry.names import PRODUCTION, check_alias, check_name, check_version
 from heimdall.registry.records import RegisteredVersion, aliases_of, get_version, to_version
 
 log = structlog.get_logger(__name__)
@@ -121,6 +121,7 @@ def set_alias(
     registry (``heimdall.gates``).
     """
     check_name(name)
+    version = check_version(version)
     check_alias(alias)
     if alias == PRODUCTION:
         raise InputError(f"move {PRODUCTION!r} with promote, which checks the gates first")
@@ -167,6 +168,7 @@ def move_alias(
     ``read_bytes`` reads the stored ``model.onnx`` back from ``store``, which it needs.
     """
     check_name(name)
+    version = check_version(version)
     check_alias(alias)
     if read_bytes and store is None:
         raise InputError(
@@ -253,6 +255,8 @@ def show_model(
 ) -> ModelDetails:
     """A registered model: aliases, alias history and versions (only ``version`` when given)."""
     check_name(name)
+    if version is not None:
+        version = check_version(version)
     settings = settings or load_settings()
     with session(settings, f"show model {name!r}") as client:
         model = call(client.get_registered_model, name)

@@ -38,6 +38,7 @@ from heimdall.registry.names import (
     canonical_stage,
     check_name,
     check_sha256,
+    check_version,
     parse_models_uri,
 )
 from heimdall.registry.records import (
@@ -312,6 +313,7 @@ def set_stage(
 ) -> RegisteredVersion:
     """Set MLflow's legacy stage of ``version`` (the original API's ``stage='Staging'``)."""
     check_name(name)
+    version = check_version(version)
     canonical = canonical_stage(stage)
     settings = settings or load_settings()
     with session(settings, f"set stage {canonical!r} of {name} version {version}") as client:
@@ -327,6 +329,7 @@ def tag_version(
 ) -> None:
     """Add tags to a version (facts about it, never the verified ones it was registered with)."""
     check_name(name)
+    version = check_version(version)
     reserved = sorted(set(tags) & RESERVED_TAGS)
     if reserved:
         raise InputError(f"tags {reserved} are set by heimdall from the verified bytes")
