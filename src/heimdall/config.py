@@ -425,6 +425,9 @@ def configure_logging(level: str = "INFO", json: bool = False, secrets: Iterable
     os.environ["MLFLOW_LOGGING_LEVEL"] = _USER_MLFLOW_LOGGING_LEVEL or quiet
     for name in ("mlflow", "alembic", "botocore", "urllib3"):
         logging.getLogger(name).setLevel(quiet)
+    # urllib3 warns "Retrying ..." before each retry of a refused or failed request; the one
+    # error line afterwards says what happened, so those lines only show with DEBUG.
+    logging.getLogger("urllib3.connectionpool").setLevel("DEBUG" if quiet == "DEBUG" else "ERROR")
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler(_STDERR))  # type: ignore[arg-type]

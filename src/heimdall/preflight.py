@@ -1,11 +1,192 @@
-"""Checks that the publish targets work before any heavy step (placeholder, being built)."""
+"""Checks that the publish targets can take a model, before any heavy step.
+
+Publish exports, verifies and benchmarks for seconds to minutes before its first remote write;
+a missing bucket, a wrong secret, an MLflow server that refuses writes or a pairing no other host
+could load from must fail before that, in one line each, within the settings' deadlines.
+In order: the pairing (no network), the object store (reachable, credentials accepted, bucket
+present or created), then each MLflow store (reachable, writable). Nothing is left behind but
+what publish itself would create: the bucket when asked, the embedded SQLite store.
+"""
 
 from __future__ import annotations
 
-from heimdall.config import Settings
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from heimdall.config import Settings, redact_uri
+from heimdall.errors import ConfigError, HeimdallError, RegistryError, StorageError
+from heimdall.registry.client import LOCK_PREFIX, call, session
+from heimdall.storage import LocalStore, S3Store
+from heimdall.tracking import (
+    describe_http_failure,
+    describe_response,
+    http_policy,
+    quiet_retries,
+    sqlite_path,
+)
+
+# The probe's name is a lock name (hidden from listings) of a model nobody publishes.
+_PROBE = f"{LOCK_PREFIX}heimdall-preflight-"
+_CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and the "
+    "user's permissions"
+)
 
 
 def preflight(settings: Settings, *, bucket: str, create_bucket: bool = False) -> None:
     """Raise a one-line HeimdallError when the object store or the registry cannot take a
-    publish (placeholder: checks nothing yet)."""
-    del settings, bucket, create_bucket
+    publish: a server tracking URI with a local object store, an unreachable or refusing object
+    store, a missing bucket (created with ``create_bucket``), an MLflow store that cannot be read
+    or written."""
+    check_pairing(settings)
+    check_object_store(settings, bucket, create_bucket=create_bucket)
+    for uri in dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri)):
+        if uri.startswith(("http://", "https://")):
+            check_server(settings, uri)
+        else:
+            check_database(settings, uri)
+
+
+def check_pairing(settings: Settings) -> None:
+    """Refuse an MLflow server with a local object store: only this host could load the model."""
+    servers = [
+        uri
+        for uri in (settings.resolved_tracking_uri, settings.resolved_registry_uri)
+        if uri.startswith(("http://", "https://"))
+    ]
+    if servers and not settings.uses_s3:
+        raise ConfigError(
+            f"the MLflow server at {redact_uri(servers[0])} would register models stored in "
+            f"{settings.object_store_uri} on this host, so no other host could load the model; "
+            "set MLFLOW_S3_ENDPOINT_URL (with MLFLOW_S3_ACCESS_KEY_ID and "
+            "MLFLOW_S3_SECRET_ACCESS_KEY) to the object store the server's users share"
+        )
+
+
+def check_object_store(settings: Settings, bucket: str, *, create_bucket: bool) -> None:
+    """The store answers, accepts the credentials and holds ``bucket`` (or creates it)."""
+    if settings.uses_s3:
+        store: S3Store | LocalStore = S3Store.from_settings(settings)
+        where = f"at {redact_uri(settings.s3_endpoint_url or '')}"
+    else:
+        store = LocalStore(settings.resolved_data_dir / "objects")
+        where = f"in {store.root}"
+        _check_writable(store.root, StorageError, "the object store")
+    if not store.bucket_exists(bucket):  # the one request that needs the server and the keys
+        if not create_bucket:
+            raise StorageError(
+                f"bucket {bucket!r} does not exist {where}; create it, or pass --create-bucket "
+                "(create_bucket=True)"
+            )
+        store.create_bucket(bucket)
+
+
+def check_server(settings: Settings, uri: str) -> None:
+    """An MLflow server reads and writes its registry and reaches its own artifact store."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)
+    probe = f"{_PROBE}{uuid.uuid4().hex[:12]}"
+    registry = "/api/2.0/mlflow/registered-models"
+    rest = _RestProbe(settings, creds, redact_uri(uri))
+    rest("read its model registry", "GET", f"{registry}/search", params={"max_results": 1})
+    rest("create a registered model", "POST", f"{registry}/create", json={"name": probe})
+    rest("delete a registered model", "DELETE", f"{registry}/delete", json={"name": probe})
+    # A server that proxies artifacts (the default) writes them with its own S3 credentials:
+    # without them, the first artifact publish logs fails with HTTP 500.
+    rest(
+        "list its artifact store",
+        "GET",
+        "/api/2.0/mlflow-artifacts/artifacts",
+        params={"path": probe.removeprefix(LOCK_PREFIX)},
+        proxy=True,
+    )
+
+
+class _RestProbe:
+    """One REST call to an MLflow server: no retry on a status (its message is the answer),
+    one retry on a failed connection, within ``mlflow_timeout_s``."""
+
+    def __init__(self, settings: Settings, creds: Any, where: str) -> None:
+        policy = http_policy(settings.mlflow_timeout_s)
+        self.timeout = int(policy["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        self.creds = creds
+        self.where = where
+
+    def __call__(
+        self, action: str, method: str, endpoint: str, *, proxy: bool = False, **kwargs: Any
+    ) -> Any:
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            with quiet_retries():
+                response = http_request(
+                    self.creds,
+                    endpoint,
+                    method,
+                    max_retries=1,
+                    backoff_factor=0.5,
+                    backoff_jitter=0.0,
+                    retry_codes=(),
+                    timeout=self.timeout,
+                    raise_on_status=False,
+                    **kwargs,
+                )
+        except MlflowException as exc:
+            reason = describe_http_failure(exc.message, self.where) or (
+                f"the MLflow server at {self.where} did not answer: {exc.message.splitlines()[0]}"
+            )
+            raise RegistryError(f"cannot {action}: {reason}") from None
+        if response.ok:
+            return response
+        if proxy and response.status_code == 503 and "--no-serve-artifacts" in response.text:
+            return response  # no proxy: clients write artifacts with their own credentials
+        raise RegistryError(f"cannot {action}: {self._why(response, proxy)}")
+
+    def _why(self, response: Any, proxy: bool) -> str:
+        answer = describe_response(response.status_code, response.text, self.where)
+        if proxy and response.status_code >= 500:
+            return (
+                f"{answer}; the server's own artifact store failed: give `mlflow server` "
+                "MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in its "
+                "environment (its log says more)"
+            )
+        if response.status_code in (401, 403):
+            return f"{answer}; check {_CREDENTIALS}"
+        return answer
+
+
+def check_database(settings: Settings, uri: str) -> None:
+    """A database store opens, answers a registry search, and takes (and drops) a probe model."""
+    path = sqlite_path(uri)
+    if path is not None:
+        _check_writable(path.parent, RegistryError, "the MLflow store", path)
+    probe = f"{_PROBE}{uuid.uuid4().hex[:12]}"
+    with session(settings, "check the MLflow registry") as client:
+        call(client.search_registered_models, max_results=1)
+        call(client.create_registered_model, probe)
+        call(client.delete_registered_model, probe)
+
+
+def _check_writable(
+    folder: Path, error: type[HeimdallError], what: str, file: Path | None = None
+) -> None:
+    """Raise ``error`` when ``folder`` (or an existing ``file`` in it) cannot be written, found by
+    trying: permission bits say nothing to root or on a read-only mount."""
+    target = folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if file is not None and file.exists():
+            target = file
+            with file.open("r+b"):
+                pass
+    except OSError as exc:
+        raise error(
+            f"{what} at {target} is not writable ({exc.strerror or exc}); publish writes there: "
+            "make it writable, or point HEIMDALL_DATA_DIR at a writable directory"
+        ) from None

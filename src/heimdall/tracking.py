@@ -9,13 +9,21 @@ MLflow leaves three things to its callers, and this module does them once:
 - a half-migrated or unopenable SQLite file is reported in one line at once (MLflow would retry
   its engine for about 100 s, then fail with alembic's text);
 - HTTP retries and timeouts come from environment variables only: :func:`http_policy` turns one
-  deadline into them.
+  deadline into them;
+- a failed HTTP call comes back as text that hides what happened (a 500 after retries reads
+  "Max retries exceeded", like a dead server): :func:`describe_http_failure` and
+  :func:`describe_response` say it in words, and :func:`quiet_retries` keeps urllib3's
+  "Retrying" warnings off the user's terminal.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -47,6 +55,53 @@ def http_policy(timeout_s: float) -> dict[str, str]:
         # libpq (PostgreSQL URIs) waits forever for a server that accepts and never answers.
         "PGCONNECT_TIMEOUT": str(per_attempt),
     }
+
+
+def describe_http_failure(message: str, where: str) -> str | None:
+    """What the text of a failed MLflow HTTP call says happened at ``where`` (redacted), or
+    None when it says neither a status nor a refused connection."""
+    status = re.search(r"too many (\d{3}) error responses", message)
+    if status:
+        return (
+            f"the MLflow server at {where} answered HTTP {status.group(1)} to every attempt; "
+            "its log says why"
+        )
+    answered = re.search(r"error code (\d{3}) != 200\. Response body: '(.*)'", message, re.S)
+    if answered:
+        return describe_response(int(answered.group(1)), answered.group(2), where)
+    if "Connection refused" in message or "NewConnectionError" in message:
+        return (
+            f"nothing listens at {where}; start the MLflow server there or fix MLFLOW_TRACKING_URI"
+        )
+    return None
+
+
+def describe_response(status: int, body: str, where: str) -> str:
+    """``the MLflow server at <where> answered HTTP <status>: <its message>``, in one line."""
+    try:
+        message = json.loads(body).get("message", "") if body.strip().startswith("{") else ""
+    except (ValueError, AttributeError):
+        message = ""
+    # An HTML error page: its title ("500 Internal Server Error") is the message.
+    title = re.search(r"<title>(?:\s*\d{3}\b)?(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
+    message = message or (title.group(1) if title else re.sub(r"<[^>]+>", " ", body))
+    words = " ".join(message.split())[:300] or "(no message)"
+    return f"the MLflow server at {where} answered HTTP {status}: {words}"
+
+
+@contextmanager
+def quiet_retries() -> Iterator[None]:
+    """Hold back urllib3's "Retrying ..." warnings while MLflow calls run: the one-line error
+    afterwards says what happened (a filter of this call's own, so concurrent calls never leave
+    the logger changed)."""
+    pool = logging.getLogger("urllib3.connectionpool")
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not str(record.msg).startswith("Retrying")  # type: ignore[method-assign]
+    pool.addFilter(quiet)
+    try:
+        yield
+    finally:
+        pool.removeFilter(quiet)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -115,7 +115,7 @@ def test_unreachable_server_fails_fast_with_a_clear_error(model: Path) -> None:
     store = S3Store(endpoint, access_key_id="id", secret_access_key=secret)
 
     started = time.monotonic()
-    with pytest.raises(StorageError, match="cannot reach the S3 server") as caught:
+    with pytest.raises(StorageError, match="nothing listens at") as caught:
         upload_model(model, store, "heimdall-models")
 
     assert time.monotonic() - started < 15
@@ -141,7 +141,7 @@ def test_server_killed_mid_upload_leaves_no_object_and_no_stale_multipart_upload
         sent.append(done)
 
     started = time.monotonic()
-    with pytest.raises(StorageError, match="cannot reach the S3 server") as caught:
+    with pytest.raises(StorageError, match=r"nothing listens at|cannot reach") as caught:
         upload_model(path, store, "crash-test", clock=at(now), progress=crash_after_first_part)
     assert time.monotonic() - started < 30
     assert "could not be aborted" in str(caught.value)

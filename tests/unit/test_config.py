@@ -551,3 +551,14 @@ def test_an_unsupported_or_unparsable_store_uri_is_a_config_error_without_its_pa
     with pytest.raises(ConfigError, match=message) as failure:
         load_settings()
     assert ":pw@" not in str(failure.value)
+
+
+def test_urllib3_retry_warnings_show_only_at_debug() -> None:
+    pool = logging.getLogger("urllib3.connectionpool")
+    try:
+        configure_logging("INFO")
+        assert not pool.isEnabledFor(logging.WARNING)
+        configure_logging("DEBUG")
+        assert pool.isEnabledFor(logging.WARNING)
+    finally:
+        configure_logging("WARNING")

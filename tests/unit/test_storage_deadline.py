@@ -230,3 +230,55 @@ def test_an_s3_error_hides_a_secret_key_of_any_length() -> None:
 
     message = str(store._translate("upload", failure))
     assert "refused" in message and "k3y" not in message
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_refused_s3_connection_says_nothing_listens_there_within_the_deadline() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    store = S3Store(endpoint, access_key_id="id", secret_access_key="secret", timeout_s=DEADLINE_S)
+
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        store.bucket_exists("heimdall-models")
+
+    assert time.monotonic() - started < DEADLINE_S + MARGIN_S
+    assert f"nothing listens at {endpoint}" in str(caught.value)
+    assert "MLFLOW_S3_ENDPOINT_URL" in str(caught.value)
+
+
+def test_refused_credentials_name_both_spellings_of_the_key_variables() -> None:
+    store = S3Store("http://127.0.0.1:9", access_key_id="AKID", secret_access_key="k3y")
+    denied = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+
+    message = str(store._translate("checking bucket 'b'", denied))
+
+    for name in (
+        "MLFLOW_S3_ACCESS_KEY_ID",
+        "AWS_ACCESS_KEY_ID",
+        "MLFLOW_S3_SECRET_ACCESS_KEY",
+        "AWS_SECRET_ACCESS_KEY",
+    ):
+        assert name in message
+
+
+def test_no_credentials_at_all_names_the_variables_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = S3Store(f"http://127.0.0.1:{free_port()}", timeout_s=DEADLINE_S)
+
+    with pytest.raises(StorageError) as caught:
+        store.bucket_exists("heimdall-models")
+
+    message = str(caught.value)
+    assert "no S3 credentials" in message
+    assert "MLFLOW_S3_ACCESS_KEY_ID" in message and "AWS_SECRET_ACCESS_KEY" in message

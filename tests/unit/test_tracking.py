@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +12,14 @@ import pytest
 from heimdall.config import Settings
 from heimdall.errors import RegistryError
 from heimdall.registry import list_models
-from heimdall.tracking import http_policy, open_client, sqlite_path
+from heimdall.tracking import (
+    describe_http_failure,
+    describe_response,
+    http_policy,
+    open_client,
+    quiet_retries,
+    sqlite_path,
+)
 
 DEADLINE_S = 6.0
 MARGIN_S = 4.0  # a correctness bound, not a benchmark: the old client waited 135 s
@@ -100,3 +108,51 @@ def test_a_new_store_is_created_whole_and_in_wal_mode(tmp_path: Path) -> None:
 )
 def test_sqlite_path_reads_sqlalchemy_uris(uri: str, expected: Path | None) -> None:
     assert sqlite_path(uri) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "API request to http://h/api failed with exception HTTPConnectionPool: Max retries "
+            "exceeded with url: /api (Caused by ResponseError('too many 500 error responses'))",
+            "the MLflow server at http://h answered HTTP 500 to every attempt",
+        ),
+        (
+            "API request to endpoint /api failed with error code 503 != 200. Response body: "
+            '\'{"error_code": "X", "message": "store is down"}\'',
+            "the MLflow server at http://h answered HTTP 503: store is down",
+        ),
+        (
+            "HTTPConnectionPool(host='h', port=1): Max retries exceeded (Caused by "
+            "NewConnectionError('Failed to establish a new connection: [Errno 111] Connection "
+            "refused'))",
+            "nothing listens at http://h",
+        ),
+    ],
+)
+def test_a_failed_mlflow_http_call_says_what_the_server_did(text: str, expected: str) -> None:
+    described = describe_http_failure(text, "http://h")
+    assert described is not None and expected in described
+
+
+def test_a_failure_that_names_no_status_or_refusal_is_left_to_the_caller() -> None:
+    assert describe_http_failure("read timed out", "http://h") is None
+
+
+def test_an_html_error_page_is_reported_by_its_title() -> None:
+    page = "<html><head><title>500 Internal Server Error</title></head><body>long…</body></html>"
+    assert describe_response(500, page, "http://h").endswith("HTTP 500: Internal Server Error")
+
+
+def test_quiet_retries_holds_back_urllib3_retry_warnings_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = logging.getLogger("urllib3.connectionpool")
+    filters = list(pool.filters)
+    with caplog.at_level(logging.WARNING), quiet_retries():
+        pool.warning("Retrying (Retry(total=1)) after connection broken")
+        pool.warning("Connection pool is full")
+
+    assert [r.getMessage() for r in caplog.records] == ["Connection pool is full"]
+    assert pool.filters == filters

@@ -21,7 +21,11 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
     HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -39,6 +43,11 @@ SLOW_LINK_BYTES_PER_S = 1 * MiB
 CONTINUE_WAIT_S = 1.0  # botocore waits this long for "100 Continue" before sending a body
 LIFECYCLE_RULE_ID = "heimdall-abort-incomplete-multipart-uploads"
 AUTH_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+# Where heimdall reads the key pair; the first spelling of each wins.
+KEY_VARIABLES = (
+    "MLFLOW_S3_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID) and MLFLOW_S3_SECRET_ACCESS_KEY "
+    "(or AWS_SECRET_ACCESS_KEY)"
+)
 MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
@@ -106,11 +115,12 @@ def describe(
         if code in AUTH_CODES:
             return (
                 f"the S3 server at {endpoint} refused the credentials ({code}); check "
-                "the access key id and secret key (MLFLOW_S3_ACCESS_KEY_ID / "
-                "MLFLOW_S3_SECRET_ACCESS_KEY) and the key's permissions"
+                f"{KEY_VARIABLES} and the key's permissions"
             )
         message = exc.response.get("Error", {}).get("Message", "")
         return f"{code}: {message}" if message else code
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return f"no S3 credentials for {endpoint} ({type(exc).__name__}); set {KEY_VARIABLES}"
     if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
         server = f"the S3 server at {endpoint}"
         what = (
@@ -122,6 +132,11 @@ def describe(
         return (
             f"{what} within the {timeout_s:g} s deadline ({tries}); check that it is "
             "healthy, or raise HEIMDALL_S3_TIMEOUT_S if it is only slow"
+        )
+    if isinstance(exc, EndpointConnectionError) and "refused" in str(exc.kwargs.get("error")):
+        return (
+            f"nothing listens at {endpoint}; start the S3 server there or point "
+            "MLFLOW_S3_ENDPOINT_URL at it"
         )
     if isinstance(exc, BotoConnectionError):
         return f"cannot reach the S3 server at {endpoint}; is it running?"
