@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -124,15 +125,19 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     backend = _backend(request)
     _serving(backend, name, version)
     limit = backend.limits.max_request_samples
-    body = await _read_body(request, max_body_bytes(limit))
-    header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
-    decode = functools.partial(parse_infer_request, body, header_length, max_request_samples=limit)
-    parsed = decode() if len(body) < _THREAD_DECODE_BYTES else await run_in_threadpool(decode)
-    inferred = await backend.infer(parsed.features)
-    # The alias may have moved while the request waited: the answer names who gave it, and a
-    # request for one version never gets another's.
-    _check_served(inferred.served, name, version)
-    encoded = encode_response(inferred, parsed)
+    cap = max_body_bytes(limit)
+    with _in_flight(request, backend).reserve(_body_size(request, cap)):
+        body = await _read_body(request, cap)
+        header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
+        decode = functools.partial(
+            parse_infer_request, body, header_length, max_request_samples=limit
+        )
+        parsed = decode() if len(body) < _THREAD_DECODE_BYTES else await run_in_threadpool(decode)
+        inferred = await backend.infer(parsed.features)
+        # The alias may have moved while the request waited: the answer names who gave it, and
+        # a request for one version never gets another's.
+        _check_served(inferred.served, name, version)
+        encoded = encode_response(inferred, parsed)
     headers = {} if encoded.header_length is None else {HEADER_LENGTH: str(encoded.header_length)}
     return Response(encoded.body, media_type=encoded.content_type, headers=headers)
 
@@ -199,31 +204,76 @@ def _check_served(served: Served, name: str, version: str | None) -> None:
         raise _Refusal(404, f"version {version!r} of {name!r} is not served here; {now}{alias} is")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+class _InFlight:
+    """Bytes of request bodies held by requests in progress, bounded.
+
+    The batcher's queue bounds decoded samples; this bounds what comes before (bodies read and
+    being decoded, where JSON costs several times its size), so that many concurrent large
+    requests cannot together exhaust memory: past the budget they get 503 + Retry-After.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+
+    @contextmanager
+    def reserve(self, size: int) -> Iterator[None]:
+        if self.used + size > self.budget:
+            raise Overloaded(
+                f"the server is busy ({self.used} bytes of requests in progress, at most "
+                f"{self.budget}); retry shortly"
+            )
+        self.used += size
+        try:
+            yield
+        finally:
+            self.used -= size
+
+
+def _in_flight(request: Request, backend: Backend) -> _InFlight:
+    state = request.app.state
+    if not hasattr(state, "in_flight"):
+        state.in_flight = _InFlight(2 * max_body_bytes(backend.limits.max_queue_samples))
+    in_flight: _InFlight = state.in_flight
+    return in_flight
+
+
+def _body_size(request: Request, limit: int) -> int:
+    """The body's declared size (``limit`` when undeclared), refused when over ``limit``."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise ProtocolError(f"Content-Encoding {encoding!r} is not accepted; send it plain", 415)
-    too_large = ProtocolError(
-        f"the request body exceeds {limit} bytes; send fewer samples a request (JSON numbers "
-        "take about 3× the bytes of the binary tensor data extension)",
-        413,
-    )
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise ProtocolError("Content-Length is not a number")
-        if int(declared) > limit:
-            raise too_large
+    if declared is None:
+        return limit
+    if not declared.strip().isdigit():
+        raise ProtocolError("Content-Length is not a number")
+    if int(declared) > limit:
+        raise _too_large(limit)
+    return int(declared)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    _body_size(request, limit)
+    if "content-length" in request.headers:  # the server reads no more than it declares
         return await request.body()
     parts: list[bytes] = []
     size = 0
     async for part in request.stream():
         size += len(part)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         parts.append(part)
     return b"".join(parts)
+
+
+def _too_large(limit: int) -> ProtocolError:
+    return ProtocolError(
+        f"the request body exceeds {limit} bytes; send fewer samples a request (JSON numbers "
+        "take about 5× the bytes of the binary tensor data extension)",
+        413,
+    )
 
 
 def _failure(exc: Exception, request: Request) -> Response:
