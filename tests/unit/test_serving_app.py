@@ -8,12 +8,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
 import requests
 import uvicorn
+from fastapi import FastAPI
 
 from heimdall.data import generate
 from heimdall.export import ExportResult
@@ -79,24 +81,28 @@ def features() -> np.ndarray:
     return generate(4, seed=21)[0]
 
 
-@pytest.fixture(scope="module")
-def running() -> Iterator[tuple[str, TestBackend]]:
-    backend = TestBackend()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(backend), host="127.0.0.1", port=0, log_level="warning")
-    )
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """``app`` under uvicorn on a free loopback port, in a thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", backend
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[tuple[str, TestBackend]]:
+    backend = TestBackend()
+    with serving(create_app(backend)) as url:
+        yield url, backend
 
 
 @pytest.fixture
@@ -210,6 +216,19 @@ def test_another_version_or_model_is_refused_naming_the_served_one(
     other = requests.post(f"{url}/v2/models/other/infer", json=_json_request(features))
     assert f"serves {NAME!r}" in _error(other, 404)
     assert "Not Found" in _error(requests.get(f"{url}/v2/nothing"), 404)
+
+
+def test_an_app_without_a_backend_answers_one_line_not_a_crash() -> None:
+    with serving(create_app()) as url:
+        assert requests.get(f"{url}/v2/health/live").status_code == 200
+        assert "app.state.backend" in _error(requests.get(f"{url}/v2/health/ready"), 503)
+
+
+def test_a_version_in_the_query_string_is_not_a_version(url: str, features: np.ndarray) -> None:
+    response = requests.post(
+        f"{url}/v2/models/{NAME}/infer", params={"version": "2"}, json=_json_request(features)
+    )
+    assert response.status_code == 200, response.text
 
 
 def test_a_swap_between_requests_is_named_in_the_next_answer(

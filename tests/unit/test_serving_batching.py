@@ -100,7 +100,7 @@ def test_a_lone_request_does_not_wait_for_company(
     served = _served(model, "1")
     batcher = _batcher(max_batch=32, max_wait_ms=60_000)
 
-    async def lone() -> Outputs:
+    async def lone() -> list[Outputs]:
         return await asyncio.wait_for(_all(batcher, [(served, features[:1])]), timeout=30)
 
     asyncio.run(lone())

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heimdall.config import heimdall_version, redact_uri
-from heimdall.errors import HeimdallError, InputError
+from heimdall.errors import ConfigError, HeimdallError, InputError
 from heimdall.serving.backend import Backend, Served
 from heimdall.serving.batching import Overloaded
 from heimdall.serving.protocol import (
@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 SERVER_NAME = "heimdall"
 EXTENSIONS = ["binary_tensor_data"]
 # Bodies above this are decoded in a worker thread so the event loop keeps serving others.
-_THREAD_DECODE_BYTES = 1 << 20
+_THREAD_DECODE_BYTES = 256 * 1024  # one sample as JSON, about 5 as binary
 
 Handler = Callable[..., Awaitable[Response]]
 router = APIRouter()
@@ -76,8 +76,11 @@ def _observed(handler: Handler) -> Handler:
         except Exception as exc:
             response = _failure(exc, request)
         route = getattr(request.scope.get("route"), "path", "unrouted")
-        elapsed = time.perf_counter() - start
-        _backend(request).metrics.observe_request(route, response.status_code, elapsed)
+        backend = getattr(request.app.state, "backend", None)
+        if backend is not None:
+            backend.metrics.observe_request(
+                route, response.status_code, time.perf_counter() - start
+            )
         return response
 
     return observed
@@ -106,14 +109,16 @@ async def server_metadata(request: Request) -> Response:
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 @_observed
-async def metadata(request: Request, name: str, version: str | None = None) -> Response:
+async def metadata(request: Request, name: str) -> Response:
+    version = request.path_params.get("version")
     return JSONResponse(model_metadata(_serving(_backend(request), name, version)))
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 @_observed
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+async def model_ready(request: Request, name: str) -> Response:
+    version = request.path_params.get("version")
     _serving(_backend(request), name, version)
     return Response(status_code=200)
 
@@ -121,7 +126,8 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.post("/v2/models/{name}/infer")
 @router.post("/v2/models/{name}/versions/{version}/infer")
 @_observed
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def infer(request: Request, name: str) -> Response:
+    version = request.path_params.get("version")
     backend = _backend(request)
     _serving(backend, name, version)
     limit = backend.limits.max_request_samples
@@ -176,7 +182,9 @@ async def mlflow_webhook(request: Request) -> Response:
 
 
 def _backend(request: Request) -> Backend:
-    backend: Backend = request.app.state.backend
+    backend: Backend | None = getattr(request.app.state, "backend", None)
+    if backend is None:
+        raise ConfigError("this app has no backend yet: its host sets app.state.backend")
     return backend
 
 
