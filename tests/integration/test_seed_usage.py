@@ -109,6 +109,9 @@ def test_the_seeds_usage_examples_run_as_written(
     assert isinstance(onnx_path, Path) and onnx_path.is_file()
     assert model_info["inputs"][0]["name"] == "mel_spectrogram"
     assert metrics["speedup"] > 0 and metrics["parity"]["passed"] is True
+    # A speed-up comes with the flag that says whether it can be trusted.
+    assert isinstance(metrics["machine_busy"], bool)
+    assert isinstance(result["inference_metrics"]["machine_busy"], bool)
     for uri in (s3_uri, result["s3_uri"]):
         assert uri.startswith(f"s3://{deployment.bucket}/{PREFIX}")
         stored = deployment.seaweedfs.client().head_object(

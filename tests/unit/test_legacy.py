@@ -16,11 +16,13 @@ from mlflow import MlflowClient
 
 import heimdall
 from heimdall import legacy
+from heimdall.bench import BenchmarkResult, benchmark
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.config import Settings
 from heimdall.errors import InputError
 from heimdall.export import ExportResult
 from heimdall.export import export_to_onnx as typed_export_to_onnx
+from heimdall.machine import is_busy
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.storage import LocalStore, S3Store
 from heimdall.validate import get_model_metadata
@@ -160,13 +162,36 @@ def test_typed_get_model_metadata_refuses_a_fourth_positional_argument(
 def test_onnx_inference_returns_accuracy_timings_and_speedup(
     atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint
 ) -> None:
-    metrics = legacy.test_onnx_inference(atto_onnx.path, atto_checkpoint.model, 2, 4, 1e-5)
+    metrics = legacy.test_onnx_inference(
+        atto_onnx.path, atto_checkpoint.model, 2, 4, 1e-5, budget_s=0.2
+    )
 
     assert metrics["mae"] <= 1e-5 and metrics["max_abs_diff"] >= metrics["mae"]
     assert metrics["onnx_inference_ms"] > 0 and metrics["pytorch_inference_ms"] > 0
     assert metrics["speedup"] > 0  # median of paired rounds: not exactly the ratio of medians
     assert (metrics["num_batches"], metrics["batch_size"], metrics["tolerance"]) == (2, 4, 1e-5)
     assert metrics["parity"]["passed"] is True
+
+
+def test_onnx_inference_speedup_is_benchs_interleaved_measurement_with_its_busy_flag(
+    atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured: list[BenchmarkResult] = []
+
+    def spy(*args: Any, **kwargs: Any) -> BenchmarkResult:
+        measured.append(benchmark(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(legacy, "benchmark", spy)
+    metrics = legacy.test_onnx_inference(
+        atto_onnx.path, atto_checkpoint.model, 3, 2, 1e-5, budget_s=0.2
+    )
+
+    assert len(measured) == 1  # one measurement: no second timing loop of its own
+    timing = measured[0].timing("onnx", 2)
+    assert metrics["speedup"] == timing.speedup_vs_pytorch  # median of paired rounds
+    assert metrics["rounds"] == timing.iterations >= 3
+    assert metrics["machine_busy"] is is_busy(measured[0].environment)
 
 
 def test_onnx_inference_raises_an_assertion_error_past_the_tolerance(
