@@ -4,6 +4,7 @@ arrived with, chunks big requests, splits results back in order and refuses when
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +48,7 @@ def _batcher(**limits: float) -> Batcher:
     return Batcher(Limits(**limits), Metrics())  # type: ignore[arg-type]
 
 
-async def _all(batcher: Batcher, requests: list[tuple[Served, np.ndarray]]) -> list[Outputs]:
+async def _all(batcher: Batcher, requests: Sequence[tuple[Served, np.ndarray]]) -> list[Outputs]:
     try:
         return await asyncio.gather(*(batcher.run(s, f) for s, f in requests))
     finally:

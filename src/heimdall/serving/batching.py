@@ -94,7 +94,7 @@ class Batcher:
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     async def aclose(self) -> None:
-        """Stop the worker; queued requests fail, a running batch finishes in its thread."""
+        """Stop for good: queued requests fail, a running batch finishes in its thread."""
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -105,13 +105,15 @@ class Batcher:
     def _started(self) -> asyncio.AbstractEventLoop:
         """The running loop, with a worker on it (started on first use, or anew on a new loop)."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._worker is None or self._worker.done():
+        if self._loop is not loop:
             # Futures and the event belong to the loop they were made on; a test client may run
             # each request on a fresh loop, and the old loop's callers are gone with it.
             self._queue.clear()
             self._queued = 0
             self._loop = loop
             self._arrived = asyncio.Event()
+            self._worker = None
+        if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work(), name="heimdall-batcher")
         return loop
 
