@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.seaweedfs",
     "tests.fixtures.mlflow_server",
     "tests.fixtures.silent",
+    "tests.fixtures.ray_cluster",
 ]
 
 

@@ -426,6 +426,7 @@ def _score_on_ray(
     try:
         if started_here:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the caller shows progress
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # OUTPUT in the single-process order
@@ -435,7 +436,7 @@ def _score_on_ray(
         ).map_batches(
             _Scorer,
             batch_size=1,  # one part per call: a part is already a batch's worth of samples
-            concurrency=pool,
+            compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=1,
             batch_format="numpy",
             fn_constructor_kwargs={

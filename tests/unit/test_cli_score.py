@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,10 @@ def test_off_a_terminal_each_finished_file_gets_a_line(
     args = ("score", atto_onnx.path, archive(tmp_path), "-o", output, "--batch-size", "2")
     result = heimdall(tmp_path, *args)
     assert result.exit_code == 0, result.output
-    assert "scored a.npy: 4/6 samples" in result.stderr and "scored b.npy: 6/6 samples" in result.stderr
+    assert (
+        "scored a.npy: 4/6 samples" in result.stderr
+        and "scored b.npy: 6/6 samples" in result.stderr
+    )
 
 
 def test_an_existing_output_is_refused_in_one_line(atto_onnx: ExportResult, tmp_path: Path) -> None:
@@ -55,3 +60,15 @@ def test_an_existing_output_is_refused_in_one_line(atto_onnx: ExportResult, tmp_
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.count("\n") == 1 and "pass --overwrite" in result.stderr
     assert output.read_bytes() == b"an earlier result"
+
+
+def test_the_cli_and_single_process_scoring_never_import_ray(
+    atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    code = (
+        "import sys; from heimdall.cli import app; import heimdall.scoring; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() == "[]"
