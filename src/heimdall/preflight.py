@@ -24,7 +24,6 @@ from heimdall.tracking import (
     describe_response,
     http_policy,
     quiet_retries,
-    sqlite_path,
 )
 
 # The probe's name is a lock name (hidden from listings) of a model nobody publishes.
@@ -42,11 +41,12 @@ def preflight(settings: Settings, *, bucket: str, create_bucket: bool = False) -
     or written."""
     check_pairing(settings)
     check_object_store(settings, bucket, create_bucket=create_bucket)
-    for uri in dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri)):
-        if uri.startswith(("http://", "https://")):
-            check_server(settings, uri)
-        else:
-            check_database(settings, uri)
+    stores = dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri))
+    servers = [uri for uri in stores if uri.startswith(("http://", "https://"))]
+    for uri in servers:
+        check_server(settings, uri)
+    if len(servers) < len(stores):
+        check_database(settings)
 
 
 def check_pairing(settings: Settings) -> None:
@@ -159,11 +159,9 @@ class _RestProbe:
         return answer
 
 
-def check_database(settings: Settings, uri: str) -> None:
-    """A database store opens, answers a registry search, and takes (and drops) a probe model."""
-    path = sqlite_path(uri)
-    if path is not None:
-        _check_writable(path.parent, RegistryError, "the MLflow store", path)
+def check_database(settings: Settings) -> None:
+    """The settings' database stores open, answer a registry search and take (and drop) a probe
+    model; a read-only SQLite file or folder fails here (``heimdall.tracking`` says which)."""
     probe = f"{_PROBE}{uuid.uuid4().hex[:12]}"
     with session(settings, "check the MLflow registry") as client:
         call(client.search_registered_models, max_results=1)
@@ -171,22 +169,15 @@ def check_database(settings: Settings, uri: str) -> None:
         call(client.delete_registered_model, probe)
 
 
-def _check_writable(
-    folder: Path, error: type[HeimdallError], what: str, file: Path | None = None
-) -> None:
-    """Raise ``error`` when ``folder`` (or an existing ``file`` in it) cannot be written, found by
-    trying: permission bits say nothing to root or on a read-only mount."""
-    target = folder
+def _check_writable(folder: Path, error: type[HeimdallError], what: str) -> None:
+    """Raise ``error`` when ``folder`` cannot be written, found by trying: permission bits say
+    nothing to root or on a read-only mount."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
-        if file is not None and file.exists():
-            target = file
-            with file.open("r+b"):
-                pass
     except OSError as exc:
         raise error(
-            f"{what} at {target} is not writable ({exc.strerror or exc}); publish writes there: "
+            f"{what} at {folder} is not writable ({exc.strerror or exc}); publish writes there: "
             "make it writable, or point HEIMDALL_DATA_DIR at a writable directory"
         ) from None

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -120,6 +121,7 @@ def open_client(tracking_uri: str, registry_uri: str | None, *, timeout_s: float
     uris = [tracking_uri] if registry_uri is None else [tracking_uri, registry_uri]
     paths = list(dict.fromkeys(p for p in map(sqlite_path, uris) if p))
     for path in paths:
+        _check_folder(path)
         _check_sqlite(path)
     if not paths:
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
@@ -138,6 +140,25 @@ def open_client(tracking_uri: str, registry_uri: str | None, *, timeout_s: float
     return client
 
 
+def _check_folder(path: Path) -> None:
+    """Raise RegistryError when the store's folder cannot be written, found by trying
+    (permission bits say nothing to root or on a read-only mount).
+
+    Even to read, SQLite writes its ``-wal`` and ``-shm`` files next to a WAL store and
+    heimdall its creation lock; a folder that refuses them is said to be read-only.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise RegistryError(
+            f"the MLflow store {path} is in a read-only folder ({exc.strerror or exc}): SQLite "
+            "and heimdall write their lock and journal files next to it, even to read; make "
+            f"{path.parent} writable, or copy the store into a writable HEIMDALL_DATA_DIR"
+        ) from None
+
+
 def _check_sqlite(path: Path) -> None:
     """Raise RegistryError when ``path`` exists but is not a complete MLflow store."""
     if not path.exists():
@@ -148,6 +169,11 @@ def _check_sqlite(path: Path) -> None:
         with closing(sqlite3.connect(read_only, uri=True, timeout=5)) as db:
             tables = {row[0] for row in db.execute("select name from sqlite_master")}
     except sqlite3.Error as exc:
+        if _is_sqlite_file(path):  # a database that cannot be opened here: never move it aside
+            raise RegistryError(
+                f"cannot open {what}: {exc}; it is an SQLite file: check that this user may "
+                "read and write it, or restore it from a backup"
+            ) from None
         raise RegistryError(
             f"cannot open {what}: {exc}; it is not a readable SQLite database. Point "
             "HEIMDALL_DATA_DIR (or MLFLOW_TRACKING_URI) at a valid store, or move the file aside"
@@ -159,6 +185,14 @@ def _check_sqlite(path: Path) -> None:
             "migration was interrupted. Restore it from a backup, or if it holds nothing to keep, "
             "move it aside and run again to create a fresh one"
         )
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def _use_wal(path: Path) -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +76,15 @@ def test_an_unopenable_store_is_reported_at_once(make: object, tmp_path: Path) -
         list_models(settings=Settings(data_dir=tmp_path, tracking_uri=None))
 
     assert time.monotonic() - started < MARGIN_S
+
+
+def test_a_damaged_sqlite_store_is_never_advised_aside(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+
+    with pytest.raises(RegistryError, match="cannot open the MLflow store") as caught:
+        list_models(settings=Settings(data_dir=tmp_path, tracking_uri=None))
+
+    assert "aside" not in str(caught.value) and "backup" in str(caught.value)
 
 
 def test_a_half_migrated_store_is_explained_never_used(tmp_path: Path) -> None:
@@ -156,3 +169,31 @@ def test_quiet_retries_holds_back_urllib3_retry_warnings_only(
 
     assert [r.getMessage() for r in caplog.records] == ["Connection pool is full"]
     assert pool.filters == filters
+
+
+def test_a_read_only_data_dir_is_said_plainly_never_move_aside(tmp_path: Path) -> None:
+    """A healthy store on a read-only mount (root ignores permission bits: a private mount
+    namespace makes the data dir read-only for the CLI alone)."""
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            ["unshare", "--mount", "true"], capture_output=True, check=False
+        ).returncode
+    ):
+        pytest.skip("needs unshare --mount for a read-only bind mount")
+    data = tmp_path / "data"
+    env = {**os.environ, "HEIMDALL_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": ""}
+    heimdall = str(Path(sys.executable).with_name("heimdall"))
+    subprocess.run([heimdall, "models", "list"], env=env, check=True, capture_output=True)
+    script = (
+        f'mount --bind "{data}" "{data}" && mount -o remount,bind,ro "{data}" && '
+        f'"{heimdall}" models list'
+    )
+
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], env=env, capture_output=True, text=True
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert "read-only" in done.stderr and "make" in done.stderr and "writable" in done.stderr
+    assert "aside" not in done.stderr and "Traceback" not in done.stderr
