@@ -16,18 +16,18 @@ from mlflow import MlflowClient
 from onnx import numpy_helper
 from structlog.testing import capture_logs
 
+from benchmarks.serve_load import publish
 from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import HeimdallError
 from heimdall.export import ExportResult
 from heimdall.inference import LocalizationModel
 from heimdall.objects import ObjectStore
-from heimdall.registry import register_model, set_alias
+from heimdall.registry import set_alias
 from heimdall.serving import follower as follower_module
 from heimdall.serving.backend import Served
 from heimdall.serving.follower import Follower
-from heimdall.storage import open_store, upload_model
-from heimdall.validate import validate_onnx_model
+from heimdall.storage import open_store
 
 ALIAS = "live"
 
@@ -43,19 +43,6 @@ def variant(source: Path, target: Path, seed: int) -> Path:
             init.CopyFrom(numpy_helper.from_array(nudged.astype(np.float32), init.name))
     onnx.save(model, target)
     return target
-
-
-def publish(path: Path, name: str, settings: Settings, store: ObjectStore) -> str:
-    """Upload and register an ONNX file as a verified version; its version number."""
-    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
-    return register_model(
-        uploaded.uri,
-        name=name,
-        metadata={"parity": {"passed": True}},
-        settings=settings,
-        store=store,
-        validator=validate_onnx_model,
-    ).version.version
 
 
 def tamper(version: str, name: str, settings: Settings, store: ObjectStore, other: Path) -> None:
