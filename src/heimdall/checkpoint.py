@@ -10,10 +10,12 @@ non-float tensor where the model holds floats is refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from torch import Tensor
 from heimdall.config import heimdall_version
 from heimdall.errors import CheckpointError, InputError
 from heimdall.files import sha256_file
+from heimdall.machine import is_out_of_memory, memory_errors
 from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig, load_exact
 
 log = structlog.get_logger(__name__)
@@ -100,6 +103,11 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    with memory_errors(f"loading {path}", "free memory, or load it on a larger machine"):
+        return _read_file(path)
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -118,6 +126,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or one of "
             f"{', '.join(sorted(TORCH_SUFFIXES))}"
         )
+    check_archive_sizes(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -130,8 +139,57 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     # The unpickler meets arbitrary bytes in a foreign file: random data ends in IndexError,
     # KeyError, UnicodeDecodeError and friends as often as in an UnpicklingError.
     except Exception as exc:
+        if is_out_of_memory(exc):  # a real checkpoint too large for this machine now
+            raise
         raise CheckpointError(_not_a_checkpoint(path)) from exc
     return _unwrap(payload, path)
+
+
+def check_archive_sizes(path: Path, *, limit: int | None = None) -> None:
+    """Refuse a zip-format torch file whose entries would inflate beyond what it can hold.
+
+    torch.save stores entries uncompressed, so a checkpoint inflates to about its own size; a
+    deflated entry (a zip bomb: 2 MB of zeros become 2 GiB) would be unpacked whole by
+    torch.load before any check could see it. The zip directory declares every entry's size,
+    so both bounds are checked from it alone. ``limit`` (default: the largest
+    LocalizationNet's float64 weights and two optimizer moments) bounds any archive.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # the legacy (non-zip) format or no archive: torch.load says what it is
+    size = path.stat().st_size
+    limit = _largest_checkpoint_bytes() if limit is None else limit
+    if declared > limit:
+        raise CheckpointError(
+            f"{path}: its zip entries declare {_mib(declared)}, more than the largest "
+            f"LocalizationNet checkpoint holds ({_mib(limit)}); refused before unpacking"
+        )
+    if declared > _INFLATION * size + _ARCHIVE_SLACK:
+        raise CheckpointError(
+            f"{path}: its zip entries inflate to {_mib(declared)} from a {_mib(size)} file, "
+            "which torch.save never writes (it stores entries uncompressed); refused before "
+            "unpacking. Use the file torch.save wrote, or a .safetensors file"
+        )
+
+
+# A deflated copy of real weights inflates to about 1.1x; zeros inflate up to 1000x.
+_INFLATION = 4
+_ARCHIVE_SLACK = 64 * 2**20
+
+
+@functools.cache
+def _largest_checkpoint_bytes() -> int:
+    """float64 weights of the largest backbone with two optimizer moments, plus slack."""
+    largest = max(BACKBONES, key=lambda name: sum(BACKBONES[name][0]) * sum(BACKBONES[name][1]))
+    with torch.device("meta"):
+        model = LocalizationNet(ModelConfig(backbone=largest))
+    return 3 * 8 * sum(t.numel() for t in model.state_dict().values()) + _ARCHIVE_SLACK
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 # torch's weights-only unpickler says so when a pickle names code (a global, a reduce call);

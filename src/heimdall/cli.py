@@ -5,11 +5,13 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
+from rich.progress import Progress, TaskID
 from rich.table import Table
 from rich.text import Text
 
@@ -148,10 +150,7 @@ def train(
         )
         with progress_bar() as bar:
             task = bar.add_task("training", total=config.epochs, info="")
-
-            def on_epoch(epoch: int, total: int, loss: float, km: float) -> None:
-                bar.update(task, completed=epoch, info=f"loss {loss:.3f}  val median {km:.1f} km")
-
+            on_epoch = epoch_progress(bar, task, config.epochs)
             result = train_with_settings(config, output, settings, progress=on_epoch)
     if not publish_after:
         emit(result, as_json, "training")
@@ -161,6 +160,23 @@ def train(
     published = _publish(ctx, result.checkpoint, as_json=as_json)
     if as_json:  # one document on stdout
         emit({"training": result, "publish": published}, True, "training")
+
+
+def epoch_progress(
+    bar: Progress, task: TaskID, epochs: int
+) -> Callable[[int, int, float, float], None]:
+    """The training progress callback: the bar names the epoch running; off a terminal,
+    where there is no bar, each finished epoch is a line on stderr (minutes pass between)."""
+    bar.update(task, description=f"epoch 1/{epochs}")
+
+    def on_epoch(epoch: int, total: int, loss: float, km: float) -> None:
+        summary = f"loss {loss:.3f}  val median {km:.1f} km"
+        running = f"epoch {min(epoch + 1, total)}/{total}"
+        bar.update(task, completed=epoch, description=running, info=summary)
+        if not console.is_terminal:
+            console.print(Text(f"epoch {epoch}/{total}: {summary}"))
+
+    return on_epoch
 
 
 @app.command("export")
@@ -257,20 +273,33 @@ def predict(
     ctx: typer.Context,
     model_uri: str = typer.Argument(..., help="models:/NAME@alias, s3://…, file:// or a path."),
     features: Path = typer.Argument(..., help=".npy array of shape (B, 3, 128, 32) float32."),
+    chunk_size: int = typer.Option(
+        None,
+        help="Samples per ONNX Runtime call (default 64): memory grows with it, not with B.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Predict positions and uncertainties for a saved feature batch."""
     from heimdall.inference import LocalizationModel, load_features
 
     with errors(as_json):
-        batch = load_features(features)
+        batch = load_features(features)  # memory-mapped: predict reads it one chunk at a time
         served = LocalizationModel.load(model_uri, settings=settings_of(ctx))
-        data = plain(served.predict(batch))
+        model = {"model": redact_uri(model_uri), "version": served.version}
+        data = {
+            **model,
+            "sha256": served.sha256,
+            **plain(
+                served.predict(
+                    batch, **({"chunk_size": chunk_size} if chunk_size is not None else {})
+                )
+            ),
+        }
     if as_json:
         emit(data, True, "prediction")
         return
     version = f"version {served.version}, " if served.version else ""
-    served_line = f"model: {redact_uri(model_uri)} ({version}sha256 {served.sha256})"
+    served_line = f"model: {model['model']} ({version}sha256 {served.sha256})"
     out.print(Text(served_line), soft_wrap=True)
     table = Table()
     for col in ("#", "lat", "lon", "σx", "σy"):

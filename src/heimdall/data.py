@@ -36,6 +36,9 @@ _BLOCK = 16  # samples whose signals are computed together within a chunk
 GENERATOR_VERSION = 1
 # The seed of the held-out set every candidate is judged on (training never draws it).
 HELDOUT_SEED = 917_401
+# Memory per sample while ``generate`` runs: its chunks and their concatenation (features
+# (3, 128, 32) and labels (2,), float32) are held at once, two copies.
+SAMPLE_BYTES = 2 * (3 * 128 * 32 + 2) * 4
 
 # Eight receivers around the region (approximate positions of NW-Italian cities).
 DEFAULT_RECEIVERS: tuple[tuple[float, float], ...] = (

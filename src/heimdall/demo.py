@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def run_demo(
     settings = settings or load_settings()
     config = config or TrainConfig()
     check_registration(settings.model_name, alias)
-    checkpoint = settings.resolved_data_dir / "checkpoints" / f"demo-{config.backbone}.safetensors"
+    checkpoint = demo_checkpoint(settings, config.backbone)
     trained = train_with_settings(config, checkpoint, settings, progress=train_progress)
     published = publish(
         trained.checkpoint,
@@ -114,6 +115,14 @@ def run_demo(
         served_samples=served.samples,
         seconds=time.perf_counter() - started,
     )
+
+
+def demo_checkpoint(settings: Settings, backbone: str) -> Path:
+    """A checkpoint path of its own for one demo run: two demos in one data dir (at once, or
+    one after the other) never overwrite each other's file."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"demo-{backbone}-{stamp}-{secrets.token_hex(3)}.safetensors"
+    return settings.resolved_data_dir / "checkpoints" / name
 
 
 def _rounded(value: float | None) -> float | None:

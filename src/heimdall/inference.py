@@ -19,13 +19,16 @@ no stage imports it, and it imports no torch.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+import numpy.lib.format as npy
 import onnxruntime as ort
 import structlog
 
@@ -36,11 +39,18 @@ from heimdall.data import HELDOUT_SEED, generate
 from heimdall.errors import InputError, RegistryError
 from heimdall.files import sha256_file
 from heimdall.heldout import HELDOUT_SAMPLES, HeldOut, HeldOutSet, score
+from heimdall.machine import memory_errors
 from heimdall.objects import download_model_hashed, fetch
+from heimdall.registry.names import parse_models_uri
 from heimdall.runtime import RECOMMENDED_SESSION_SETTINGS, open_session, recorded_settings
 from heimdall.storage import download_verified, open_store
 
 log = structlog.get_logger(__name__)
+
+# Samples per ONNX Runtime call: an atto model's activations cost about 0.7 MiB a sample, so a
+# chunk stays under 50 MiB however large the batch is, and calls are still long enough that
+# the per-call overhead does not show.
+PREDICT_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,26 @@ class Prediction:
         }
 
 
-def check_features(features: object) -> np.ndarray:
-    """Return ``features`` as a float32 ``(B, 3, 128, 32)`` array or raise InputError."""
+def check_features(features: object, *, first: int = 0) -> np.ndarray:
+    """Return ``features`` as a float32 ``(B, 3, 128, 32)`` array or raise InputError.
+
+    ``first`` is the place of ``features[0]`` in a larger batch: non-finite samples are named
+    by their place in it.
+    """
+    array = _checked_layout(features)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        bad = np.unique(np.argwhere(~np.isfinite(array))[:, 0]) + first
+        raise InputError(
+            f"features hold NaN or infinite values (or values beyond float32's range) in "
+            f"sample(s) {bad[:10].tolist()}{' …' if len(bad) > 10 else ''}"
+        )
+    return array
+
+
+def _checked_layout(features: object) -> np.ndarray:
+    """``features`` if its type, shape and dtype are those of a batch (its values unread)."""
     expected = f"expected a float array of shape (B, {', '.join(map(str, INPUT_SHAPE))})"
     if not isinstance(features, np.ndarray):
         raise InputError(f"{expected}, got {type(features).__name__}")
@@ -69,15 +97,7 @@ def check_features(features: object) -> np.ndarray:
         raise InputError(f"{expected}, got an empty batch")
     if not np.issubdtype(features.dtype, np.floating):
         raise InputError(f"{expected}, got dtype {features.dtype}")
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
-        array = np.ascontiguousarray(features, dtype=np.float32)
-    if not np.isfinite(array).all():
-        bad = np.unique(np.argwhere(~np.isfinite(array))[:, 0])
-        raise InputError(
-            f"features hold NaN or infinite values (or values beyond float32's range) in "
-            f"sample(s) {bad[:10].tolist()}{' …' if len(bad) > 10 else ''}"
-        )
-    return array
+    return features
 
 
 class LocalizationModel:
@@ -120,11 +140,7 @@ class LocalizationModel:
             local, expected, version, arrived = _fetch(text, Path(tmp), settings)
             sha256 = arrived or sha256_file(local)  # a download hashed its bytes as they came
             if expected is not None and sha256 != expected:
-                raise RegistryError(
-                    f"{redact_uri(text)}: the stored model has sha256 {sha256} but {expected} "
-                    "was recorded for it; the bytes were altered after registration or upload. "
-                    "Do not serve it; register the model again."
-                )
+                raise altered_bytes_error(text, sha256, expected)
             session = _open(local, providers, redact_uri(text))
         model = cls(session, uri=text, sha256=sha256, version=version)
         log.info(
@@ -136,28 +152,117 @@ class LocalizationModel:
         )
         return model
 
-    def predict(self, features: np.ndarray) -> Prediction:
-        """Positions and uncertainties for a ``(B, 3, 128, 32)`` batch."""
-        array = check_features(features)
-        positions, uncertainties = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
-        return Prediction(positions=np.asarray(positions), uncertainties=np.asarray(uncertainties))
+    def predict(self, features: np.ndarray, *, chunk_size: int = PREDICT_CHUNK) -> Prediction:
+        """Positions and uncertainties for a ``(B, 3, 128, 32)`` batch.
+
+        ONNX Runtime sees at most ``chunk_size`` samples a call, so memory stays bounded
+        whatever ``B`` is (a memory-mapped ``features`` is read one chunk at a time).
+        """
+        if chunk_size < 1:
+            raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
+        _checked_layout(features)
+        parts = [
+            self._run(check_features(features[i : i + chunk_size], first=i))
+            for i in range(0, len(features), chunk_size)
+        ]
+        return Prediction(
+            positions=np.concatenate([p for p, _ in parts]),
+            uncertainties=np.concatenate([u for _, u in parts]),
+        )
+
+    def _run(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fix = "predict with a smaller chunk_size, or free memory"
+        with memory_errors(f"ONNX Runtime on {len(array)} samples", fix):
+            positions, uncertainties = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+        return np.asarray(positions), np.asarray(uncertainties)
+
+
+def altered_bytes_error(uri: str, sha256: str, expected: str) -> RegistryError:
+    """The bytes ``uri`` names are not those registered: say so, and what gets out of it.
+
+    Registering the same model again finds the same altered bytes; a rollback serves the
+    previous version, and a publish of the checkpoint uploads fresh bytes as a new version.
+    """
+    name, alias = _registry_name(uri)
+    rollback = f"heimdall rollback {name or 'NAME'} --alias {alias or 'ALIAS'}"
+    return RegistryError(
+        f"{redact_uri(uri)}: the stored model has sha256 {sha256} but {expected} was recorded "
+        "for it; the bytes were altered after registration or upload. Do not serve it: move "
+        f"the alias back to the previous version ({rollback}), or publish the checkpoint "
+        "again to upload fresh bytes as a new version"
+    )
+
+
+def _registry_name(uri: str) -> tuple[str | None, str | None]:
+    """The model name and alias a ``models:/`` URI names (None where it names none)."""
+    try:
+        name, alias, _ = parse_models_uri(uri)
+    except InputError:
+        return None, None
+    return name, alias
 
 
 def load_features(path: Path | str) -> np.ndarray:
-    """Read a ``.npy`` file of features without executing pickled objects; check its shape."""
+    """Map a ``.npy`` file of features into memory (read as used, never unpickled).
+
+    Its header is checked against the file's size first: a header may claim any shape, and
+    numpy would allocate what it claims before finding out the bytes are not there.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"features file not found: {path}")
+    expected = f"expected a .npy array of shape (B, {', '.join(map(str, INPUT_SHAPE))}) float32"
+    with path.open("rb") as fh:
+        _check_npy_header(path, fh, expected)
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
         raise InputError(
             f"{path}: not a readable .npy array ({exc}); save features with numpy.save"
         ) from exc
     try:
-        return check_features(array)
+        return _checked_layout(array)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+
+
+def _check_npy_header(path: Path, fh: BinaryIO, expected: str) -> None:
+    """Refuse a file that is not ``.npy``, holds objects, or declares more bytes than it has."""
+    start = fh.read(9)
+    fh.seek(0)
+    try:
+        version = npy.read_magic(fh)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version} is not supported")
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    except ValueError as exc:
+        raise InputError(
+            f"{path}: {_not_npy(start, str(exc))}; {expected}: save features with "
+            "numpy.save(path, array)"
+        ) from None
+    if dtype.hasobject:
+        raise InputError(
+            f"{path}: not a readable .npy array: it holds Python objects, which are never "
+            f"unpickled; {expected}"
+        )
+    header, size = fh.tell(), path.stat().st_size
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != size - header:
+        raise InputError(
+            f"{path}: its header declares shape {tuple(shape)} {dtype} ({declared:,} bytes) but "
+            f"the file holds {size - header:,} bytes after its {header}-byte header; the file "
+            "is truncated or was not written by numpy.save"
+        )
+
+
+def _not_npy(start: bytes, reason: str) -> str:
+    """What a file that is not ``.npy`` seems to be, from its first bytes."""
+    if start.startswith(b"PK"):
+        return "a zip archive (an .npz?), not a .npy array"
+    if len(start) == 9 and start[8:9] == b"{":  # a little-endian header length, then JSON
+        return "a safetensors file, not a .npy array"
+    return f"not a .npy file ({reason})"
 
 
 def predict_file(
@@ -208,7 +313,8 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
         path = path / registry.MODEL_FILE if path.is_dir() else path
         if not path.is_file():
-            raise InputError(f"no ONNX model at {uri}")
+            hint = f"; did you mean models:/{uri}?" if _looks_registered(uri) else ""
+            raise InputError(f"no ONNX model at {uri}{hint}")
         return path, None, None
     if parsed.scheme != "s3":
         raise InputError(
@@ -233,6 +339,11 @@ def _local_model(uri: str, tmp: Path, settings: Settings) -> tuple[Path, str | N
         download_verified(store, bucket, f"{folder}/{name}", tmp / name, expected)
     local = tmp / registry.MODEL_FILE
     return local, info.metadata.get("sha256"), fetch(store, bucket, key, local)
+
+
+def _looks_registered(uri: str) -> bool:
+    """``NAME@alias`` or ``NAME/VERSION``: a registry URI without its ``models:/`` prefix."""
+    return _registry_name(f"models:/{uri}") != (None, None)
 
 
 def evaluate_heldout(

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+from heimdall.errors import InputError
 
 # ISA extensions that decide which MLAS/oneDNN kernels run (fp32 FMA width, int8 dot products).
 ISA_FLAGS = (
@@ -202,6 +208,74 @@ def _cpuinfo() -> dict[str, str]:
 def _cpuinfo_int(key: str) -> int | None:
     value = _cpuinfo().get(key, "")
     return int(value) if value.isdigit() else None
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes the kernel could hand out now without swapping (MemAvailable); None off Linux."""
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key == "MemAvailable" and value.split()[:1] and value.split()[0].isdigit():
+            return int(value.split()[0]) * 1024
+    return None
+
+
+def check_memory(
+    what: str, count: int, bytes_each: int, *, fix: str, available: int | None = None
+) -> None:
+    """Refuse in one line, before allocating, ``count`` items of about ``bytes_each`` bytes each
+    that would not fit in the memory available now (or in ``available`` bytes).
+
+    Nothing is refused where the amount available is unknown: a guess would block real work.
+    """
+    available = available_memory() if available is None else available
+    needed = count * bytes_each
+    if available is None or needed <= available:
+        return
+    raise InputError(
+        f"{what} needs about {_bytes(needed)} ({_bytes(bytes_each)} a sample, estimated) but "
+        f"{_bytes(available)} is available; {fix}"
+    )
+
+
+# How ONNX Runtime (Fail, RuntimeException) and PyTorch (RuntimeError) say an allocation failed.
+_ALLOCATION = re.compile(r"bad_alloc|allocat|out of memory", re.IGNORECASE)
+
+
+@contextmanager
+def memory_errors(what: str, fix: str) -> Iterator[None]:
+    """Turn running out of memory inside the block into one InputError line saying ``fix``.
+
+    Python's MemoryError and the allocation failures ONNX Runtime and PyTorch raise as their
+    own exception types would otherwise end a command in a traceback.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        available = available_memory()
+        now = f"; {_bytes(available)} is available now" if available is not None else ""
+        raise InputError(f"{what} ran out of memory{now}; {fix}") from exc
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (Python, ONNX Runtime or PyTorch)."""
+    if isinstance(exc, MemoryError):
+        return True
+    failures = (Fail, RuntimeException, RuntimeError)
+    return isinstance(exc, failures) and bool(_ALLOCATION.search(str(exc)))
+
+
+def _bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit in ("B", "KiB") else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def _memory_gib() -> float:

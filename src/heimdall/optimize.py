@@ -40,10 +40,11 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from heimdall.contract import INPUT_NAME, Progress, part
-from heimdall.data import generate
+from heimdall.data import SAMPLE_BYTES, generate
 from heimdall.errors import ExportError, InputError, ValidationError
 from heimdall.files import sha256_file
-from heimdall.model import LocalizationNet, torch_reference
+from heimdall.machine import check_memory, memory_errors
+from heimdall.model import BACKBONES, LocalizationNet, ModelConfig, torch_reference
 from heimdall.optimize_graph import output_tail, quantizable_nodes, sort_topologically
 from heimdall.parity import Gates, ParityResult, measure_parity, parity_steps
 from heimdall.runtime import (
@@ -157,6 +158,24 @@ class _RFCalibration(CalibrationDataReader):  # type: ignore[misc]
 
     def rewind(self) -> None:
         self._iter = enumerate(self._batches)
+
+
+# The calibrator keeps every batch's activations until it computes the ranges: measured on
+# atto (40 channels in its first stage) about 160 KiB a sample, besides the features.
+_CALIBRATION_BYTES_PER_CHANNEL = 4 * 2**10
+
+
+def check_calibration_memory(
+    config: ModelConfig, calibration: int, *, available: int | None = None
+) -> None:
+    """Refuse now a calibration set whose features and activations would not fit in memory."""
+    check_memory(
+        f"--calibration {calibration}",
+        calibration,
+        SAMPLE_BYTES + _CALIBRATION_BYTES_PER_CHANNEL * BACKBONES[config.backbone][0][0],
+        fix="use fewer calibration samples",
+        available=available,
+    )
 
 
 def calibration_batches(calibration: int) -> int:
@@ -397,13 +416,15 @@ def build_variant(
     building = calibration_batches(calibration) if variant == "int8" else 1
     total = building + parity_steps(_VARIANT_BATCH_SIZES, task_samples)
     if variant == "int8":
-        path = quantize_int8(
-            onnx_path,
-            output_path,
-            calibration=calibration,
-            seed=seed,
-            progress=part(progress, 0, total),
-        )
+        check_calibration_memory(model.config, calibration)
+        with memory_errors("int8 calibration", "use fewer calibration samples"):
+            path = quantize_int8(
+                onnx_path,
+                output_path,
+                calibration=calibration,
+                seed=seed,
+                progress=part(progress, 0, total),
+            )
     else:
         path = convert_fp16(onnx_path, output_path, progress=part(progress, 0, total))
     return verify_variant(

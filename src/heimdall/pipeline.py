@@ -30,6 +30,7 @@ from heimdall.inference import evaluate_heldout
 from heimdall.machine import software
 from heimdall.model import LocalizationNet
 from heimdall.optimize import DEFAULT_CALIBRATION, VARIANTS, Variant
+from heimdall.preflight import preflight
 from heimdall.registry import (
     DEFAULT_ALIAS,
     AliasChange,
@@ -123,6 +124,8 @@ def publish(
         reason=reason,
     )
     options.check(settings)
+    # The stores answer, accept the keys and hold the bucket, before any heavy step.
+    preflight(settings, bucket=settings.bucket, create_bucket=options.create_bucket)
     run = Run(progress, settings.secret_values())
     loaded = _load_step(run, source)
     work = Work(options, settings, run, source, loaded, _output_dir(options, settings, loaded))

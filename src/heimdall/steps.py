@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,8 @@ VERIFY_BATCH_SIZES = DEFAULT_VERIFY_BATCH_SIZES
 # A checkpoint file with more weights than this is exported in a process of its own (the
 # exporter's peak is ~3 more copies of the weights); below it, a process start costs more.
 ISOLATED_EXPORT_BYTES = 256 * 2**20
+# Linux's limits on a path and on one name in it (PATH_MAX, NAME_MAX), in bytes.
+_PATH_MAX, _NAME_MAX = 4096, 255
 
 # Called with (step, status, detail); status is "start", then "ok", "reused", "skipped" or
 # "failed".
@@ -148,6 +151,26 @@ class PublishOptions:
             )
         if self.calibration < 1:
             raise InputError(f"calibration must be at least 1 sample, got {self.calibration}")
+        # The default folder, one per checkpoint, is named by 16 hex digits of its sha256.
+        check_report_path(
+            self.output_dir or settings.resolved_data_dir / "exports" / ("0" * 16), self.name
+        )
+
+
+def check_report_path(out: Path, name: str) -> None:
+    """Refuse now an output folder under which the report path would be too long.
+
+    The report is written last, after the upload and the registration: a path the file system
+    refuses then ('File name too long') would fail every re-run after the bytes are stored.
+    """
+    deepest = out.absolute() / "reports" / name / f"v{'9' * 10}" / "report.html"
+    encoded = os.fsencode(deepest)
+    if len(encoded) >= _PATH_MAX or max(map(len, encoded.split(b"/"))) > _NAME_MAX:
+        raise InputError(
+            f"the report would go to a path of {len(encoded)} bytes under {out}, longer than "
+            f"the file system takes ({_PATH_MAX - 1} bytes, {_NAME_MAX} a name); choose a "
+            "shorter --output-dir or --name"
+        )
 
 
 @dataclass

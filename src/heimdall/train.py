@@ -15,8 +15,9 @@ from torch import nn
 
 from heimdall.checkpoint import load_torchvision_weights, save_checkpoint
 from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, redact_uri
-from heimdall.data import RFScenario, generate, haversine_km
+from heimdall.data import SAMPLE_BYTES, RFScenario, generate, haversine_km
 from heimdall.errors import InputError, RegistryError
+from heimdall.machine import check_memory, memory_errors
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.tracking import open_client
 
@@ -75,6 +76,20 @@ class TrainResult:
     seconds: float
     epochs: int
     data_seconds: float = 0.0  # of ``seconds``: generating the training and validation sets
+
+
+def check_training_memory(config: TrainConfig, *, available: int | None = None) -> None:
+    """Refuse now a training and validation set that would not fit in memory.
+
+    Both sets stay in memory while training; the batches and the model are small next to them.
+    """
+    check_memory(
+        f"training on {config.train_samples} + {config.val_samples} samples",
+        config.train_samples + config.val_samples,
+        SAMPLE_BYTES,
+        fix="use fewer samples (--samples)",
+        available=available,
+    )
 
 
 def evaluate_km(
@@ -154,13 +169,15 @@ def train(
     experiment keeps its artifacts at ``artifact_location`` (``None``: MLflow's default, which
     for a database store is ``./mlruns`` in the working directory).
     """
+    check_training_memory(config)
     scenario = scenario or RFScenario()
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    x_train, y_train = generate(config.train_samples, seed=config.seed, scenario=scenario)
-    x_val, y_val = generate(config.val_samples, seed=config.seed + 1_000_003, scenario=scenario)
+    with memory_errors("generating the training data", "use fewer samples (--samples)"):
+        x_train, y_train = generate(config.train_samples, seed=config.seed, scenario=scenario)
+        x_val, y_val = generate(config.val_samples, seed=config.seed + 1_000_003, scenario=scenario)
     data_seconds = time.perf_counter() - start
     center, scale = np.asarray(scenario.center), np.asarray(scenario.scale)
     t_train = torch.from_numpy(((y_train - center) / scale).astype(np.float32))

@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import shlex
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 
 from heimdall.checkpoint import (
     DtypeWarning,
+    check_archive_sizes,
     infer_backbone,
     load_checkpoint,
     load_torchvision_weights,
@@ -28,7 +30,7 @@ from heimdall.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from heimdall.errors import CheckpointError
+from heimdall.errors import CheckpointError, InputError
 from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig
 
 # Two spinning PyTorch threads on a shared two-core machine are much slower than one.
@@ -679,3 +681,58 @@ def test_torchvision_weights_in_an_integer_dtype_are_refused(tmp_path: Path) -> 
 
     with pytest.raises(CheckpointError, match=r"features\.0\.0\.weight \(int32 in the file"):
         load_torchvision_weights(backbone, path)
+
+
+def zip_bomb(path: Path, inflated: int) -> Path:
+    """A torch-style ``.pt`` archive whose one data entry inflates to ``inflated`` zero bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        with archive.open("archive/data/0", "w", force_zip64=True) as entry:
+            block = bytes(2**20)
+            for _ in range(inflated // 2**20):
+                entry.write(block)
+    return path
+
+
+def test_an_archive_that_inflates_far_beyond_its_size_is_refused_before_torch_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bomb = zip_bomb(tmp_path / "bomb.pt", 256 * 2**20)
+    assert bomb.stat().st_size < 2**20
+
+    def unpack(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("torch.load ran on the archive")
+
+    monkeypatch.setattr(torch, "load", unpack)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(bomb)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "bomb.pt: its zip entries inflate to 256.0 MiB" in message
+    assert "refused before unpacking" in message
+
+
+def test_an_archive_that_declares_more_than_any_localizationnet_checkpoint_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "huge.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+
+    with pytest.raises(CheckpointError, match="more than the largest LocalizationNet"):
+        check_archive_sizes(path, limit=64)
+    check_archive_sizes(path)  # a real torch.save file stores its entries as they are
+
+
+def test_a_checkpoint_too_large_for_memory_is_said_to_be_so_not_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+
+    def out_of_memory(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(InputError, match=r"weights\.pt ran out of memory.*larger machine"):
+        read_state_dict(path)

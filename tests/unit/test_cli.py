@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import structlog
 import torch
+from rich.progress import Progress
 from typer.testing import CliRunner, Result
 
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
-from heimdall.cli import app, emit
+from heimdall.cli import app, emit, epoch_progress
 from heimdall.config import heimdall_version
 from heimdall.data import generate
 from heimdall.export import ExportResult
@@ -365,6 +366,31 @@ def test_train_then_publish_as_json_is_one_document(tmp_path: Path, one_torch_th
     assert (published["version"], published["alias"]) == ("1", "staging")
 
 
+def test_train_off_a_terminal_prints_one_line_an_epoch(
+    tmp_path: Path, one_torch_thread: None
+) -> None:
+    home = Home(tmp_path / "data", "unused")
+
+    result = home.run("train", "--epochs", "2", "--samples", "32", "-o", tmp_path / "t.safetensors")
+
+    assert result.exit_code == 0, result.output
+    epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all("val median" in line and "km" in line for line in epochs)
+
+
+def test_the_training_bar_names_the_epoch_it_runs() -> None:
+    bar = Progress(disable=True)
+    task = bar.add_task("training", total=3, info="")
+    on_epoch = epoch_progress(bar, task, 3)
+    assert bar.tasks[0].description == "epoch 1/3"
+
+    on_epoch(1, 3, 0.5, 120.0)
+    assert bar.tasks[0].description == "epoch 2/3"
+    on_epoch(3, 3, 0.5, 120.0)
+    assert bar.tasks[0].description == "epoch 3/3" and bar.tasks[0].completed == 3
+
+
 def test_a_failed_publish_as_json_names_the_step_and_what_exists(tmp_path: Path) -> None:
     home = Home(tmp_path / "data", f"heimdall-cli-nan-{os.urandom(3).hex()}")
     model = LocalizationNet(ModelConfig(backbone="atto"))
@@ -439,6 +465,30 @@ def test_predict_names_the_served_version_its_sha256_and_the_units(
     assert result.stdout.splitlines()[-1].startswith(
         "lat, lon in degrees; σx, σy in normalized region units"
     )
+
+
+def test_predict_json_names_the_served_version_and_its_sha256(
+    registry: Registry, tmp_path: Path
+) -> None:
+    features, _ = generate(2, seed=5)
+    np.save(tmp_path / "features.npy", features)
+
+    predicted = registry.home.json(
+        "predict", f"models:/{registry.home.name}@staging", tmp_path / "features.npy"
+    )
+
+    chunked = registry.home.json(
+        "predict",
+        f"models:/{registry.home.name}@staging",
+        tmp_path / "features.npy",
+        "--chunk-size",
+        "1",
+    )
+    assert chunked["positions"] == predicted["positions"]
+    assert predicted["model"] == f"models:/{registry.home.name}@staging"
+    assert predicted["version"] == "1"
+    assert predicted["sha256"] == registry.first["published"][0]["sha256"]
+    assert np.asarray(predicted["positions"]).shape == (2, 2)
 
 
 def test_validate_ends_with_its_verdict(atto_onnx: ExportResult, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.errors import CheckpointError, GateError, PublishError, StorageError
 from heimdall.export import ExportResult
+from tests.unit.test_checkpoint import zip_bomb
 from tests.unit.test_cli import _FOREIGN_ENV
 
 # A pickle that reads memo slot 5, never written: torch's weights-only unpickler raises KeyError.
@@ -77,6 +79,12 @@ def files(
     (root / "model.onnx").write_bytes(atto_onnx.path.read_bytes())
     (root / "junk-weights.pth").write_bytes(KEY_ERROR_PICKLE)
     (root / "random.pt").write_bytes(bytes((i * 7919 + 13) % 256 for i in range(4096)))
+    zip_bomb(root / "bomb.pt", 256 * 2**20)
+    with (root / "claims.npy").open("wb") as fh:  # 132 bytes that claim 4.9 TB
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**8, 3, 128, 32)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.write(bytes(4))
+    np.save(root / "features.npy", np.zeros((2, 3, 128, 32), np.float32))
     return root
 
 
@@ -107,6 +115,27 @@ CASES = {
         {},
     ),
     "random-bytes-pt": (["export", "random.pt", "-o", "out.onnx"], {}),
+    "zip-bomb-pt": (["export", "bomb.pt", "-o", "out.onnx"], {}),
+    "npy-header-claims-more": (["predict", "model.onnx", "claims.npy"], {}),
+    "safetensors-as-features": (["predict", "model.onnx", "good.safetensors"], {}),
+    "registry-name-without-prefix": (["predict", "my-model@staging", "features.npy"], {}),
+    "train-samples-beyond-memory": (["train", "--samples", "100000000"], {}),
+    "verify-batch-beyond-memory": (
+        ["verify", "model.onnx", "--checkpoint", "good.safetensors", "--batch-sizes", "1,10000000"],
+        {},
+    ),
+    "optimize-calibration-beyond-memory": (
+        [
+            "optimize",
+            "model.onnx",
+            "--checkpoint",
+            "good.safetensors",
+            "--int8",
+            "--calibration",
+            "100000000",
+        ],
+        {},
+    ),
 }
 # What each message must name so the user knows what to fix.
 EXPECTED = {
@@ -121,6 +150,13 @@ EXPECTED = {
     "s3-endpoint": "'not-a-url' is not http(s)://host[:port]",
     "junk-backbone-weights": "junk-weights.pth: not a PyTorch checkpoint",
     "random-bytes-pt": "random.pt: not a PyTorch checkpoint",
+    "zip-bomb-pt": "bomb.pt: its zip entries inflate to 256.0 MiB",
+    "npy-header-claims-more": "claims.npy: its header declares shape (100000000, 3, 128, 32)",
+    "safetensors-as-features": "a safetensors file, not a .npy array",
+    "registry-name-without-prefix": "did you mean models:/my-model@staging?",
+    "train-samples-beyond-memory": "training on 100000000 + 512 samples needs about",
+    "verify-batch-beyond-memory": "verify at batch size 10000000 needs about",
+    "optimize-calibration-beyond-memory": "--calibration 100000000 needs about",
 }
 
 
@@ -132,6 +168,32 @@ def test_each_known_failure_is_one_line_exit_1_and_no_traceback(files: Path, cas
 
     assert EXPECTED[case] in line
     assert "arbitrary code" not in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--name", b"model\xff"], "not valid UTF-8"),
+        (["--alias", "Production"], "moved only by promote"),
+        (["--name", "n" * 600], "600 bytes long"),
+    ],
+    ids=["non-utf8-name", "alias-Production", "600-char-name"],
+)
+def test_publish_refuses_a_hostile_argument_in_one_line_and_writes_nothing(
+    files: Path, tmp_path: Path, args: list[str | bytes], expected: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    clean.update(HEIMDALL_DATA_DIR=str(tmp_path / "data"), COLUMNS="80")
+    done = subprocess.run(
+        [sys.executable, "-m", "heimdall.cli", "publish", files / "good.safetensors", *args],
+        env=clean,
+        capture_output=True,
+        timeout=300,
+    )
+    outcome = Outcome(done.returncode, done.stdout.decode(), done.stderr.decode(errors="replace"))
+
+    assert expected in one_line_error(outcome)
+    assert not (tmp_path / "data").exists()  # no object stored, no registry created
 
 
 def test_a_failed_publish_says_why_once_on_its_last_line(files: Path) -> None:

@@ -13,12 +13,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
 from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import InputError
 from heimdall.export import ExportResult
-from heimdall.inference import LocalizationModel, Prediction, check_features, predict_file
+from heimdall.inference import (
+    LocalizationModel,
+    Prediction,
+    altered_bytes_error,
+    check_features,
+    load_features,
+    predict_file,
+)
 from heimdall.runtime import CPU, SessionSettings
 
 
@@ -200,3 +208,149 @@ def test_importing_the_serving_side_loads_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+class _CountingSession:
+    """An ONNX Runtime session that records the batch size of every run."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._session, name)
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.batches.extend(len(v) for v in feed.values())
+        return self._session.run(outputs, feed)
+
+
+def test_predict_runs_a_large_batch_in_chunks_with_the_same_numbers(
+    atto_onnx: ExportResult,
+) -> None:
+    features = generate(10, seed=7)[0]
+    session = ort.InferenceSession(str(atto_onnx.path), providers=["CPUExecutionProvider"])
+    whole = session.run(None, {"mel_spectrogram": features})
+    counting = _CountingSession(session)
+    model = LocalizationModel(counting, uri=str(atto_onnx.path), sha256="0" * 64)  # type: ignore[arg-type]
+
+    prediction = model.predict(features, chunk_size=4)
+
+    assert counting.batches == [4, 4, 2]
+    assert np.abs(prediction.positions - whole[0]).max() <= 1e-5
+    assert np.abs(prediction.uncertainties - whole[1]).max() <= 1e-5
+    counting.batches.clear()
+    model.predict(features[:3])
+    assert counting.batches == [3]  # the default chunk holds a small batch whole
+
+
+def test_predict_names_non_finite_samples_by_their_place_in_the_whole_batch(
+    atto_onnx: ExportResult, settings: Settings
+) -> None:
+    features = generate(6, seed=7)[0]
+    features[5, 0, 0, 0] = np.inf
+    model = LocalizationModel.load(atto_onnx.path, settings=settings)
+
+    with pytest.raises(InputError, match=r"sample\(s\) \[5\]"):
+        model.predict(features, chunk_size=4)
+    with pytest.raises(InputError, match="chunk_size must be at least 1"):
+        model.predict(features, chunk_size=0)
+
+
+def test_features_load_memory_mapped(tmp_path: Path, features: np.ndarray) -> None:
+    path = tmp_path / "features.npy"
+    np.save(path, features)
+
+    loaded = load_features(path)
+
+    assert isinstance(loaded, np.memmap)
+    assert np.array_equal(np.asarray(loaded), features)
+
+
+def _npy_claiming(path: Path, shape: tuple[int, ...], payload: bytes = b"") -> Path:
+    """A .npy file whose header declares ``shape`` float32 but holds only ``payload``."""
+    with path.open("wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<f4", "fortran_order": False, "shape": shape}
+        )
+        fh.write(payload)
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape", [(10**8, 3, 128, 32), (2, 3, 128, 32), (2**62, 2**62, 3, 128, 32)]
+)
+def test_a_npy_header_that_claims_more_than_the_file_holds_is_refused_before_reading(
+    tmp_path: Path, shape: tuple[int, ...]
+) -> None:
+    path = _npy_claiming(tmp_path / "claims.npy", shape, b"\0" * 4)
+
+    with pytest.raises(InputError) as refused:
+        load_features(path)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"claims.npy: its header declares shape {shape} float32" in message
+    assert "the file holds 4 bytes after its 128-byte header" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (
+            b"\x10\0\0\0\0\0\0\0" + b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            "safetensors",
+        ),
+        (b"PK\x03\x04" + b"\0" * 30, "zip archive (an .npz?)"),
+        (b"lat,lon\n1,2\n", "not a .npy file"),
+    ],
+    ids=["safetensors", "npz", "csv"],
+)
+def test_a_features_file_that_is_not_npy_gets_our_own_line(
+    tmp_path: Path, content: bytes, kind: str
+) -> None:
+    path = tmp_path / "features.bin"
+    path.write_bytes(content)
+
+    with pytest.raises(InputError) as refused:
+        load_features(path)
+
+    message = str(refused.value)
+    assert kind in message and "allow_pickle" not in message and "\n" not in message
+    assert "(B, 3, 128, 32) float32" in message and "numpy.save" in message
+
+
+def test_a_registry_name_given_without_models_prefix_gets_the_hint(settings: Settings) -> None:
+    with pytest.raises(InputError, match=r"did you mean models:/my-model@staging\?"):
+        LocalizationModel.load("my-model@staging", settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("uri", "advice"),
+    [
+        ("models:/m@staging", "heimdall rollback m --alias staging"),
+        ("models:/m/3", "heimdall rollback m --alias ALIAS"),
+    ],
+)
+def test_altered_bytes_advise_a_rollback_or_a_fresh_publish(uri: str, advice: str) -> None:
+    message = str(altered_bytes_error(uri, "a" * 64, "b" * 64))
+
+    assert advice in message and "publish the checkpoint again" in message
+    assert "register the model again" not in message
+
+
+def test_onnx_runtime_running_out_of_memory_is_one_input_error_line(
+    atto_onnx: ExportResult,
+) -> None:
+    session = _CountingSession(ort.InferenceSession(str(atto_onnx.path)))
+
+    def bad_alloc(*_args: object) -> None:
+        raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+
+    session.run = bad_alloc  # type: ignore[method-assign,assignment]
+    model = LocalizationModel(session, uri="m.onnx", sha256="0" * 64)  # type: ignore[arg-type]
+
+    with pytest.raises(
+        InputError, match=r"^ONNX Runtime on 3 samples ran out of memory.*chunk_size"
+    ):
+        model.predict(generate(3, seed=1)[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
 from heimdall import machine
 
@@ -74,3 +75,58 @@ def test_a_given_git_commit_wins_over_the_working_directory(tmp_path: Path) -> N
     given = machine.software(git_commit="0123abc", where=tmp_path)
     assert given.tags()["heimdall.git_commit"] == "0123abc"
     assert "heimdall.git_dirty" not in given.tags()
+
+
+def test_available_memory_reads_memavailable_from_proc_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    2048 kB\nCached: 1 kB\n")
+
+    assert machine.available_memory(meminfo) == 2048 * 1024
+    assert machine.available_memory(tmp_path / "missing") is None
+    assert machine.available_memory() is None or machine.available_memory() > 0
+
+
+def test_a_size_that_does_not_fit_in_memory_is_refused_in_one_line_naming_the_estimate() -> None:
+    with pytest.raises(machine.InputError) as refused:
+        machine.check_memory(
+            "--samples 100000000", 100_000_000, 96 * 2**10, available=4 * 2**30, fix="use fewer"
+        )
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "--samples 100000000 needs about 8.9 TiB" in message
+    assert "96 KiB a sample" in message and "4.0 GiB is available" in message
+    assert message.endswith("use fewer")
+
+
+def test_a_size_that_fits_or_an_unknown_amount_of_memory_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    machine.check_memory("--samples 64", 64, 96 * 2**10, available=2**30, fix="-")
+    monkeypatch.setattr(machine, "available_memory", lambda: None)  # not Linux
+
+    machine.check_memory("--samples 10**12", 10**12, 96 * 2**10, fix="-")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        MemoryError(),
+        RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc"),
+        Fail("[ONNXRuntimeError] : 1 : FAIL : Failed to allocate memory for requested buffer"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
+    ],
+    ids=["python", "ort-runtime-exception", "ort-fail", "torch"],
+)
+def test_running_out_of_memory_becomes_one_input_error_line(failure: BaseException) -> None:
+    with pytest.raises(machine.InputError) as refused, machine.memory_errors("verify", "use less"):
+        raise failure
+
+    message = str(refused.value)
+    assert message.startswith("verify ran out of memory") and message.endswith("; use less")
+    assert "\n" not in message
+
+
+def test_other_runtime_errors_pass_through_memory_errors() -> None:
+    with pytest.raises(RuntimeError, match="shape mismatch"), machine.memory_errors("x", "y"):
+        raise RuntimeError("shape mismatch")

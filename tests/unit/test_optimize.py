@@ -223,3 +223,19 @@ def test_fp16_progress_counts_the_conversion_then_parity_and_changes_no_result(
     }
     assert shown.parity is not None and fp16.parity is not None
     assert dataclasses.replace(shown.parity, onnx_path=fp16.path) == fp16.parity
+
+
+def test_more_calibration_samples_than_memory_holds_are_refused_before_quantizing(
+    model: LocalizationNet, onnx_path: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InputError, match=r"^--calibration 100000000 needs about"):
+        optimize.build_variant("int8", onnx_path, tmp_path / "never.onnx", model, calibration=10**8)
+    assert not (tmp_path / "never.onnx").exists()
+
+
+def test_the_calibration_memory_estimate_counts_features_and_collected_activations(
+    model: LocalizationNet,
+) -> None:
+    with pytest.raises(InputError, match=r"\(256 KiB a sample, estimated\)"):
+        optimize.check_calibration_memory(model.config, 1024, available=255 * 2**20)
+    optimize.check_calibration_memory(model.config, 1024, available=257 * 2**20)

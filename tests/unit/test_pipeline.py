@@ -21,7 +21,7 @@ from heimdall import machine, pipeline
 from heimdall.checkpoint import LoadedCheckpoint, save_checkpoint, sha256_file
 from heimdall.config import Settings
 from heimdall.data import HELDOUT_SEED, generate
-from heimdall.errors import InputError, PublishError
+from heimdall.errors import ConfigError, InputError, PublishError
 from heimdall.heldout import HELDOUT_SAMPLES
 from heimdall.inference import evaluate_heldout
 from heimdall.legacy import export_and_register_model
@@ -411,6 +411,66 @@ def test_bad_arguments_are_refused_before_any_work(
         publish(atto_checkpoint.path, settings=settings, **options)
 
     assert not (tmp_path / "data").exists()  # refused before exporting or storing anything
+
+
+# Issue 20: each of these was accepted, then failed after bytes were uploaded or registered.
+HOSTILE = {
+    "600-char-name": ({"name": "n" * 600}, "invalid registered model name"),
+    "name-with-slash": ({"name": "team/model"}, "invalid registered model name"),
+    "name-with-control-char": ({"name": "bad\x07name"}, "invalid registered model name"),
+    # What Python makes of a non-UTF-8 byte in argv (surrogateescape).
+    "non-utf8-name": ({"name": "model\udcff"}, "not valid UTF-8"),
+    "alias-V1": ({"alias": "V1"}, "invalid alias 'V1'"),
+    "alias-latest": ({"alias": "latest"}, "invalid alias 'latest'"),
+    "alias-LATEST": ({"alias": "LATEST"}, "invalid alias 'LATEST'"),
+    "alias-Production": ({"alias": "Production"}, "moved only by promote"),
+    "alias-PRODUCTION": ({"alias": "PRODUCTION"}, "moved only by promote"),
+    "stage-Production": ({"stage": "Production"}, "only promote moves"),
+    "bad-stage": ({"stage": "Prod"}, "unknown stage 'Prod'"),
+    "variant-alias-too-long": (
+        {"alias": "a" * 62, "variants": ("int8",)},
+        "invalid alias 'aaaa",
+    ),
+    "report-path-too-long": ({"output_dir": "LONG"}, "report"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_arguments_are_one_line_before_anything_is_uploaded_or_registered(
+    case: str,
+    embedded_mlflow: MlflowBackend,
+    atto_checkpoint: LoadedCheckpoint,
+    tmp_path: Path,
+) -> None:
+    options, message = HOSTILE[case]
+    if options.get("output_dir") == "LONG":  # folders that exist, whose report path cannot
+        deep = tmp_path
+        while len(str(deep)) < 3940:  # the folder itself is shorter than PATH_MAX (4096)
+            deep /= "d" * 50
+        deep.mkdir(parents=True)
+        options = {"output_dir": deep, "name": "m" * 128}
+    settings = embedded_mlflow.settings(data_dir=tmp_path / "data")
+
+    with pytest.raises(InputError) as refused:
+        publish(atto_checkpoint.path, settings=settings, **options)
+
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)
+    # Neither the object store nor the registry database was created.
+    assert not (tmp_path / "data").exists()
+
+
+def test_publish_runs_the_preflight_before_loading_or_exporting(
+    atto_checkpoint: LoadedCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tracking server with a local object store: refused by the pairing check, no network.
+    settings = Settings(data_dir=tmp_path / "data", tracking_uri="http://127.0.0.1:9")
+    monkeypatch.setattr(pipeline, "_load", lambda _source: pytest.fail("loaded before preflight"))
+
+    with pytest.raises(ConfigError, match="no other host could load the model"):
+        publish(atto_checkpoint.path, settings=settings)
+
+    assert not (tmp_path / "data" / "exports").exists()
 
 
 def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:

@@ -13,11 +13,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from heimdall import train as train_module
 from heimdall.checkpoint import load_checkpoint
 from heimdall.data import RFScenario, generate, haversine_km
 from heimdall.errors import InputError
 from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.train import TrainConfig, TrainResult, evaluate_km, train
+from heimdall.train import (
+    TrainConfig,
+    TrainResult,
+    check_training_memory,
+    evaluate_km,
+    train,
+)
 
 # Small enough for a unit test on one CPU thread, trained enough to sit far below the test's
 # bound (half the centre baseline) on any x86 CPU: training trajectories differ between
@@ -258,3 +265,23 @@ def test_an_unreachable_tracking_server_is_a_registry_error_without_its_password
 
     assert "pw-9c1e" not in str(failure.value)
     assert not (tmp_path / "ckpt.safetensors").exists()
+
+
+def test_training_on_more_samples_than_memory_holds_is_refused_before_generating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_data(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the data was generated")
+
+    monkeypatch.setattr(train_module, "generate", no_data)
+    with pytest.raises(InputError, match=r"^training on 100000000 \+ 512 samples needs about"):
+        train(TrainConfig(train_samples=10**8), tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_the_training_memory_estimate_counts_both_sets_at_96_kib_a_sample() -> None:
+    config = TrainConfig(train_samples=1000, val_samples=24)
+
+    with pytest.raises(InputError, match=r"needs about 96\.0 MiB \(96 KiB a sample"):
+        check_training_memory(config, available=95 * 2**20)
+    check_training_memory(config, available=97 * 2**20)

@@ -17,11 +17,13 @@ from heimdall.checkpoint import LoadedCheckpoint
 from heimdall.contract import Progress
 from heimdall.errors import InputError, VerificationError
 from heimdall.export import ExportResult, export_to_onnx
+from heimdall.model import ModelConfig
 from heimdall.parity import parity_steps
 from heimdall.verify import (
     Gates,
     LineageWarning,
     ParityResult,
+    check_batch_memory,
     check_lineage,
     record_torch_reference,
     verify_parity,
@@ -313,3 +315,22 @@ def test_intra_op_threads_sets_pytorch_threads_for_the_reference_and_restores_th
     )
     assert seen == [before + 1] * 4
     assert torch.get_num_threads() == before
+
+
+def test_a_batch_size_beyond_memory_is_refused_before_running_either_side(
+    atto_onnx: ExportResult, atto_checkpoint: LoadedCheckpoint
+) -> None:
+    with pytest.raises(InputError, match=r"^verify at batch size 100000000 needs about"):
+        verify_parity(atto_onnx.path, atto_checkpoint.model, [1, 100_000_000])
+    with pytest.raises(InputError, match=r"^verify at batch size 100000000 needs about"):
+        record_torch_reference(atto_checkpoint.model, [100_000_000])
+
+
+def test_the_verify_memory_estimate_grows_with_the_backbone_width() -> None:
+    atto, large = ModelConfig(backbone="atto"), ModelConfig(backbone="large")
+
+    with pytest.raises(InputError, match=r"\(1\.4 MiB a sample, estimated\)"):
+        check_batch_memory(atto, [64], available=80 * 2**20)
+    check_batch_memory(atto, [64], available=100 * 2**20)
+    with pytest.raises(InputError, match=r"\(6\.8 MiB a sample, estimated\)"):
+        check_batch_memory(large, [64], available=100 * 2**20)
