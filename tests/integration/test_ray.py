@@ -38,19 +38,6 @@ pytestmark = pytest.mark.integration
 HEIMDALL = str(Path(sys.executable).parent / "heimdall")
 SECRET = "ray-test-webhook-secret"
 URL = f"http://127.0.0.1:{SERVE_PORT}"
-WAIT_READY = """
-import sys, time, urllib.request
-deadline = time.monotonic() + float(sys.argv[2])
-while time.monotonic() < deadline:
-    try:
-        with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
-            if r.status == 200:
-                sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.5)
-sys.exit(1)
-"""
 WEBHOOK = """
 import json, sys, time, urllib.request, uuid
 from heimdall.serving.webhook import sign
@@ -213,10 +200,8 @@ def ray_server(ray_cluster: RayCluster, published: Published) -> Iterator[Manage
         ],
         env={**published.env(), "HEIMDALL_WEBHOOK_SECRET": SECRET},
     )
-    ready = ray_cluster.run(
-        [sys.executable, "-c", WAIT_READY, f"{URL}/v2/health/ready", "240"], timeout=300
-    )
-    if ready.returncode != 0:
+    ready = partial(ray_cluster.wait_ready, f"{URL}/v2/health/ready", 5)
+    if not server.wait_until(ready, timeout=240):  # False at once if the server exits
         server.stop()
         pytest.fail(f"heimdall serve --ray was not ready in 240 s:\n{server.log_tail()}")
     yield server
