@@ -553,12 +553,14 @@ def test_an_unsupported_or_unparsable_store_uri_is_a_config_error_without_its_pa
     assert ":pw@" not in str(failure.value)
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_urllib3_retry_warnings_show_only_at_debug() -> None:
     pool = logging.getLogger("urllib3.connectionpool")
+    level = pool.level
     try:
         configure_logging("INFO")
         assert not pool.isEnabledFor(logging.WARNING)
         configure_logging("DEBUG")
         assert pool.isEnabledFor(logging.WARNING)
     finally:
-        configure_logging("WARNING")
+        pool.setLevel(level)

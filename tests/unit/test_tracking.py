@@ -163,7 +163,7 @@ def test_quiet_retries_holds_back_urllib3_retry_warnings_only(
 ) -> None:
     pool = logging.getLogger("urllib3.connectionpool")
     filters = list(pool.filters)
-    with caplog.at_level(logging.WARNING), quiet_retries():
+    with caplog.at_level(logging.WARNING, logger=pool.name), quiet_retries():
         pool.warning("Retrying (Retry(total=1)) after connection broken")
         pool.warning("Connection pool is full")
 
