@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from heimdall.config import Settings, redact_uri
+from heimdall.config import Settings, redact_uri, scrub_secrets
 from heimdall.errors import ConfigError, HeimdallError, RegistryError, StorageError
 from heimdall.registry.client import LOCK_PREFIX, call, session
 from heimdall.storage import LocalStore, S3Store
@@ -114,6 +114,7 @@ class _RestProbe:
         self.timeout = int(policy["MLFLOW_HTTP_REQUEST_TIMEOUT"])
         self.creds = creds
         self.where = where
+        self.secrets = settings.secret_values()
 
     def __call__(
         self, action: str, method: str, endpoint: str, *, proxy: bool = False, **kwargs: Any
@@ -139,12 +140,13 @@ class _RestProbe:
             reason = describe_http_failure(exc.message, self.where) or (
                 f"the MLflow server at {self.where} did not answer: {exc.message.splitlines()[0]}"
             )
-            raise RegistryError(f"cannot {action}: {reason}") from None
+            raise RegistryError(scrub_secrets(f"cannot {action}: {reason}", self.secrets)) from None
         if response.ok:
             return response
         if proxy and response.status_code == 503 and "--no-serve-artifacts" in response.text:
             return response  # no proxy: clients write artifacts with their own credentials
-        raise RegistryError(f"cannot {action}: {self._why(response, proxy)}")
+        why = self._why(response, proxy)  # the server's own words may quote a secret
+        raise RegistryError(scrub_secrets(f"cannot {action}: {why}", self.secrets))
 
     def _why(self, response: Any, proxy: bool) -> str:
         answer = describe_response(response.status_code, response.text, self.where)

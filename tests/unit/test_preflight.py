@@ -91,13 +91,15 @@ def test_a_server_answering_500_is_reported_with_its_status_and_message(
 def test_a_refused_connection_says_nothing_listens_there_without_urllib3_lines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    port = free_port()
+    url, secret_url = f"http://***@127.0.0.1:{port}", f"http://u:pw-7f3a@127.0.0.1:{port}"
     started = time.monotonic()
     with caplog.at_level(logging.DEBUG), pytest.raises(RegistryError) as caught:
-        check_server(settings(tmp_path), url)
+        check_server(settings(tmp_path, tracking_uri=secret_url, s3_endpoint_url=None), secret_url)
 
     assert time.monotonic() - started < DEADLINE_S + MARGIN_S
     assert f"nothing listens at {url}" in str(caught.value)
+    assert "pw-7f3a" not in str(caught.value)
     assert "Retrying" not in capsys.readouterr().err
     assert not [r for r in caplog.records if r.getMessage().startswith("Retrying")]
 
