@@ -48,6 +48,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _USER_MLFLOW_LOGGING_LEVEL = os.environ.get("MLFLOW_LOGGING_LEVEL")
 
 
+# Where heimdall reads the S3 key pair; the first spelling of each wins.
+S3_KEY_VARIABLES = (
+    "MLFLOW_S3_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID) and MLFLOW_S3_SECRET_ACCESS_KEY "
+    "(or AWS_SECRET_ACCESS_KEY)"
+)
+
 # Fields that may carry ``user:password@``; what Settings shows of them is redacted.
 _URI_FIELDS = ("tracking_uri", "registry_uri", "artifact_uri", "s3_endpoint_url")
 

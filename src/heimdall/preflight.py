@@ -20,7 +20,7 @@ from heimdall.errors import ConfigError, HeimdallError, RegistryError, StorageEr
 from heimdall.registry.client import LOCK_PREFIX, call, session
 from heimdall.storage import LocalStore, S3Store
 from heimdall.tracking import (
-    describe_http_failure,
+    describe_failure,
     describe_response,
     http_policy,
     quiet_retries,
@@ -137,7 +137,7 @@ class _RestProbe:
                     **kwargs,
                 )
         except MlflowException as exc:
-            reason = describe_http_failure(exc.message, self.where) or (
+            reason = describe_failure(exc.message, self.where) or (
                 f"the MLflow server at {self.where} did not answer: {exc.message.splitlines()[0]}"
             )
             raise RegistryError(scrub_secrets(f"cannot {action}: {reason}", self.secrets)) from None

@@ -10,8 +10,8 @@ MLflow leaves three things to its callers, and this module does them once:
   its engine for about 100 s, then fail with alembic's text);
 - HTTP retries and timeouts come from environment variables only: :func:`http_policy` turns one
   deadline into them;
-- a failed HTTP call comes back as text that hides what happened (a 500 after retries reads
-  "Max retries exceeded", like a dead server): :func:`describe_http_failure` and
+- a failed call comes back as text that hides what happened (a 500 after retries reads
+  "Max retries exceeded", like a dead server): :func:`describe_failure` and
   :func:`describe_response` say it in words, and :func:`quiet_retries` keeps urllib3's
   "Retrying" warnings off the user's terminal.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from heimdall.config import redact_uri
+from heimdall.config import S3_KEY_VARIABLES, redact_uri
 from heimdall.errors import RegistryError
 from heimdall.files import file_lock
 
@@ -58,9 +58,11 @@ def http_policy(timeout_s: float) -> dict[str, str]:
     }
 
 
-def describe_http_failure(message: str, where: str) -> str | None:
-    """What the text of a failed MLflow HTTP call says happened at ``where`` (redacted), or
-    None when it says neither a status nor a refused connection."""
+def describe_failure(message: str, where: str) -> str | None:
+    """What the text of a failed MLflow call says happened at ``where`` (redacted): a status
+    the server answered, nothing listening, or no S3 credentials; None when it says none."""
+    if "Unable to locate credentials" in message or "NoCredentialsError" in message:
+        return f"no S3 credentials: set {S3_KEY_VARIABLES}"
     status = re.search(r"too many (\d{3}) error responses", message)
     if status:
         return (

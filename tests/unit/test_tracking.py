@@ -17,7 +17,7 @@ from heimdall.config import Settings
 from heimdall.errors import RegistryError
 from heimdall.registry import list_models
 from heimdall.tracking import (
-    describe_http_failure,
+    describe_failure,
     describe_response,
     http_policy,
     open_client,
@@ -142,15 +142,19 @@ def test_sqlite_path_reads_sqlalchemy_uris(uri: str, expected: Path | None) -> N
             "refused'))",
             "nothing listens at http://h",
         ),
+        (
+            "NoCredentialsError: Unable to locate credentials",
+            "no S3 credentials: set MLFLOW_S3_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID)",
+        ),
     ],
 )
-def test_a_failed_mlflow_http_call_says_what_the_server_did(text: str, expected: str) -> None:
-    described = describe_http_failure(text, "http://h")
+def test_a_failed_mlflow_call_says_what_happened(text: str, expected: str) -> None:
+    described = describe_failure(text, "http://h")
     assert described is not None and expected in described
 
 
 def test_a_failure_that_names_no_status_or_refusal_is_left_to_the_caller() -> None:
-    assert describe_http_failure("read timed out", "http://h") is None
+    assert describe_failure("read timed out", "http://h") is None
 
 
 def test_an_html_error_page_is_reported_by_its_title() -> None:

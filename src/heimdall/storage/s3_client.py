@@ -30,6 +30,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from heimdall.config import S3_KEY_VARIABLES
 from heimdall.errors import StorageError
 from heimdall.objects import MiB
 
@@ -43,11 +44,6 @@ SLOW_LINK_BYTES_PER_S = 1 * MiB
 CONTINUE_WAIT_S = 1.0  # botocore waits this long for "100 Continue" before sending a body
 LIFECYCLE_RULE_ID = "heimdall-abort-incomplete-multipart-uploads"
 AUTH_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-# Where heimdall reads the key pair; the first spelling of each wins.
-KEY_VARIABLES = (
-    "MLFLOW_S3_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID) and MLFLOW_S3_SECRET_ACCESS_KEY "
-    "(or AWS_SECRET_ACCESS_KEY)"
-)
 MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
@@ -115,12 +111,12 @@ def describe(
         if code in AUTH_CODES:
             return (
                 f"the S3 server at {endpoint} refused the credentials ({code}); check "
-                f"{KEY_VARIABLES} and the key's permissions"
+                f"{S3_KEY_VARIABLES} and the key's permissions"
             )
         message = exc.response.get("Error", {}).get("Message", "")
         return f"{code}: {message}" if message else code
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
-        return f"no S3 credentials for {endpoint} ({type(exc).__name__}); set {KEY_VARIABLES}"
+        return f"no S3 credentials for {endpoint} ({type(exc).__name__}); set {S3_KEY_VARIABLES}"
     if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
         server = f"the S3 server at {endpoint}"
         what = (
