@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from heimdall.cli import app
 from heimdall.export import ExportResult
+from tests.fixtures.process import free_port
 
 runner = CliRunner()
 
@@ -111,3 +112,16 @@ def test_ray_gets_every_option(
     (call,) = calls
     assert (call["uri"], call["replicas"], call["port"]) == (str(atto_onnx.path), 3, 9000)
     assert call["limits"].max_batch == 32  # type: ignore[attr-defined]
+
+
+def test_a_first_load_that_fails_stops_the_server_with_its_one_line(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+
+    result = runner.invoke(app, ["serve", str(broken), "--port", str(free_port())])
+
+    assert result.exit_code == 1
+    assert "ONNX Runtime cannot load the model" in result.output
+    assert len(result.output.strip().splitlines()) == 1

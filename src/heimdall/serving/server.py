@@ -98,9 +98,10 @@ class LocalBackend:
                 if isinstance(exc, HeimdallError)
                 else HeimdallError(f"cannot serve {self.follower.source}: {exc}")
             )
-            log.error("serving.first_load_failed", uri=self.follower.source, error=str(exc))
-            if on_failure is not None:
+            if on_failure is not None:  # the caller reports it (serve: as its one-line error)
                 on_failure(self.failure)
+            else:
+                log.error("serving.first_load_failed", uri=self.follower.source, error=str(exc))
             return
         self.follower.start()
         if on_ready is not None:
