@@ -183,23 +183,36 @@ def test_ready_only_after_the_first_verified_load(embedded: Served) -> None:
     np.testing.assert_allclose(answer.positions, first, rtol=1e-4)
 
 
-def test_promote_and_rollback_under_concurrent_clients_lose_no_request(embedded: Served) -> None:
-    send = heimdall_sender(embedded.url, embedded.name, embedded.features)
+def promote_and_roll_back(served: Served, settle_s: float, timeout_s: float) -> Moves:
+    """Under 4 closed-loop clients: the alias to version 2, then rolled back to 1."""
+    send = heimdall_sender(served.url, served.name, served.features)
     with load(send, clients=4) as loop:
-        time.sleep(0.5)
+        time.sleep(settle_s)
         moved = time.perf_counter()
-        embedded.point(embedded.versions[1])
-        to_new = loop.first_from("2", after=moved, timeout_s=20)
+        served.point(served.versions[1])
+        to_new = loop.first_from("2", after=moved, timeout_s=timeout_s)
         back = time.perf_counter()
-        embedded.roll_back()
-        to_old = loop.first_from("1", after=back, timeout_s=20)
-        versions = answers_match(embedded, loop)
+        served.roll_back()
+        to_old = loop.first_from("1", after=back, timeout_s=timeout_s)
+        return Moves(to_new, to_old, answers_match(served, loop))
 
-    assert to_new is not None and to_old is not None
+
+@dataclass(frozen=True)
+class Moves:
+    to_new_s: float | None  # from the call that moved the alias to the first answer of v2
+    to_old_s: float | None
+    versions: list[str]  # of every answer, in the order they were sent
+
+
+def test_promote_and_rollback_under_concurrent_clients_lose_no_request(embedded: Served) -> None:
+    moves = promote_and_roll_back(embedded, settle_s=0.5, timeout_s=20)
+
+    assert moves.to_new_s is not None and moves.to_old_s is not None
+    versions = moves.versions
     assert versions[0] == "1" and "2" in versions and versions[-1] == "1"
     print(
-        f"poll 1 s: promote served in {to_new:.2f} s, rollback in {to_old:.2f} s, "
-        f"{len(versions)} requests, 0 failed"
+        f"poll 1 s: promote served in {moves.to_new_s:.2f} s, rollback in {moves.to_old_s:.2f} "
+        f"s, {len(versions)} requests, 0 failed"
     )
 
 
@@ -373,22 +386,17 @@ def test_the_signed_webhook_swaps_long_before_the_poll_interval(on_server: Serve
         events=["model_version_alias.created"],
         secret=SECRET,
     )
-    send = heimdall_sender(on_server.url, on_server.name, on_server.features)
     try:
-        with load(send, clients=4) as loop:
-            time.sleep(1.5)  # past the server's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1)
-            moved = time.perf_counter()
-            on_server.point(on_server.versions[1])
-            to_new = loop.first_from("2", after=moved, timeout_s=30)
-            back = time.perf_counter()
-            on_server.roll_back()
-            to_old = loop.first_from("1", after=back, timeout_s=30)
-            versions = answers_match(on_server, loop)
+        # Settling past the server's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1 here).
+        moves = promote_and_roll_back(on_server, settle_s=1.5, timeout_s=30)
     finally:
         client.delete_webhook(hook.webhook_id)
 
-    assert to_new is not None and to_new < 30 < 60, on_server.process.log_tail()
-    assert to_old is not None and to_old < 30
-    assert "2" in versions and versions[-1] == "1"
+    assert moves.to_new_s is not None and moves.to_new_s < 30 < 60, on_server.process.log_tail()
+    assert moves.to_old_s is not None and moves.to_old_s < 30
+    assert "2" in moves.versions and moves.versions[-1] == "1"
     assert metric(on_server, 'heimdall_webhook_deliveries_total{outcome="notified"}') >= 2
-    print(f"webhook: promote served in {to_new:.2f} s, rollback in {to_old:.2f} s (poll 60 s)")
+    print(
+        f"webhook: promote served in {moves.to_new_s:.2f} s, rollback in {moves.to_old_s:.2f} s "
+        "(poll 60 s)"
+    )
