@@ -18,7 +18,7 @@ from typing import Any
 from heimdall.config import Settings, redact_uri, scrub_secrets
 from heimdall.errors import ConfigError, HeimdallError, RegistryError, StorageError
 from heimdall.registry.client import LOCK_PREFIX, call, session
-from heimdall.storage import LocalStore, S3Store
+from heimdall.storage import LocalStore, ObjectStore, S3Store, open_store
 from heimdall.tracking import (
     describe_failure,
     describe_response,
@@ -34,13 +34,20 @@ _CREDENTIALS = (
 )
 
 
-def preflight(settings: Settings, *, bucket: str, create_bucket: bool = False) -> None:
+def preflight(
+    settings: Settings,
+    *,
+    bucket: str,
+    create_bucket: bool = False,
+    store: ObjectStore | None = None,
+) -> None:
     """Raise a one-line HeimdallError when the object store or the registry cannot take a
     publish: a server tracking URI with a local object store, an unreachable or refusing object
     store, a missing bucket (created with ``create_bucket``), an MLflow store that cannot be read
-    or written."""
-    check_pairing(settings)
-    check_object_store(settings, bucket, create_bucket=create_bucket)
+    or written. ``store`` is the one publish writes to (default: the settings')."""
+    store = store or open_store(settings)
+    check_pairing(settings, store)
+    check_object_store(store, bucket, create_bucket=create_bucket)
     stores = dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri))
     servers = [uri for uri in stores if uri.startswith(("http://", "https://"))]
     for uri in servers:
@@ -49,38 +56,41 @@ def preflight(settings: Settings, *, bucket: str, create_bucket: bool = False) -
         check_database(settings)
 
 
-def check_pairing(settings: Settings) -> None:
+def check_pairing(settings: Settings, store: ObjectStore) -> None:
     """Refuse an MLflow server with a local object store: only this host could load the model."""
     servers = [
         uri
         for uri in (settings.resolved_tracking_uri, settings.resolved_registry_uri)
         if uri.startswith(("http://", "https://"))
     ]
-    if servers and not settings.uses_s3:
+    if servers and isinstance(store, LocalStore):
         raise ConfigError(
             f"the MLflow server at {redact_uri(servers[0])} would register models stored in "
-            f"{settings.object_store_uri} on this host, so no other host could load the model; "
-            "set MLFLOW_S3_ENDPOINT_URL (with MLFLOW_S3_ACCESS_KEY_ID and "
+            f"{store.root} on this host, so no other host could load the model; set "
+            "MLFLOW_S3_ENDPOINT_URL (with MLFLOW_S3_ACCESS_KEY_ID and "
             "MLFLOW_S3_SECRET_ACCESS_KEY) to the object store the server's users share"
         )
 
 
-def check_object_store(settings: Settings, bucket: str, *, create_bucket: bool) -> None:
+def check_object_store(store: ObjectStore, bucket: str, *, create_bucket: bool) -> None:
     """The store answers, accepts the credentials and holds ``bucket`` (or creates it)."""
-    if settings.uses_s3:
-        store: S3Store | LocalStore = S3Store.from_settings(settings)
-        where = f"at {redact_uri(settings.s3_endpoint_url or '')}"
-    else:
-        store = LocalStore(settings.resolved_data_dir / "objects")
-        where = f"in {store.root}"
+    if isinstance(store, LocalStore):
         _check_writable(store.root, StorageError, "the object store")
     if not store.bucket_exists(bucket):  # the one request that needs the server and the keys
         if not create_bucket:
             raise StorageError(
-                f"bucket {bucket!r} does not exist {where}; create it, or pass --create-bucket "
-                "(create_bucket=True)"
+                f"bucket {bucket!r} does not exist {_where(store)}; create it, or pass "
+                "--create-bucket (create_bucket=True)"
             )
         store.create_bucket(bucket)
+
+
+def _where(store: ObjectStore) -> str:
+    if isinstance(store, LocalStore):
+        return f"in {store.root}"
+    if isinstance(store, S3Store):
+        return f"at {redact_uri(store.endpoint_url or 'the AWS default endpoint')}"
+    return f"in {store!r}"
 
 
 def check_server(settings: Settings, uri: str) -> None:

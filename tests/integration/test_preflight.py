@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from heimdall.config import Settings
 from heimdall.errors import ConfigError, HeimdallError, RegistryError, StorageError
 from heimdall.preflight import check_server, preflight
+from heimdall.storage import LocalStore
 from tests.fixtures.mlflow_server import MlflowBackend
 from tests.fixtures.process import ManagedProcess, free_port, http_ok, unavailable
 from tests.fixtures.seaweedfs import SeaweedFS
@@ -115,6 +116,20 @@ def test_a_tracking_server_with_a_local_store_is_refused_before_anything_is_writ
 
     assert all_models(mlflow_server) == before
     assert not (local.resolved_data_dir / "objects").exists()
+
+
+def test_a_store_given_explicitly_is_the_one_checked_and_paired(
+    mlflow_server: MlflowBackend, tmp_path: Path
+) -> None:
+    """The seed API passes its own client: the settings then carry no S3 endpoint."""
+    bare = mlflow_server.settings(
+        s3_endpoint_url=None, s3_access_key_id=None, s3_secret_access_key=None
+    )
+
+    preflight(bare, bucket=mlflow_server.bucket, store=mlflow_server.store())
+
+    with pytest.raises(ConfigError, match="no other host could load the model"):
+        preflight(bare, bucket="b", create_bucket=True, store=LocalStore(tmp_path))
 
 
 def test_the_embedded_store_passes_and_keeps_no_probe(embedded_mlflow: MlflowBackend) -> None:

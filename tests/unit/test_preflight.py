@@ -16,6 +16,7 @@ import pytest
 from heimdall.config import Settings
 from heimdall.errors import ConfigError, RegistryError, StorageError
 from heimdall.preflight import check_pairing, check_server, preflight
+from heimdall.storage import open_store
 
 DEADLINE_S = 6.0
 MARGIN_S = 10.0  # a correctness bound on a loaded 2-core machine, not a benchmark
@@ -64,8 +65,9 @@ def settings(tmp_path: Path, **values: object) -> Settings:
 
 
 def test_a_tracking_server_with_a_local_object_store_is_refused(tmp_path: Path) -> None:
+    paired = settings(tmp_path, tracking_uri="http://u:pw@mlflow.example:5000")
     with pytest.raises(ConfigError) as caught:
-        check_pairing(settings(tmp_path, tracking_uri="http://u:pw@mlflow.example:5000"))
+        check_pairing(paired, open_store(paired))
 
     message = str(caught.value)
     assert "no other host could load the model" in message
@@ -74,7 +76,8 @@ def test_a_tracking_server_with_a_local_object_store_is_refused(tmp_path: Path) 
 
 
 def test_the_embedded_store_with_a_local_object_store_is_a_valid_pairing(tmp_path: Path) -> None:
-    check_pairing(settings(tmp_path))
+    embedded = settings(tmp_path)
+    check_pairing(embedded, open_store(embedded))
 
 
 def test_a_server_answering_500_is_reported_with_its_status_and_message(
