@@ -307,3 +307,19 @@ def test_bad_arguments_are_refused_before_any_load(tmp_path: Path) -> None:
     with pytest.raises(HeimdallError, match="not a registry URI"):
         Follower("models:/m@", settings=settings)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_version_without_a_sha256_tag_is_never_served(
+    follower: Follower, registry: Registry, refusals: list[str]
+) -> None:
+    follower.load()
+    client = MlflowClient(registry.settings.resolved_tracking_uri)
+    source = client.get_model_version(registry.name, registry.versions[1]).source
+    bare = client.create_model_version(registry.name, source)  # as a plain MLflow client would
+    client.set_registered_model_alias(registry.name, ALIAS, bare.version)
+
+    assert follower.refresh() is False
+
+    assert follower.current is not None and follower.current.version == "1"
+    assert refusals == ["sha256"]
+    assert follower.refused is not None and "no sha256 tag" in follower.refused.detail

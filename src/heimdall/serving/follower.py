@@ -125,7 +125,7 @@ class Follower:
         with self._refresh_lock:
             if self.alias is not None:
                 found = resolve_model_uri(self.uri, settings=self.settings)
-                served = self._open_version(found.version)
+                served = self._open_version(found.version, found.sha256)
             else:
                 served = self._open_fixed()
             self._swap(served)
@@ -142,7 +142,7 @@ class Follower:
             if self._is_served(target.version, target.sha256):
                 return False
             try:
-                served = self._open_version(target.version)
+                served = self._open_version(target.version, target.sha256)
             except Exception as exc:  # any failure means: do not serve it
                 self._refuse(target.version, target.sha256, exc)
                 return False
@@ -239,8 +239,13 @@ class Follower:
         if self.on_refused is not None:
             self.on_refused(self._refused.reason)
 
-    def _open_version(self, version: str) -> Served:
+    def _open_version(self, version: str, sha256: str | None) -> Served:
         """Load the registered version by number (so an alias move mid-load changes nothing)."""
+        if sha256 is None:
+            raise RegistryError(
+                f"{self.name} version {version} has no sha256 tag, so its bytes cannot be "
+                "checked: register it with heimdall (publish, or upload and register)"
+            )
         uri = f"models:/{self.name}/{version}"
         model = LocalizationModel.load(uri, providers=self.providers, settings=self.settings)
         self._warm_up(model)
@@ -322,8 +327,9 @@ def _missing_alias(exc: HeimdallError) -> bool:
 
 def _reason(exc: Exception) -> str:
     """A short, fixed label for a refusal (a metric label: a handful of values only)."""
-    # Both checks (registry tag, store metadata) say "recorded" sha256; no type tells them apart.
-    if "sha256" in str(exc) and "recorded" in str(exc):
+    # The bytes' checks (registry tag, store metadata, a missing tag) all name the sha256; no
+    # exception type tells them apart from other registry or storage failures.
+    if "sha256" in str(exc):
         return "sha256"
     if isinstance(exc, InputError | ValidationError):
         return "invalid"
