@@ -20,6 +20,7 @@ no stage imports it, and it imports no torch.
 from __future__ import annotations
 
 import math
+import mmap
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,10 +162,10 @@ class LocalizationModel:
         if chunk_size < 1:
             raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
         _checked_layout(features)
-        parts = [
-            self._run(check_features(features[i : i + chunk_size], first=i))
-            for i in range(0, len(features), chunk_size)
-        ]
+        parts = []
+        for i in range(0, len(features), chunk_size):
+            parts.append(self._run(check_features(features[i : i + chunk_size], first=i)))
+            _release_pages(features)
         return Prediction(
             positions=np.concatenate([p for p, _ in parts]),
             uncertainties=np.concatenate([u for _, u in parts]),
@@ -175,6 +176,17 @@ class LocalizationModel:
         with memory_errors(f"ONNX Runtime on {len(array)} samples", fix):
             positions, uncertainties = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
         return np.asarray(positions), np.asarray(uncertainties)
+
+
+def _release_pages(features: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped batch read so far from this process's memory.
+
+    They stay in the page cache, but while mapped they count in the process's resident size:
+    a 16,384-sample file would add its 805 MB to the peak as predict reads it.
+    """
+    mapping = features.base if isinstance(features, np.memmap) else None
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def altered_bytes_error(uri: str, sha256: str, expected: str) -> RegistryError:

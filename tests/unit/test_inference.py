@@ -354,3 +354,28 @@ def test_onnx_runtime_running_out_of_memory_is_one_input_error_line(
         InputError, match=r"^ONNX Runtime on 3 samples ran out of memory.*chunk_size"
     ):
         model.predict(generate(3, seed=1)[0])
+
+
+def _mapped_kib(path: Path) -> int:
+    """KiB of ``path`` mapped into this process and resident now (/proc/self/smaps Rss)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line: address range first
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's smaps")
+def test_predict_over_a_mapped_file_keeps_none_of_it_resident(
+    atto_onnx: ExportResult, tmp_path: Path, settings: Settings
+) -> None:
+    path = tmp_path / "features.npy"
+    np.save(path, np.zeros((256, 3, 128, 32), np.float32))  # 12 MiB
+    model = LocalizationModel.load(atto_onnx.path, settings=settings)
+    features = load_features(path)
+
+    model.predict(features, chunk_size=64)
+
+    assert _mapped_kib(path) <= 64 * 49152 // 1024  # at most one chunk's pages, not 12 MiB

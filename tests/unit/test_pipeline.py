@@ -310,7 +310,10 @@ def test_a_checkpoint_that_does_not_fit_the_model_fails_at_load(
     assert "does not fit the model" in failure.value.reason
     assert checkpoint.name in failure.value.reason
     assert failure.value.existing == {}
-    assert not (tmp_path / "data").exists()  # nothing exported, stored or registered
+    # The preflight made the (empty) stores; nothing was exported, stored or registered.
+    assert not (tmp_path / "data" / "exports").exists()
+    assert stored_keys(settings) == []
+    assert client_for(settings).search_registered_models() == []
 
 
 def test_export_and_register_model_returns_the_seed_dict_on_success(
