@@ -5,7 +5,7 @@ a missing bucket, a wrong secret, an MLflow server that refuses writes or a pair
 could load from must fail before that, in one line each, within the settings' deadlines.
 In order: the pairing (no network), the object store (reachable, credentials accepted, bucket
 present or created), then each MLflow store (reachable, writable). Nothing is left behind but
-what publish itself would create: the bucket when asked, the embedded SQLite store.
+an S3 bucket when asked for: a fresh embedded data directory stays as it was.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from heimdall.tracking import (
     describe_response,
     http_policy,
     quiet_retries,
+    sqlite_path,
 )
 
 # The probe's name is a lock name (hidden from listings) of a model nobody publishes.
@@ -76,12 +77,14 @@ def check_object_store(store: ObjectStore, bucket: str, *, create_bucket: bool) 
     """The store answers, accepts the credentials and holds ``bucket`` (or creates it)."""
     if isinstance(store, LocalStore):
         _check_writable(store.root, StorageError, "the object store")
-    if not store.bucket_exists(bucket):  # the one request that needs the server and the keys
-        if not create_bucket:
-            raise StorageError(
-                f"bucket {bucket!r} does not exist {_where(store)}; create it, or pass "
-                "--create-bucket (create_bucket=True)"
-            )
+    if store.bucket_exists(bucket):  # the one request that needs the server and the keys
+        return
+    if not create_bucket:
+        raise StorageError(
+            f"bucket {bucket!r} does not exist {_where(store)}; create it, or pass "
+            "--create-bucket (create_bucket=True)"
+        )
+    if not isinstance(store, LocalStore):  # a folder the upload makes: nothing to try first
         store.create_bucket(bucket)
 
 
@@ -173,7 +176,21 @@ class _RestProbe:
 
 def check_database(settings: Settings) -> None:
     """The settings' database stores open, answer a registry search and take (and drop) a probe
-    model; a read-only SQLite file or folder fails here (``heimdall.tracking`` says which)."""
+    model; a read-only SQLite file or folder fails here (``heimdall.tracking`` says which).
+
+    SQLite stores that do not exist yet (a fresh data directory) are only checked for a folder
+    they can be created in: a publish that fails before its upload leaves no store behind.
+    """
+    databases = [
+        uri
+        for uri in dict.fromkeys((settings.resolved_tracking_uri, settings.resolved_registry_uri))
+        if not uri.startswith(("http://", "https://"))
+    ]
+    files = [path for path in map(sqlite_path, databases) if path is not None]
+    for path in files:
+        _check_writable(path.parent, RegistryError, "the MLflow store's folder")
+    if len(files) == len(databases) and not any(path.exists() for path in files):
+        return
     probe = f"{_PROBE}{uuid.uuid4().hex[:12]}"
     with session(settings, "check the MLflow registry") as client:
         call(client.search_registered_models, max_results=1)
@@ -182,11 +199,14 @@ def check_database(settings: Settings) -> None:
 
 
 def _check_writable(folder: Path, error: type[HeimdallError], what: str) -> None:
-    """Raise ``error`` when ``folder`` cannot be written, found by trying: permission bits say
-    nothing to root or on a read-only mount."""
+    """Raise ``error`` when ``folder``, or the nearest folder above it that exists (where it
+    would be made), cannot be written, found by trying: permission bits say nothing to root or
+    on a read-only mount. Nothing is left behind."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         raise error(

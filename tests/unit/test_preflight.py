@@ -107,17 +107,17 @@ def test_a_refused_connection_says_nothing_listens_there_without_urllib3_lines(
     assert not [r for r in caplog.records if r.getMessage().startswith("Retrying")]
 
 
-def test_a_missing_local_bucket_names_create_bucket_and_is_created_when_asked(
+def test_a_missing_local_bucket_names_create_bucket_and_a_fresh_data_dir_stays_untouched(
     tmp_path: Path,
 ) -> None:
-    local = settings(tmp_path)
+    fresh = settings(tmp_path / "data")
     with pytest.raises(StorageError, match="--create-bucket"):
-        preflight(local, bucket="absent", create_bucket=False)
-    assert not (tmp_path / "objects" / "absent").exists()
+        preflight(fresh, bucket="absent", create_bucket=False)
 
-    preflight(local, bucket="absent", create_bucket=True)
+    preflight(fresh, bucket="absent", create_bucket=True)
 
-    assert (tmp_path / "objects" / "absent").is_dir()
+    # A publish that fails at its first step then leaves no store behind.
+    assert not (tmp_path / "data").exists()
 
 
 def test_an_unwritable_object_store_is_one_line_before_any_registry_call(tmp_path: Path) -> None:
