@@ -33,7 +33,7 @@ from mlflow.models.evaluation.validation import (
 
 from heimdall import registry
 from heimdall.config import Settings, load_settings
-from heimdall.errors import GateError, InputError
+from heimdall.errors import GateError, HeimdallError, InputError
 from heimdall.heldout import HeldOut as HeldOut
 from heimdall.heldout import HeldOutSet as HeldOutSet
 from heimdall.registry import AliasChange, Gate
@@ -71,8 +71,18 @@ class GatePolicy:
         return cls(settings.gate_baseline_fraction, settings.gate_champion_tolerance)
 
 
-def judge(candidate: HeldOut, champion: HeldOut | None, policy: GatePolicy) -> tuple[Gate, ...]:
-    """The baseline and champion gates of ``candidate``, each with its threshold and value."""
+def judge(
+    candidate: HeldOut,
+    champion: HeldOut | None,
+    policy: GatePolicy,
+    *,
+    altered: tuple[str, str] | None = None,
+) -> tuple[Gate, ...]:
+    """The baseline and champion gates of ``candidate``, each with its threshold and value.
+
+    ``altered`` is ``(version, problem)`` of a holder whose stored bytes failed their check: it
+    is no champion to beat, and the champion gate says so.
+    """
     limit = policy.baseline_fraction * candidate.baseline_median_error_km
     gates = [
         Gate(
@@ -83,7 +93,17 @@ def judge(candidate: HeldOut, champion: HeldOut | None, policy: GatePolicy) -> t
             f"{candidate.baseline_median_error_km:.2f} km)",
         )
     ]
-    if champion is None:
+    if altered is not None:
+        holder, problem = altered
+        gates.append(
+            Gate(
+                "champion",
+                True,
+                f"skipped: version {holder}, which holds the alias, failed its integrity check "
+                f"({problem}); judged on the baseline gate alone",
+            )
+        )
+    elif champion is None:
         gates.append(Gate("champion", True, "no other version holds the alias"))
     else:
         ceiling = champion.median_error_km * (1 + policy.champion_tolerance)
@@ -150,9 +170,11 @@ def move_alias_gated(
     settings = settings or load_settings()
     store = store or open_store(settings)
     policy = policy or GatePolicy.from_settings(settings)
+    mine = candidate or evaluate(f"models:/{name}/{version}")
     for _ in range(_ATTEMPTS):
         holder = registry.alias_holder(name, alias, settings=settings)
-        gates = _judge_now(name, version, holder, candidate, evaluate, policy)
+        champion, altered = _champion(name, version, holder, evaluate, store, settings)
+        gates = judge(mine, champion, policy, altered=altered)
         failed = [g for g in gates if not g.passed]
         if failed and not force:
             _record_refusal(name, version, alias, failed, settings)
@@ -170,6 +192,7 @@ def move_alias_gated(
                 expected_previous=holder,
                 gates=gates,
                 reason=reason if force else None,
+                previous_problem=altered[1] if altered else None,
                 read_bytes=read_bytes,
                 settings=settings,
                 store=store,
@@ -182,20 +205,27 @@ def move_alias_gated(
     )
 
 
-def _judge_now(
+def _champion(
     name: str,
     version: str,
     holder: str | None,
-    candidate: HeldOut | None,
     evaluate: Evaluator,
-    policy: GatePolicy,
-) -> tuple[Gate, ...]:
-    """The gates of ``version`` against ``holder``, the alias's champion, measured now."""
-    mine = candidate or evaluate(f"models:/{name}/{version}")
-    champion = (
-        evaluate(f"models:/{name}/{holder}") if holder is not None and holder != version else None
-    )
-    return judge(mine, champion, policy)
+    store: ObjectStore,
+    settings: Settings,
+) -> tuple[HeldOut | None, tuple[str, str] | None]:
+    """The holder of the alias measured now; or, when its stored bytes fail their check,
+    ``(None, (holder, problem))``: an altered holder must not lock its alias."""
+    if holder is None or holder == version:
+        return None, None
+    try:
+        return evaluate(f"models:/{name}/{holder}"), None
+    except HeimdallError:
+        # Whatever the evaluator made of it; only the registry's own check of the bytes decides.
+        problem = registry.bytes_problem(name, holder, store=store, settings=settings)
+        if problem is None:
+            raise
+    log.warning("gates.champion_altered", name=name, version=holder, problem=problem)
+    return None, (holder, problem)
 
 
 def promote(

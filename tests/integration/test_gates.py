@@ -203,3 +203,74 @@ def test_force_needs_a_reason_before_any_work(tmp_path: Path) -> None:
         publish(tmp_path / "missing.safetensors", force=True)
     with pytest.raises(InputError, match="only used with --force"):
         gates.check_override(False, "why not")
+
+
+def tamper(backend: MlflowBackend, settings: Settings, name: str, version: str) -> None:
+    """Alter the stored model.onnx of a version as an outsider would: bytes flipped in the
+    file under the object store's folder, or the object overwritten in SeaweedFS with boto3."""
+    source = registry.show_model(name, version, settings=settings).versions[0].source
+    store = backend.store()
+    bucket, key = store.locate(f"{source}/model.onnx")
+    if backend.seaweedfs is None:
+        path = Path(store.root) / bucket / key  # type: ignore[attr-defined]
+        with path.open("r+b") as fh:
+            fh.seek(100)
+            byte = fh.read(1)
+            fh.seek(100)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        return
+    s3 = backend.seaweedfs.client()
+    data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+
+
+def test_a_holder_whose_bytes_were_altered_does_not_lock_its_alias(
+    backend: MlflowBackend, onnx_files: dict[str, Path]
+) -> None:
+    """Issue 20, 1: every publish to ``staging`` used to fail on the holder's integrity error."""
+    settings, name = settings_for(backend, fraction=2.0), unique("altered")
+    holder = register(backend, settings, onnx_files["centre"], name)
+    for alias in ("staging", "staging-int8"):  # a variant alias goes the same way
+        gates.move_alias_gated(name, holder, alias, evaluate=served(settings), settings=settings)
+    tamper(backend, settings, name, holder)
+    challenger = register(backend, settings, onnx_files["centre-again"], name)
+
+    for alias in ("staging", "staging-int8"):
+        change = gates.move_alias_gated(
+            name, challenger, alias, evaluate=served(settings), settings=settings
+        )
+
+        assert (change.previous, change.version) == (holder, challenger)
+        assert change.previous_problem is not None and "sha256" in change.previous_problem
+        (champion,) = [g for g in change.gates if g.name == "champion"]
+        assert champion.passed and champion.detail.startswith(f"skipped: version {holder}")
+        event = registry.show_model(name, settings=settings).alias_history[alias][-1]
+        assert event.reason is not None
+        assert event.reason.startswith("previous holder failed its integrity check")
+    tags = registry.show_model(name, holder, settings=settings).versions[0].tags
+    assert "now has sha256" in tags[registry.INTEGRITY_TAG]
+
+
+def test_promote_and_force_move_past_an_altered_production_holder(
+    embedded_mlflow: MlflowBackend, onnx_files: dict[str, Path]
+) -> None:
+    backend = embedded_mlflow
+    settings, name = settings_for(backend, fraction=2.0), unique("altered-prod")
+    first = register(backend, settings, onnx_files["centre"], name)
+    second = register(backend, settings, onnx_files["centre-again"], name)
+    worse = register(backend, settings, onnx_files["offset"], name)
+    gates.promote(name, first, evaluate=served(settings), settings=settings)
+    tamper(backend, settings, name, first)
+
+    assert gates.promote(name, second, evaluate=served(settings), settings=settings).version == (
+        second
+    )
+    tamper(backend, settings, name, second)
+    strict = settings_for(backend, fraction=0.5)  # the offset model fails the baseline gate
+    forced = gates.promote(
+        name, worse, evaluate=served(strict), settings=strict, force=True, reason="field test"
+    )
+
+    assert (forced.previous, forced.version) == (second, worse)
+    event = registry.show_model(name, settings=settings).alias_history["production"][-1]
+    assert event.reason is not None and event.reason.endswith("; field test")

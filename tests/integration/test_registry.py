@@ -34,6 +34,7 @@ from heimdall.storage import ObjectStore, upload_model
 from heimdall.validate import get_model_metadata, validate_onnx_model
 from tests.fixtures.mlflow_server import MlflowBackend
 from tests.fixtures.process import ManagedProcess, free_port, http_ok, unavailable
+from tests.integration.test_gates import tamper
 
 pytestmark = pytest.mark.integration
 
@@ -483,3 +484,31 @@ def test_the_registered_mlmodel_carries_the_recommended_session_settings(
     predicted = pyfunc.predict(atto.features)
     np.testing.assert_array_equal(predicted["positions"], atto.expected[0])
     np.testing.assert_array_equal(predicted["uncertainties"], atto.expected[1])
+
+
+def test_rollback_never_returns_to_a_version_whose_bytes_were_altered(
+    backend: MlflowBackend, atto: Export, model_name: str, tmp_path: Path
+) -> None:
+    """It passes over such a holder, says so, and stops with one line when none is left."""
+    store, settings = backend.store(), backend.settings()
+    versions = [
+        register(backend, distinct(atto, tmp_path, tag), model_name, f"{model_name}-{tag}.onnx")
+        for tag in ("a", "b", "c")
+    ]
+    first, second, third = (v.version for v in versions)
+    for version in (first, second, third):
+        registry.promote(model_name, version, settings=settings, store=store)
+    tamper(backend, settings, model_name, second)
+
+    rolled = registry.rollback(model_name, settings=settings, store=store)
+
+    assert (rolled.previous, rolled.version) == (third, first)
+    assert list(rolled.skipped) == [second] and "sha256" in rolled.skipped[second]
+    event = registry.show_model(model_name, settings=settings).alias_history["production"][-1]
+    assert event.reason is not None and event.reason.startswith(f"skipped version {second}: ")
+
+    registry.promote(model_name, third, settings=settings, store=store)
+    tamper(backend, settings, model_name, first)
+    with pytest.raises(RegistryError, match=rf"stays at version {third}: .*version {first}: "):
+        registry.rollback(model_name, settings=settings, store=store)
+    assert registry.alias_holder(model_name, "production", settings=settings) == third

@@ -18,8 +18,8 @@ from heimdall.files import sha256_file
 from heimdall.legacy import register_with_mlflow
 from heimdall.onnxfile import ValidationResult
 from heimdall.registry import AliasEvent, client
-from heimdall.registry.aliases import holders_of
 from heimdall.registry.client import call, explain
+from heimdall.registry.history import holders_of
 from heimdall.registry.lineage import verification_of
 from heimdall.storage import LocalStore, upload_model
 from heimdall.validate import validate_onnx_model
@@ -400,3 +400,28 @@ def test_the_running_servers_socket_is_not_refused(tmp_path: Path) -> None:
     )
 
     assert client._unreachable_database(settings) is None
+
+
+def test_a_missing_alias_lists_the_aliases_the_model_has(tmp_path: Path) -> None:
+    """Issue 20, 5: ``models:/NAME@prod`` used to say only that ``prod`` was not found."""
+    from heimdall.tracking import open_client
+
+    settings = Settings(data_dir=tmp_path, tracking_uri=None)
+    mlflow_client = open_client(settings.resolved_tracking_uri, None, timeout_s=30)
+    mlflow_client.create_registered_model("m")
+    for _ in range(2):
+        mlflow_client.create_model_version("m", (tmp_path / "model").as_uri())
+    mlflow_client.set_registered_model_alias("m", "staging", "2")
+    mlflow_client.set_registered_model_alias("m", "production", "1")
+
+    with pytest.raises(RegistryError) as missing:
+        registry.resolve_model_uri("models:/m@prod", settings=settings)
+    assert str(missing.value) == (
+        "models:/m@prod: m has no alias 'prod'; its aliases: production (version 1), "
+        "staging (version 2) (heimdall models show m)"
+    )
+    with pytest.raises(
+        RegistryError, match=r"no registered model 'other' in sqlite:///.*models list"
+    ):
+        registry.resolve_model_uri("models:/other@prod", settings=settings)
+    assert registry.resolve_model_uri("models:/m@latest", settings=settings).version == "2"

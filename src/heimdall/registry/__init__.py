@@ -4,10 +4,15 @@
   per-model registry lock;
 - ``model_dir``: the write-once MLflow model folder of each registration;
 - ``versions``: one version per sha256 and model name, found again by its stored bytes;
-- ``records``: what heimdall makes of MLflow's entities (versions, registrations, models);
+- ``records``: what heimdall makes of MLflow's entities (versions, registrations, models),
+  and finding them (``models:/`` URIs, every model in the store);
 - ``lineage``: the facts a version's tags carry and the run its metadata goes to;
 - ``names``: model names, aliases, stages and ``models:/`` URIs the registry accepts;
-- ``aliases``: alias moves behind the integrity gates, their history, rollback (the quality
+- ``integrity``: whether a version's stored bytes are still the registered ones, and the
+  integrity gates built on that;
+- ``history``: each alias's moves, kept in a registered-model tag;
+- ``stages``: MLflow's ``Production``/``Staging`` stages following the aliases of those names;
+- ``aliases``: alias moves behind the integrity gates, rollback, showing a model (the quality
   gates sit above the registry, in ``heimdall.gates``).
 
 Where the bytes live, for an upload at ``<root>/models/localization/vX.onnx``::
@@ -27,11 +32,8 @@ with those variables set from :class:`Settings` (see ``config.MLFLOW_ENVIRONMENT
 
 from heimdall.config import DEFAULT_ALIAS
 from heimdall.registry.aliases import (
-    HISTORY_TAG,
     AliasChange,
-    AliasEvent,
     AliasMovedError,
-    Gate,
     ModelDetails,
     alias_holder,
     move_alias,
@@ -40,6 +42,8 @@ from heimdall.registry.aliases import (
     set_alias,
     show_model,
 )
+from heimdall.registry.history import HISTORY_TAG, AliasEvent
+from heimdall.registry.integrity import INTEGRITY_TAG, Gate, bytes_problem
 from heimdall.registry.lineage import log_run_files, log_run_metrics
 from heimdall.registry.model_dir import (
     MODEL_FILE,
@@ -49,13 +53,17 @@ from heimdall.registry.model_dir import (
     stored_sha256,
 )
 from heimdall.registry.names import PRODUCTION, STAGES, check_registration, check_version
-from heimdall.registry.records import ModelSummary, RegisteredVersion, Registration
-from heimdall.registry.versions import (
-    INTEGRITY_TAG,
-    find_version_by_sha256,
+from heimdall.registry.records import (
+    ModelSummary,
+    RegisteredVersion,
+    Registration,
     list_models,
-    register_model,
     resolve_model_uri,
+)
+from heimdall.registry.stages import StageMove
+from heimdall.registry.versions import (
+    find_version_by_sha256,
+    register_model,
     set_stage,
     tag_version,
 )
@@ -75,8 +83,10 @@ __all__ = [
     "ModelSummary",
     "RegisteredVersion",
     "Registration",
+    "StageMove",
     "Validated",
     "alias_holder",
+    "bytes_problem",
     "check_registration",
     "check_version",
     "external_data",

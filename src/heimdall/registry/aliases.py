@@ -1,18 +1,16 @@
-"""Aliases: move them behind gates, keep their history, roll back, show a model.
+"""Aliases: move them behind the integrity gates, roll back, show a model.
 
 Every move happens while holding the model's registry lock (``client.model_lock``), so the
-holder read before a move is the real previous holder, and the history is one registered-model
-tag per alias, ``heimdall.alias_history.<alias>``, holding the last events as a JSON list
-(read, appended, written under the same lock). :func:`rollback` replays it to find the previous
-holder.
+holder read before a move is the real previous holder; the move is appended to the alias's
+history (``history``) and, for ``production`` and ``staging``, MLflow's stage follows
+(``stages``, unless ``Settings.sync_stages`` is off) under the same lock. :func:`rollback`
+replays the history to find the previous holder whose bytes are still intact.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -23,45 +21,31 @@ from heimdall.config import DEFAULT_ALIAS, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
 from heimdall.objects import ObjectStore
 from heimdall.registry.client import call, model_lock, search_versions, session
-from heimdall.registry.model_dir import version_bytes_problem
+from heimdall.registry.history import (
+    HISTORY_TAG,
+    AliasEvent,
+    holders_of,
+    parse_history,
+    record_move,
+)
+from heimdall.registry.integrity import Gate, failed_gates, passed_gates
 from heimdall.registry.names import PRODUCTION, check_alias, check_name, check_version
 from heimdall.registry.records import RegisteredVersion, aliases_of, get_version, to_version
+from heimdall.registry.stages import STAGE_OF_ALIAS, StageMove, sync_stages
 
 log = structlog.get_logger(__name__)
 
-HISTORY_TAG = "heimdall.alias_history."
-_HISTORY_CHARS = 4500  # MLflow caps a tag value at 5000 characters; the oldest events go first
-
-
-@dataclass(frozen=True)
-class AliasEvent:
-    """One move of an alias, as kept in the registered model's history tag."""
-
-    version: str
-    action: str  # register | set | promote | rollback
-    at: str
-    previous: str | None = None
-    reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k == "previous"}
-
-
-@dataclass(frozen=True)
-class Gate:
-    """One check before an alias moves, and why it passed or failed."""
-
-    name: str
-    passed: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+ALTERED_HOLDER = "previous holder failed its integrity check"
 
 
 @dataclass(frozen=True)
 class AliasChange:
-    """Where an alias points after a move, and where it pointed before."""
+    """Where an alias points after a move, where it pointed before, and what moved with it.
+
+    ``previous_problem``: why the previous holder was not judged against (its bytes failed
+    their check); ``skipped``: earlier holders a rollback passed over, and why; ``stages``:
+    MLflow stages moved to follow the alias.
+    """
 
     name: str
     alias: str
@@ -69,9 +53,24 @@ class AliasChange:
     previous: str | None
     action: str
     gates: tuple[Gate, ...] = ()
+    stages: tuple[StageMove, ...] = ()
+    previous_problem: str | None = None
+    skipped: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "gates": [g.to_dict() for g in self.gates]}
+        return {
+            **asdict(self),
+            "gates": [g.to_dict() for g in self.gates],
+            "stages": [s.to_dict() for s in self.stages],
+            "skipped": dict(self.skipped),
+        }
+
+    def line(self) -> str:
+        """``name@alias: version 1 → version 2`` (or ``unchanged``, or ``none → …``)."""
+        if self.action == "unchanged":
+            return f"{self.name}@{self.alias}: version {self.version} (unchanged)"
+        was = "none" if self.previous is None else f"version {self.previous}"
+        return f"{self.name}@{self.alias}: {was} → version {self.version}"
 
 
 @dataclass(frozen=True)
@@ -155,6 +154,7 @@ def move_alias(
     expected_previous: object = _ANY,
     gates: tuple[Gate, ...] = (),
     reason: str | None = None,
+    previous_problem: str | None = None,
     read_bytes: bool = False,
     settings: Settings | None = None,
     store: ObjectStore | None = None,
@@ -165,7 +165,9 @@ def move_alias(
     moved the alias since the caller decided, AliasMovedError is raised and nothing moves.
     ``gates`` are the caller's own verdicts (all passed, or overridden with a ``reason``),
     reported with the integrity gates; the ``reason`` goes into the history and a version tag.
-    ``read_bytes`` reads the stored ``model.onnx`` back from ``store``, which it needs.
+    ``previous_problem`` says why the caller did not judge against the previous holder (its
+    bytes failed their check); it goes into the history. ``read_bytes`` reads the stored
+    ``model.onnx`` back from ``store``, which it needs.
     """
     check_name(name)
     version = check_version(version)
@@ -177,26 +179,49 @@ def move_alias(
         )
     settings = settings or load_settings()
     with session(settings, f"move {alias!r} of {name} to version {version}") as client:
-        target = get_version(client, name, str(version))
-        with model_lock(client, name, wait_s=max(4 * settings.mlflow_timeout_s, 60.0)):
+        target = get_version(client, name, version)
+        with model_lock(client, name, wait_s=_lock_wait(settings)):
             current = aliases_of(call(client.get_registered_model, name)).get(alias)
             if expected_previous is not _ANY and current != expected_previous:
                 raise AliasMovedError(
                     f"{name}@{alias} moved to version {current} while version {target.version} "
                     f"was judged against version {expected_previous}"
                 )
-            if current == target.version:
-                return AliasChange(name, alias, target.version, current, "unchanged")
+            if current == target.version:  # a stage left behind (sync was off) catches up
+                stages = _follow(client, settings, name, alias)
+                return AliasChange(name, alias, current, current, "unchanged", stages=stages)
             move = f"move {alias!r} of {name} to version {target.version}"
             checked = passed_gates(target, move, store if read_bytes else None)
             if reason:
                 tag = f"heimdall.forced.{alias}"
                 call(client.set_model_version_tag, name, target.version, tag, reason)
-            _record_move(client, name, alias, target.version, action, reason)
+            why = "; ".join(
+                w
+                for w in (previous_problem and f"{ALTERED_HOLDER}: {previous_problem}", reason)
+                if w
+            )
+            record_move(client, name, alias, target.version, action, why or None)
+            stages = _follow(client, settings, name, alias)
     log.info(
         "registry.alias_moved", name=name, alias=alias, version=target.version, previous=current
     )
-    return AliasChange(name, alias, target.version, current, action, (*checked, *gates))
+    gated = (*checked, *gates)
+    return AliasChange(
+        name, alias, target.version, current, action, gated, stages, previous_problem
+    )
+
+
+def _lock_wait(settings: Settings) -> float:
+    return max(4 * settings.mlflow_timeout_s, 60.0)
+
+
+def _follow(
+    client: MlflowClient, settings: Settings, name: str, alias: str
+) -> tuple[StageMove, ...]:
+    """Move MLflow's stages after a move of a stage alias (lock held), when sync is on."""
+    if not settings.sync_stages or alias not in STAGE_OF_ALIAS:
+        return ()
+    return sync_stages(client, name)
 
 
 def alias_holder(name: str, alias: str, *, settings: Settings | None = None) -> str | None:
@@ -219,8 +244,8 @@ def rollback(
     alias: str = PRODUCTION,
     settings: Settings | None = None,
 ) -> AliasChange:
-    """Return ``alias`` to the version that held it before the current one (gates re-checked,
-    its bytes read back from ``store``)."""
+    """Return ``alias`` to the latest earlier holder that passes the integrity gates (its
+    bytes read back from ``store``); holders whose bytes fail are passed over, and said."""
     check_name(name)
     check_alias(alias)
     settings = settings or load_settings()
@@ -228,26 +253,56 @@ def rollback(
         model = call(client.get_registered_model, name)
         if aliases_of(model).get(alias) is None:
             raise RegistryError(f"{name} has no alias {alias!r}; nothing to roll back")
-        with model_lock(client, name, wait_s=max(4 * settings.mlflow_timeout_s, 60.0)):
+        with model_lock(client, name, wait_s=_lock_wait(settings)):
             model = call(client.get_registered_model, name)
             current = aliases_of(model).get(alias)
             holders = holders_of(parse_history(model.tags).get(alias, ()))
-            while holders and holders[-1] == current:
-                holders.pop()
-            if not holders:
-                raise RegistryError(
-                    f"{name}@{alias} (version {current}) has no earlier holder in its history; "
-                    f"move it explicitly with promote"
-                )
-            target = get_version(client, name, holders[-1])
-            gates = passed_gates(
-                target, f"roll {name}@{alias} back to version {target.version}", store
-            )
-            _record_move(client, name, alias, target.version, "rollback")
+            target, gates, skipped = _earlier_intact(client, (name, alias), current, holders, store)
+            note = "; ".join(f"skipped version {v}: {why}" for v, why in skipped.items())
+            record_move(client, name, alias, target.version, "rollback", note or None)
+            stages = _follow(client, settings, name, alias)
     log.info(
-        "registry.rolled_back", name=name, alias=alias, version=target.version, previous=current
+        "registry.rolled_back",
+        name=name,
+        alias=alias,
+        version=target.version,
+        previous=current,
+        skipped=list(skipped),
     )
-    return AliasChange(name, alias, target.version, current, "rollback", gates)
+    return AliasChange(
+        name, alias, target.version, current, "rollback", gates, stages, skipped=skipped
+    )
+
+
+def _earlier_intact(
+    client: MlflowClient,
+    where: tuple[str, str],
+    current: str | None,
+    holders: list[str],
+    store: ObjectStore,
+) -> tuple[RegisteredVersion, tuple[Gate, ...], dict[str, str]]:
+    """The latest earlier holder that passes every integrity gate, and those passed over."""
+    name, alias = where
+    skipped: dict[str, str] = {}
+    for number in dict.fromkeys(reversed(holders)):  # latest first, each once
+        if number == current or number in skipped:
+            continue
+        candidate = get_version(client, name, number)
+        gates, failures = failed_gates(candidate, store)
+        if not failures:
+            return candidate, tuple(gates), skipped
+        log.warning("registry.rollback_skipped", name=name, version=number, problem=failures)
+        skipped[number] = failures
+    if not skipped:
+        raise RegistryError(
+            f"{name}@{alias} (version {current}) has no earlier holder in its history; "
+            f"move it explicitly with promote"
+        )
+    passed_over = "; ".join(f"version {v}: {why}" for v, why in skipped.items())
+    raise RegistryError(
+        f"{name}@{alias} stays at version {current}: no earlier holder passes its checks "
+        f"({passed_over}); move it explicitly with promote"
+    )
 
 
 def show_model(
@@ -280,97 +335,3 @@ def show_model(
             alias_history=parse_history(tags),
             tags={k: v for k, v in sorted(tags.items()) if not k.startswith(HISTORY_TAG)},
         )
-
-
-# --- history ----------------------------------------------------------------------------------
-
-
-def _record_move(
-    client: MlflowClient,
-    name: str,
-    alias: str,
-    version: str,
-    action: str,
-    reason: str | None = None,
-) -> None:
-    """Point ``alias`` at ``version`` and append the move to its history (lock held)."""
-    model = call(client.get_registered_model, name)
-    previous = aliases_of(model).get(alias)
-    call(client.set_registered_model_alias, name, alias, version)
-    event = AliasEvent(
-        version=str(version),
-        action=action,
-        at=datetime.now(UTC).isoformat(timespec="seconds"),
-        previous=previous,
-        reason=reason,
-    )
-    events = [e.to_dict() for e in parse_history(model.tags).get(alias, ())] + [event.to_dict()]
-    text = json.dumps(events, separators=(",", ":"))
-    while len(text) > _HISTORY_CHARS and len(events) > 1:
-        events = events[1:]
-        text = json.dumps(events, separators=(",", ":"))
-    call(client.set_registered_model_tag, name, f"{HISTORY_TAG}{alias}", text)
-
-
-def parse_history(tags: Mapping[str, str]) -> dict[str, tuple[AliasEvent, ...]]:
-    """Events per alias, oldest first, from the ``heimdall.alias_history.<alias>`` tags."""
-    history: dict[str, tuple[AliasEvent, ...]] = {}
-    for key, value in sorted(tags.items()):
-        if not key.startswith(HISTORY_TAG):
-            continue
-        alias = key.removeprefix(HISTORY_TAG)
-        try:
-            history[alias] = tuple(AliasEvent(**event) for event in json.loads(value))
-        except (ValueError, TypeError) as exc:
-            raise RegistryError(
-                f"registered-model tag {key!r} is not an alias history: {exc}"
-            ) from exc
-    return history
-
-
-def holders_of(events: tuple[AliasEvent, ...]) -> list[str]:
-    """Replay the history as a stack: moves push the new holder, a rollback pops one."""
-    stack: list[str] = []
-    for event in events:
-        if event.action == "rollback":
-            if stack:
-                stack.pop()
-            if not stack or stack[-1] != event.version:
-                stack.append(event.version)
-        else:
-            stack.append(event.version)
-    return stack
-
-
-# --- gates ------------------------------------------------------------------------------------
-
-
-def passed_gates(
-    version: RegisteredVersion, move: str, store: ObjectStore | None
-) -> tuple[Gate, ...]:
-    """The gates of ``version``, all passed; else RegistryError naming every failure."""
-    gates = integrity_gates(version, store)
-    failed = [g for g in gates if not g.passed]
-    if failed:
-        reasons = "; ".join(f"{g.name}: {g.detail}" for g in failed)
-        raise RegistryError(f"refusing to {move}: {reasons}")
-    return tuple(gates)
-
-
-def integrity_gates(version: RegisteredVersion, store: ObjectStore | None) -> list[Gate]:
-    """READY, parity verification passed, and (given the ``store``) stored bytes unchanged."""
-    gates = [
-        Gate("ready", version.status == "READY", f"status is {version.status}"),
-        Gate(
-            "verification",
-            version.verification == "passed",
-            f"parity verification recorded as {version.verification or 'missing'}",
-        ),
-    ]
-    if store is None:
-        return gates
-    if version.sha256 is None:
-        return [*gates, Gate("sha256", False, "the version has no sha256 tag")]
-    problem = version_bytes_problem(store, version.source, version.sha256)
-    detail = problem or f"model.onnx still has sha256 {version.sha256}"
-    return [*gates, Gate("sha256", problem is None, detail)]

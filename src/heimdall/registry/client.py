@@ -115,6 +115,11 @@ def _where(settings: Settings) -> str:
     return redact_uri(settings.tracking_uri or settings.resolved_tracking_uri)
 
 
+def registry_where(settings: Settings) -> str:
+    """The model registry heimdall reads and writes, as a user set it (password redacted)."""
+    return redact_uri(settings.registry_uri or _where(settings))
+
+
 def explain(settings: Settings, action: str, exc: BaseException) -> str:
     """One line: what failed, where (redacted), why, and the setting that bounds the wait."""
     where = _where(settings)

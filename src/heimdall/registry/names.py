@@ -47,6 +47,8 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
         name, alias = body.split("@", 1)
         if name and alias:
             check_name(name)
+            if alias.lower() == "latest":  # MLflow's own name for the newest version
+                return name, None, "latest"
             check_alias(alias)
             return name, alias, None
     if body and body.count("/") == 1:

@@ -1,4 +1,9 @@
-"""What heimdall records of MLflow's registry entities: versions, registrations, models."""
+"""What heimdall records of MLflow's registry entities (versions, registrations, models), and
+finding them: one version, what a ``models:/`` URI names, every model in the store.
+
+A lookup that finds nothing says where it looked (the registry URI, password redacted) and
+what is there instead: the model's aliases, or the command that lists the models.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
+from heimdall.config import Settings, load_settings
 from heimdall.errors import RegistryError
-from heimdall.registry.client import call
+from heimdall.registry.client import call, is_lock, paged, registry_where, search_versions, session
+from heimdall.registry.names import parse_models_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -109,3 +116,76 @@ def iso(millis: int | None) -> str:
     if not millis:
         return ""
     return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="seconds")
+
+
+# --- finding ----------------------------------------------------------------------------------
+
+
+def resolve_model_uri(uri: str, *, settings: Settings | None = None) -> RegisteredVersion:
+    """The version that ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``…/latest`` names."""
+    name, alias, number = parse_models_uri(uri)
+    settings = settings or load_settings()
+    with session(settings, f"resolve {uri}") as client:
+        if alias is not None:
+            number = _alias_version(client, settings, uri, (name, alias))
+        elif number == "latest":
+            versions = search_versions(client, f"name = '{name}'")
+            if not versions:
+                _check_exists(client, settings, uri, name)
+                raise RegistryError(f"{uri}: model {name!r} has no versions")
+            number = str(max(int(v.version) for v in versions))
+        else:
+            _check_exists(client, settings, uri, name)
+        return get_version(client, name, str(number))
+
+
+def _alias_version(
+    client: MlflowClient, settings: Settings, uri: str, where: tuple[str, str]
+) -> str:
+    """The version an alias names; else RegistryError listing the aliases the model has."""
+    name, alias = where
+    try:
+        return str(call(client.get_model_version_by_alias, name, alias).version)
+    except MlflowException as exc:
+        aliases = aliases_of(_check_exists(client, settings, uri, name))
+        if alias in aliases:
+            raise  # not a missing alias: MLflow's own failure, told as such by the session
+        held = ", ".join(f"{a} (version {v})" for a, v in aliases.items()) or "none"
+        raise RegistryError(  # MLflow's error as the cause: its code says what is missing
+            f"{uri}: {name} has no alias {alias!r}; its aliases: {held} "
+            f"(heimdall models show {name})"
+        ) from exc
+
+
+def _check_exists(client: MlflowClient, settings: Settings, uri: str, name: str) -> object:
+    """The registered model ``name``; RegistryError naming the store when it is not there."""
+    try:
+        return call(client.get_registered_model, name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RegistryError(
+            f"{uri}: no registered model {name!r} in {registry_where(settings)} "
+            "(heimdall models list shows the models there)"
+        ) from exc
+
+
+def list_models(*, settings: Settings | None = None) -> list[ModelSummary]:
+    """Every registered model with its aliases and newest version number."""
+    settings = settings or load_settings()
+    with session(settings, "list registered models") as client:
+        models = [m for m in paged(client.search_registered_models) if not is_lock(m.name)]
+        summaries = []
+        for model in sorted(models, key=lambda m: m.name):
+            versions = search_versions(client, f"name = '{model.name}'")
+            latest = max((int(v.version) for v in versions), default=None)
+            summaries.append(
+                ModelSummary(
+                    name=model.name,
+                    description=model.description or None,
+                    latest_version=str(latest) if latest is not None else None,
+                    aliases=aliases_of(model),
+                    updated_at=iso(model.last_updated_timestamp),
+                )
+            )
+        return summaries

@@ -11,9 +11,7 @@ same bytes published by N processes at once give one version, and the others rep
 from __future__ import annotations
 
 import uuid
-import warnings
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -24,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from heimdall.config import DEFAULT_MODEL_NAME, Settings, load_settings
 from heimdall.errors import InputError, RegistryError
 from heimdall.objects import ObjectStore
-from heimdall.registry.client import call, is_lock, model_lock, paged, search_versions, session
+from heimdall.registry.client import call, model_lock, search_versions, session
+from heimdall.registry.integrity import INTEGRITY_TAG, mark_altered
 from heimdall.registry.lineage import describe, facts_of, lineage_run, verification_of
 from heimdall.registry.model_dir import (
     StagedModel,
@@ -39,22 +38,18 @@ from heimdall.registry.names import (
     check_name,
     check_sha256,
     check_version,
-    parse_models_uri,
 )
 from heimdall.registry.records import (
-    ModelSummary,
     RegisteredVersion,
     Registration,
-    aliases_of,
     get_version,
-    iso,
     to_version,
 )
+from heimdall.registry.stages import transition_stage
 from heimdall.retry import Backoff, retry, wait_for
 
 log = structlog.get_logger(__name__)
 
-INTEGRITY_TAG = "heimdall.integrity"
 REGISTRATION_TAG = "heimdall.registration_id"
 _READY_TIMEOUT_S = 60.0
 RESERVED_TAGS = {
@@ -257,13 +252,7 @@ def _intact_version(
             continue
         if problem is None:
             return version, tuple(altered)
-        log.warning(
-            "registry.version_bytes_changed", name=name, version=version.version, problem=problem
-        )
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        call(
-            client.set_model_version_tag, name, version.version, INTEGRITY_TAG, f"{problem} ({now})"
-        )
+        mark_altered(client, name, version.version, problem)
         altered.append(version.version)
     return None, tuple(altered)
 
@@ -291,21 +280,6 @@ def find_version_by_sha256(
     settings = settings or load_settings()
     with session(settings, f"search {name!r} for sha256 {sha256}") as client:
         return _intact_version(client, store, name, sha256)[0]
-
-
-def resolve_model_uri(uri: str, *, settings: Settings | None = None) -> RegisteredVersion:
-    """The version that ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``…/latest`` names."""
-    name, alias, number = parse_models_uri(uri)
-    settings = settings or load_settings()
-    with session(settings, f"resolve {uri}") as client:
-        if alias is not None:
-            number = call(client.get_model_version_by_alias, name, alias).version
-        elif number == "latest":
-            versions = search_versions(client, f"name = '{name}'")
-            if not versions:
-                raise RegistryError(f"{uri}: model {name!r} has no versions")
-            number = str(max(int(v.version) for v in versions))
-        return get_version(client, name, str(number))
 
 
 def set_stage(
@@ -337,27 +311,6 @@ def tag_version(
     with session(settings, f"tag {name} version {version}") as client:
         for key, value in tags.items():
             call(client.set_model_version_tag, name, version, key, value)
-
-
-def list_models(*, settings: Settings | None = None) -> list[ModelSummary]:
-    """Every registered model with its aliases and newest version number."""
-    settings = settings or load_settings()
-    with session(settings, "list registered models") as client:
-        models = [m for m in paged(client.search_registered_models) if not is_lock(m.name)]
-        summaries = []
-        for model in sorted(models, key=lambda m: m.name):
-            versions = search_versions(client, f"name = '{model.name}'")
-            latest = max((int(v.version) for v in versions), default=None)
-            summaries.append(
-                ModelSummary(
-                    name=model.name,
-                    description=model.description or None,
-                    latest_version=str(latest) if latest is not None else None,
-                    aliases=aliases_of(model),
-                    updated_at=iso(model.last_updated_timestamp),
-                )
-            )
-        return summaries
 
 
 # --- MLflow calls -----------------------------------------------------------------------------
@@ -446,18 +399,3 @@ def _await_ready(client: MlflowClient, created: ModelVersion) -> None:
             ),
             backoff=Backoff(first_s=0.2, max_s=1.0),
         )
-
-
-def transition_stage(client: MlflowClient, name: str, version: str, stage: str) -> None:
-    # Stages are deprecated since MLflow 2.9 (FutureWarning on every call); the original API
-    # still asks for one, so the transition is made and the warning replaced by our own event.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        call(
-            client.transition_model_version_stage,
-            name,
-            version,
-            stage,
-            archive_existing_versions=False,
-        )
-    log.info("registry.legacy_stage_set", name=name, version=version, stage=stage)
