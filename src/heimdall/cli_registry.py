@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import typer
+from rich.text import Text
 
 from heimdall.display import (
     ForceOpt,
@@ -16,8 +17,10 @@ from heimdall.display import (
     emit,
     errors,
     out,
+    plain,
     records_table,
     settings_of,
+    show_change,
     show_model,
     when,
 )
@@ -51,7 +54,7 @@ def promote(
             reason=reason,
             settings=settings,
         )
-        emit(change, as_json, "promote")
+        _show_change(change, as_json, "promote")
 
 
 def rollback(
@@ -67,7 +70,14 @@ def rollback(
     settings = settings_of(ctx)
     with errors(as_json):
         change = run_rollback(name, alias=alias, settings=settings, store=open_store(settings))
-        emit(change, as_json, "rollback")
+        _show_change(change, as_json, "rollback")
+
+
+def _show_change(change: object, as_json: bool, title: str) -> None:
+    if as_json:
+        emit(change, True, title)
+    else:
+        show_change(plain(change), title)
 
 
 @contextmanager
@@ -100,7 +110,11 @@ def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
             emit(models, True, "models")
             return
         if not models:
-            out.print("no registered models")
+            from heimdall.registry.client import registry_where
+
+            out.print(
+                Text(f"no registered models in {registry_where(settings_of(ctx))}"), soft_wrap=True
+            )
             return
         # The descriptions are long and alike: `models show` has them.
         rows = [

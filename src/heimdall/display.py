@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -113,24 +114,62 @@ def _mib(size: Any) -> str:
 
 def fields_table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
     """A two-column field/value table; nested values as one ``key: value`` line each."""
+    cells = [(Text(key), value if isinstance(value, Text) else _cell(value)) for key, value in rows]
     table = Table(title=Text(title), show_header=False, title_justify="left")
-    table.add_column("field", style="bold", overflow="fold")
-    table.add_column("value", overflow="fold")
-    for key, value in rows:
-        table.add_row(Text(key), value if isinstance(value, Text) else _cell(value))
+    keys, values = _widths([[k for k, _ in cells], [v for _, v in cells]])
+    table.add_column("field", style="bold", overflow="fold", width=keys)
+    table.add_column("value", overflow="fold", width=values)
+    for key, value in cells:
+        table.add_row(key, value)
     return table
 
 
 def records_table(title: str, records: Sequence[Mapping[str, Any]]) -> Table:
     """One row per record, one column per key (in the order the keys first appear)."""
     columns = list(dict.fromkeys(key for record in records for key in record))
+    rows = [[_cell(record.get(column)) for column in columns] for record in records]
+    widths = _widths([[Text(c), *(row[i] for row in rows)] for i, c in enumerate(columns)])
     table = Table(title=Text(title), title_justify="left")
-    for column in columns:
-        # Names are never cut: a narrow terminal folds them onto more lines instead.
-        table.add_column(column, overflow="fold")
-    for record in records:
-        table.add_row(*(_cell(record.get(column)) for column in columns))
+    for column, width in zip(columns, widths, strict=True):
+        table.add_column(column, overflow="fold", width=width)
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+_LONGEST_WHOLE_WORD = 48  # longer words (URIs, a full sha256) fold at the cell's edge
+
+
+def _widths(columns: Sequence[Sequence[Text]]) -> list[int | None]:
+    """Column widths that fit the terminal without cutting a word: names, versions, stages and
+    short hashes stay whole, text wraps between words (None: as wide as its content).
+
+    Rich shrinks the widest columns first, inside words too (``heimdall-localizati|on-onnx``);
+    here the widest column shrinks only down to its longest word, and words are folded only
+    when the table could not fit otherwise.
+    """
+    natural = [
+        max((cell_len(line) for c in cells for line in c.plain.splitlines()), default=1)
+        for cells in columns
+    ]
+    budget = out.width - 3 * len(columns) - 1  # a cell's padding and border take 3 columns
+    if sum(natural) <= budget:
+        return [None] * len(columns)
+    words = [
+        min(
+            max((cell_len(w) for c in cells for w in c.plain.split()), default=1),
+            _LONGEST_WHOLE_WORD,
+        )
+        for cells in columns
+    ]
+    widths = list(natural)
+    for floor in (words, [1] * len(columns)):
+        while sum(widths) > budget:
+            wider = [i for i, w in enumerate(widths) if w > floor[i]]
+            if not wider:
+                break
+            widths[max(wider, key=lambda i: widths[i])] -= 1
+    return list(widths)
 
 
 def _show(*renderables: RenderableType | None) -> None:
@@ -282,8 +321,8 @@ def show_model(data: Mapping[str, Any], version: str | None) -> None:
             ],
         )
     history = _alias_timeline(data["alias_history"])
-    # MLflow's legacy stages are rare next to aliases: a column only when a version has one.
-    staged = any(v["stage"] for v in versions)
+    # Nearly every version is READY: a column only when one is not, so the table fits 80 columns.
+    pending = any(v["status"] != "READY" for v in versions)
     _show(
         fields_table(
             "model",
@@ -300,12 +339,12 @@ def show_model(data: Mapping[str, Any], version: str | None) -> None:
                 {
                     "version": v["version"],
                     "aliases": "\n".join(v["aliases"]) or "-",  # narrower than a, b
+                    "stage": v["stage"],  # MLflow's, for loaders that read stages
                     "sha256": _short(v["sha256"]),
-                    "status": v["status"],
                     "parity": v["verification"],
                     "created (UTC)": when(v["created_at"]),
                 }
-                | ({"stage": v["stage"]} if staged else {})
+                | ({"status": v["status"]} if pending else {})
                 for v in versions
             ],
         )
@@ -313,6 +352,34 @@ def show_model(data: Mapping[str, Any], version: str | None) -> None:
         else Text("no versions"),
         details,
         records_table("alias history", history) if history else None,
+    )
+
+
+def show_change(data: Mapping[str, Any], title: str) -> None:
+    """An alias move: from which holder to which, the gates it passed, the stages that followed."""
+    previous = data["previous"]
+    unchanged = data["action"] == "unchanged"
+    rows: list[tuple[str, Any]] = [
+        ("model", data["name"]),
+        ("alias", data["alias"]),
+        ("version", f"{data['version']} (unchanged)" if unchanged else data["version"]),
+        ("previous holder", "none" if previous is None else f"version {previous}"),
+        ("action", data["action"]),
+    ]
+    if data.get("previous_problem"):
+        rows.append(
+            ("previous holder's bytes", f"altered, not judged against: {data['previous_problem']}")
+        )
+    if data.get("skipped"):
+        rows.append(("passed over", {f"version {v}": why for v, why in data["skipped"].items()}))
+    stages = [
+        {"version": m["version"], "stage": m["stage"], "was": m["previous"]}
+        for m in data.get("stages", ())
+    ]
+    _show(
+        fields_table(title, rows),
+        records_table("gates", data["gates"]) if data.get("gates") else None,
+        records_table("MLflow stages moved", stages) if stages else None,
     )
 
 
