@@ -425,3 +425,32 @@ def test_a_missing_alias_lists_the_aliases_the_model_has(tmp_path: Path) -> None
     ):
         registry.resolve_model_uri("models:/other@prod", settings=settings)
     assert registry.resolve_model_uri("models:/m@latest", settings=settings).version == "2"
+
+
+def test_moving_to_altered_bytes_advises_a_publish_not_a_registration(store: LocalStore) -> None:
+    """Registering again finds the same altered bytes; publishing stores fresh ones."""
+    from heimdall.registry.integrity import passed_gates
+
+    store.create_bucket("models")
+    store.put_bytes("models", "m/1/model.onnx", b"altered", if_absent=False)
+    version = registry.RegisteredVersion(
+        name="m",
+        version="1",
+        status="READY",
+        source=store.uri("models", "m/1"),
+        onnx_uri=None,
+        sha256=SHA,
+        run_id=None,
+        aliases=(),
+        stage=None,
+        verification="passed",
+        created_at="",
+        description=None,
+    )
+
+    with pytest.raises(RegistryError) as refused:
+        passed_gates(version, "move 'production' of m to version 1", store)
+
+    message = str(refused.value)
+    assert "now has sha256" in message and "publish the checkpoint again" in message
+    assert "register again" not in message and "register the model again" not in message

@@ -82,7 +82,10 @@ def passed_gates(
     """The gates of ``version``, all passed; else RegistryError naming every failure."""
     gates, failures = failed_gates(version, store)
     if failures:
-        raise RegistryError(f"refusing to {move}: {failures}")
+        altered = any(g.name == "sha256" and not g.passed for g in gates)
+        # Registering again would find the same altered bytes; a publish uploads fresh ones.
+        fix = "; publish the checkpoint again to store fresh bytes as a new version" * altered
+        raise RegistryError(f"refusing to {move}: {failures}{fix}")
     return tuple(gates)
 
 
