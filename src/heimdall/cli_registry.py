@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import typer
 from rich.text import Text
@@ -16,12 +17,13 @@ from heimdall.display import (
     ReasonOpt,
     emit,
     errors,
+    fields_table,
     out,
     plain,
     records_table,
     settings_of,
-    show_change,
-    show_model,
+    short_hash,
+    show,
     when,
 )
 
@@ -145,3 +147,103 @@ def models_show(
             emit(details, True, name)
         else:
             show_model(details.to_dict(), version)
+
+
+# --- how registry results are shown -------------------------------------------------------
+
+
+def show_model(data: Mapping[str, Any], version: str | None) -> None:
+    """A model: its aliases, one row per version, the alias history (and one version's details)."""
+    versions = data["versions"]
+    details = None
+    if version is not None and versions:
+        one = versions[0]
+        details = fields_table(
+            f"version {one['version']}",
+            [
+                ("model URI", one["uri"]),
+                *((k, one[k]) for k in ("aliases", "status", "stage", "verification", "sha256")),
+                *((k, one[k]) for k in ("source", "onnx_uri", "run_id", "created_at")),
+                ("description", one["description"]),
+                ("tags", one["tags"]),
+            ],
+        )
+    history = _alias_timeline(data["alias_history"])
+    # Nearly every version is READY: a column only when one is not, so the table fits 80 columns.
+    pending = any(v["status"] != "READY" for v in versions)
+    show(
+        fields_table(
+            "model",
+            [
+                ("name", data["name"]),
+                ("description", data["description"]),
+                ("aliases", {a: f"version {n}" for a, n in data["aliases"].items()}),
+                ("tags", data["tags"]),
+            ],
+        ),
+        records_table(
+            "versions",
+            [
+                {
+                    "version": v["version"],
+                    "aliases": "\n".join(v["aliases"]) or "-",  # narrower than a, b
+                    "stage": v["stage"],  # MLflow's, for loaders that read stages
+                    "sha256": short_hash(v["sha256"]),
+                    "parity": v["verification"],
+                    "created (UTC)": when(v["created_at"]),
+                }
+                | ({"status": v["status"]} if pending else {})
+                for v in versions
+            ],
+        )
+        if versions
+        else Text("no versions"),
+        details,
+        records_table("alias history", history) if history else None,
+    )
+
+
+def show_change(data: Mapping[str, Any], title: str) -> None:
+    """An alias move: from which holder to which, the gates it passed, the stages that followed."""
+    previous = data["previous"]
+    unchanged = data["action"] == "unchanged"
+    rows: list[tuple[str, Any]] = [
+        ("model", data["name"]),
+        ("alias", data["alias"]),
+        ("version", f"{data['version']} (unchanged)" if unchanged else data["version"]),
+        ("previous holder", "none" if previous is None else f"version {previous}"),
+        ("action", data["action"]),
+    ]
+    if data.get("previous_problem"):
+        rows.append(
+            ("previous holder's bytes", f"altered, not judged against: {data['previous_problem']}")
+        )
+    if data.get("skipped"):
+        rows.append(("passed over", {f"version {v}": why for v, why in data["skipped"].items()}))
+    stages = [
+        {"version": m["version"], "stage": m["stage"], "was": m["previous"]}
+        for m in data.get("stages", ())
+    ]
+    show(
+        fields_table(title, rows),
+        records_table("gates", data["gates"]) if data.get("gates") else None,
+        records_table("MLflow stages moved", stages) if stages else None,
+    )
+
+
+def _alias_timeline(
+    alias_history: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Every alias's moves as one timeline, oldest first."""
+    moves = [(alias, e) for alias, events in alias_history.items() for e in events]
+    return [
+        {
+            "alias": alias,
+            "at (UTC)": when(e["at"]),
+            "action": e["action"],
+            "version": e["version"],
+            "previous": e.get("previous"),
+            "reason": e.get("reason"),
+        }
+        for alias, e in sorted(moves, key=lambda move: str(move[1]["at"]))
+    ]

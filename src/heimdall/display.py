@@ -97,7 +97,8 @@ def _cell(value: Any) -> Text:
     return Text("\n".join(_lines(value)))
 
 
-def _short(sha256: Any) -> str:
+def short_hash(sha256: Any) -> str:
+    """The first 12 hex digits of a sha256, enough to tell versions apart in a table."""
     return f"{sha256[:12]}…" if isinstance(sha256, str) and len(sha256) > 12 else _scalar(sha256)
 
 
@@ -172,7 +173,8 @@ def _widths(columns: Sequence[Sequence[Text]]) -> list[int | None]:
     return list(widths)
 
 
-def _show(*renderables: RenderableType | None) -> None:
+def show(*renderables: RenderableType | None) -> None:
+    """Print each renderable that is not None, in order."""
     for renderable in renderables:
         if renderable is not None:
             out.print(renderable)
@@ -190,7 +192,7 @@ def emit(result: Any, as_json: bool, title: str) -> None:
         return
     items = list(data.items()) if isinstance(data, dict) else [("result", data)]
     fields = [(k, v) for k, v in items if not _is_records(v)]
-    _show(
+    show(
         fields_table(title, fields) if fields else None,
         *(records_table(k, v) for k, v in items if _is_records(v)),
     )
@@ -199,7 +201,7 @@ def emit(result: Any, as_json: bool, title: str) -> None:
 def show_publish(data: Mapping[str, Any]) -> None:
     """The publish summary: what was made, its versions, the gates they passed, each step."""
     published = data["published"]
-    _show(
+    show(
         fields_table("published", _publish_fields(data)),
         records_table(
             "versions",
@@ -208,7 +210,7 @@ def show_publish(data: Mapping[str, Any]) -> None:
                     "variant": p["variant"],
                     "version": p["version"],
                     "alias": p["alias"],
-                    "sha256": _short(p["sha256"]),
+                    "sha256": short_hash(p["sha256"]),
                     "size": _mib(p["size_bytes"]),
                     "upload": "new" if p["uploaded"] else "reused",
                     "register": "reused" if p["reused_version"] else "new",
@@ -268,7 +270,7 @@ def _variants_table(variants: Sequence[Mapping[str, Any]]) -> Table | None:
         {
             "variant": v["variant"],
             "gates": _verdict(v["passed"]),
-            "sha256": _short(v["sha256"]),
+            "sha256": short_hash(v["sha256"]),
             "size": _mib(v["size_bytes"]),
             "seconds": f"{v['seconds']:.1f}",
             "reason": v["reason"],
@@ -298,107 +300,10 @@ def show_variants(variants: Sequence[Mapping[str, Any]]) -> None:
                 ("held-out task check", parity["task"]),
             ]
         diffs = parity["diffs"] if parity is not None else []
-        _show(
+        show(
             fields_table(f"{v['variant']} variant", rows),
             parity_table(parity, f"{v['variant']} parity vs PyTorch") if diffs else None,
         )
-
-
-def show_model(data: Mapping[str, Any], version: str | None) -> None:
-    """A model: its aliases, one row per version, the alias history (and one version's details)."""
-    versions = data["versions"]
-    details = None
-    if version is not None and versions:
-        one = versions[0]
-        details = fields_table(
-            f"version {one['version']}",
-            [
-                ("model URI", one["uri"]),
-                *((k, one[k]) for k in ("aliases", "status", "stage", "verification", "sha256")),
-                *((k, one[k]) for k in ("source", "onnx_uri", "run_id", "created_at")),
-                ("description", one["description"]),
-                ("tags", one["tags"]),
-            ],
-        )
-    history = _alias_timeline(data["alias_history"])
-    # Nearly every version is READY: a column only when one is not, so the table fits 80 columns.
-    pending = any(v["status"] != "READY" for v in versions)
-    _show(
-        fields_table(
-            "model",
-            [
-                ("name", data["name"]),
-                ("description", data["description"]),
-                ("aliases", {a: f"version {n}" for a, n in data["aliases"].items()}),
-                ("tags", data["tags"]),
-            ],
-        ),
-        records_table(
-            "versions",
-            [
-                {
-                    "version": v["version"],
-                    "aliases": "\n".join(v["aliases"]) or "-",  # narrower than a, b
-                    "stage": v["stage"],  # MLflow's, for loaders that read stages
-                    "sha256": _short(v["sha256"]),
-                    "parity": v["verification"],
-                    "created (UTC)": when(v["created_at"]),
-                }
-                | ({"status": v["status"]} if pending else {})
-                for v in versions
-            ],
-        )
-        if versions
-        else Text("no versions"),
-        details,
-        records_table("alias history", history) if history else None,
-    )
-
-
-def show_change(data: Mapping[str, Any], title: str) -> None:
-    """An alias move: from which holder to which, the gates it passed, the stages that followed."""
-    previous = data["previous"]
-    unchanged = data["action"] == "unchanged"
-    rows: list[tuple[str, Any]] = [
-        ("model", data["name"]),
-        ("alias", data["alias"]),
-        ("version", f"{data['version']} (unchanged)" if unchanged else data["version"]),
-        ("previous holder", "none" if previous is None else f"version {previous}"),
-        ("action", data["action"]),
-    ]
-    if data.get("previous_problem"):
-        rows.append(
-            ("previous holder's bytes", f"altered, not judged against: {data['previous_problem']}")
-        )
-    if data.get("skipped"):
-        rows.append(("passed over", {f"version {v}": why for v, why in data["skipped"].items()}))
-    stages = [
-        {"version": m["version"], "stage": m["stage"], "was": m["previous"]}
-        for m in data.get("stages", ())
-    ]
-    _show(
-        fields_table(title, rows),
-        records_table("gates", data["gates"]) if data.get("gates") else None,
-        records_table("MLflow stages moved", stages) if stages else None,
-    )
-
-
-def _alias_timeline(
-    alias_history: Mapping[str, Sequence[Mapping[str, Any]]],
-) -> list[dict[str, Any]]:
-    """Every alias's moves as one timeline, oldest first."""
-    moves = [(alias, e) for alias, events in alias_history.items() for e in events]
-    return [
-        {
-            "alias": alias,
-            "at (UTC)": when(e["at"]),
-            "action": e["action"],
-            "version": e["version"],
-            "previous": e.get("previous"),
-            "reason": e.get("reason"),
-        }
-        for alias, e in sorted(moves, key=lambda move: str(move[1]["at"]))
-    ]
 
 
 @contextmanager
