@@ -212,7 +212,7 @@ def node_failure(
 
 def scoring(
     cluster: RayCluster, workdir: Path, env: dict[str, str], uri: str, args: argparse.Namespace
-) -> dict[str, float]:
+) -> dict[str, tuple[float, float]]:
     import numpy as np
 
     from heimdall.data import generate
@@ -234,14 +234,14 @@ def scoring(
         if done.returncode != 0:
             raise SystemExit(f"score {label} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout)
-        rates[label] = result["rows"] / result["seconds"]
+        rates[label] = (result["rows"] / result["seconds"], result["seconds"])
     return rates
 
 
 def report(
     points: list[Point],
     failure: dict[str, float],
-    rates: dict[str, float],
+    rates: dict[str, tuple[float, float]],
     args: argparse.Namespace,
 ) -> str:
     by = {p.label: p for p in points}
@@ -266,12 +266,12 @@ def report(
         f" failed; every request succeeds again {failure['seconds']:.1f} s after the kill"
         " (target ≤ 30 s)",
         "",
-        "| scoring | samples/s |",
-        "|---|---|",
-        *(f"| {label} | {rate:.1f} |" for label, rate in rates.items()),
+        f"| scoring ({args.files} × {args.samples} samples) | samples/s | job seconds |",
+        "|---|---|---|",
+        *(f"| {label} | {rate:.1f} | {seconds:.1f} |" for label, (rate, seconds) in rates.items()),
         "",
         f"- scoring scaling efficiency at 2 actors: "
-        f"{rates['ray 2 actors'] / (2 * rates['ray 1 actor']):.2f} (target ≥ 0.8)",
+        f"{rates['ray 2 actors'][0] / (2 * rates['ray 1 actor'][0]):.2f} (target ≥ 0.8)",
     ]
     return "\n".join(lines)
 
@@ -282,14 +282,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backbone", help="ConvNeXt size (default tiny; --quick atto)")
     parser.add_argument("--seconds", type=float, help="per serving point (default 30; --quick 5)")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--files", type=int, help="scoring input files (default 16; --quick 4)")
-    parser.add_argument("--samples", type=int, help="samples per file (default 256; --quick 64)")
+    parser.add_argument("--files", type=int, help="scoring input files (default 16; --quick 8)")
+    parser.add_argument("--samples", type=int, help="samples per file (default 256; --quick 128)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.backbone = args.backbone or ("atto" if quick else "tiny")
     args.seconds = args.seconds or (5.0 if quick else 30.0)
-    args.files = args.files or (4 if quick else 16)
-    args.samples = args.samples or (64 if quick else 256)
+    args.files = args.files or (8 if quick else 16)
+    args.samples = args.samples or (128 if quick else 256)
     args.warmup = 3.0 if quick else 10.0
     args.failure_seconds = 45.0 if quick else 60.0
     return args

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,7 +56,7 @@ from ray.util.state import list_actors
 ray.init(logging_level="ERROR")
 alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
          if "Replica" in (a.class_name or "") and "heimdall" in (a.class_name or "")]
-print(json.dumps(sorted(a.node_id for a in alive)))
+print("NODES", json.dumps(sorted(a.node_id for a in alive)))
 """
 
 
@@ -147,7 +147,7 @@ def test_score_on_ray_over_both_nodes_equals_one_process(
 def test_score_on_ray_scores_every_sample_once_when_a_worker_dies(
     ray_cluster: RayCluster, published: Published, tmp_path: Path
 ) -> None:
-    source = archive(tmp_path / "in", files=12, samples=40)
+    source = archive(tmp_path / "in", files=8, samples=20)
     output = tmp_path / "out.parquet"
     uri = f"models:/{published.name}/{published.versions[0]}"
     job = ray_cluster.start(
@@ -178,7 +178,7 @@ def test_score_on_ray_scores_every_sample_once_when_a_worker_dies(
     keys = list(
         zip(table.column("source").to_pylist(), table.column("row").to_pylist(), strict=True)
     )
-    assert len(keys) == 480 and len(set(keys)) == 480
+    assert len(keys) == 160 and len(set(keys)) == 160
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,9 @@ def ray_server(ray_cluster: RayCluster, published: Published) -> Iterator[Manage
 def replica_nodes(cluster: RayCluster) -> list[str]:
     result = cluster.run([sys.executable, "-c", REPLICAS], timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.split("\n")[-2])  # type: ignore[no-any-return]
+    # Ray prints warnings of its own on stdout (a node lagging, a node gone).
+    line = next(x for x in result.stdout.splitlines() if x.startswith("NODES "))
+    return json.loads(line.removeprefix("NODES "))  # type: ignore[no-any-return]
 
 
 class Load:
@@ -299,6 +301,15 @@ def test_two_replicas_land_one_per_node_and_follow_promote_and_rollback_without_
     assert switched[0] == first and switched[-1] == first and second in switched
 
 
+def eventually(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(2)
+    return False
+
+
 def test_a_node_failure_under_load_recovers_and_replicas_return_to_two(
     ray_cluster: RayCluster,
     published: Published,
@@ -306,25 +317,31 @@ def test_a_node_failure_under_load_recovers_and_replicas_return_to_two(
     tmp_path: Path,
     record_property: pytest.RecordProperty,
 ) -> None:
-    before = set(replica_nodes(ray_cluster))
+    dead = ray_cluster.worker_node
+    assert dead in replica_nodes(ray_cluster)
     load = Load(ray_cluster, tmp_path, published.name)
     assert load.until(lambda records: len(records) > 20, timeout=60)
     killed_at = time.time()
     ray_cluster.kill_worker_node()
-    # Succeeding again: the last 30 requests all answered 200.
+    # Ray has noticed once the node's replica is no longer alive.
+    noticed = eventually(lambda: dead not in replica_nodes(ray_cluster), timeout=120)
+    noticed_at = time.time()
+    # Succeeding again: the last 30 requests, all sent after Ray noticed, answered 200.
     recovered = load.until(
         lambda rs: (
-            len([r for r in rs if r["t"] > killed_at]) > 30
+            len([r for r in rs if r["t"] > noticed_at]) > 30
             and all(r["status"] == 200 for r in rs[-30:])
         ),
         timeout=120,
     )
     ray_cluster.start_worker_node()
-    nodes: set[str] = set()
-    deadline = time.monotonic() + 180
-    while len(nodes) != 2 and time.monotonic() < deadline:
-        nodes = set(replica_nodes(ray_cluster))
-        time.sleep(2)
+    nodes: list[str] = []
+
+    def replaced() -> bool:
+        nodes[:] = replica_nodes(ray_cluster)
+        return len(set(nodes)) == 2 and dead not in nodes
+
+    back = eventually(replaced, timeout=180)
     records = load.finish()
     after = [r for r in records if r["t"] >= killed_at]
     failed = [r for r in after if r["status"] != 200]
@@ -333,9 +350,9 @@ def test_a_node_failure_under_load_recovers_and_replicas_return_to_two(
     record_property("seconds_to_recover", round(seconds, 1))
     print(
         f"node failure: {len(failed)} of {len(after)} requests failed; all succeed again "
-        f"{seconds:.1f} s after the kill"
+        f"{seconds:.1f} s after the kill; Ray noticed after {noticed_at - killed_at:.1f} s"
     )
+    assert noticed, "the killed node's replica still counted as alive after 120 s"
     assert recovered, records[-5:]
     assert seconds < 60
-    assert len(nodes) == 2, f"replicas on {nodes} 180 s after the node came back"
-    assert len(nodes & before) == 1, "the replica of the killed node was not replaced"
+    assert back, f"replicas on {nodes} 180 s after the node came back"
