@@ -49,8 +49,8 @@ from heimdall.storage import download_verified, open_store
 log = structlog.get_logger(__name__)
 
 # Samples per ONNX Runtime call: an atto model's activations cost about 0.7 MiB a sample, so a
-# chunk stays under 50 MiB however large the batch is, and calls are still long enough that
-# the per-call overhead does not show.
+# chunk stays under 50 MiB however large the batch is; throughput is that of larger calls
+# (atto on 2 busy cores, interleaved: 493 samples/s at 64, 492 at 256, 455 at 1024).
 PREDICT_CHUNK = 64
 
 

@@ -146,12 +146,15 @@ def test_models_show_is_tables_with_each_version_its_aliases_and_the_alias_histo
     model = {field: value for field, value in shown["model"]}
     assert (model["name"].replace("\n", ""), model["aliases"]) == (NAME, "staging: version 1")
     (version,) = shown["versions"]
-    assert version[:5] == [
-        "1",
-        "staging",
-        f"{published.version['sha256'][:12]}…",
-        "READY",
-        "passed",
-    ]
+    assert (
+        version[:5]
+        == [
+            "1",
+            "staging",
+            "Staging",  # the stage follows the alias
+            f"{published.version['sha256'][:12]}…",
+            "passed",
+        ]
+    )
     (move,) = shown["alias history"]
     assert [move[0], *move[2:5]] == ["staging", "publish", "1", "-"]

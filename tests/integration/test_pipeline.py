@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from PIL import Image
 
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from heimdall.data import generate
-from heimdall.errors import PublishError
+from heimdall.errors import PublishError, StorageError
 from heimdall.inference import LocalizationModel
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.pipeline import publish
@@ -158,7 +161,7 @@ def test_the_report_renders_in_headless_chromium(on_server: OnServer, tmp_path: 
     assert plotted > 500, f"only {plotted} pixels of plot colour"
 
 
-def test_s3_down_fails_at_upload_and_registers_nothing(
+def test_s3_down_is_refused_by_the_preflight_before_any_export(
     mlflow_server: MlflowBackend,
     checkpoint: LoadedCheckpoint,
     tmp_path: Path,
@@ -168,15 +171,55 @@ def test_s3_down_fails_at_upload_and_registers_nothing(
     settings = mlflow_server.settings(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     name = unique("s3down")
 
-    with pytest.raises(PublishError) as failure:
+    with pytest.raises(StorageError, match="nothing listens at") as failure:
         publish(checkpoint.path, settings=settings, name=name, output_dir=tmp_path, **FAST)
 
-    error = failure.value
-    assert error.step == "upload"
-    assert "uploaded" not in error.existing and "version" not in error.existing
-    assert [s["step"] for s in error.steps][-1] == "upload"
-    assert mlflow_server.seaweedfs.secret_key not in str(error)
+    assert mlflow_server.seaweedfs.secret_key not in str(failure.value)
+    assert list(tmp_path.iterdir()) == []  # not even exported
     assert versions_of(mlflow_server, name) == []
+
+
+class Forwarder:
+    """A local port that forwards TCP to ``target`` until closed: a server going away mid-run."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(self._target, timeout=30)
+            self._open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Refuse new connections and cut the open ones (kept-alive HTTP ones included)."""
+        with contextlib.suppress(OSError):  # wakes the accepting thread (close alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for end in self._open:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
 
 
 def test_mlflow_down_after_the_upload_fails_at_register_and_a_rerun_reuses_the_upload(
@@ -187,17 +230,33 @@ def test_mlflow_down_after_the_upload_fails_at_register_and_a_rerun_reuses_the_u
     one_torch_thread: None,
 ) -> None:
     name = unique("mlflowdown")
-    down = mlflow_server.settings(bucket=s3_bucket, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    server = urlparse(mlflow_server.tracking_uri)
+    assert server.hostname is not None and server.port is not None
+    forwarder = Forwarder(server.hostname, server.port)
+    down = mlflow_server.settings(
+        bucket=s3_bucket, tracking_uri=f"http://127.0.0.1:{forwarder.port}"
+    )
+
+    def stop_mlflow_once_uploaded(step: str, status: str, _detail: str) -> None:
+        if step == "upload" and status in ("ok", "reused"):
+            forwarder.close()
 
     with pytest.raises(PublishError) as failure:
-        publish(checkpoint.path, settings=down, name=name, output_dir=tmp_path, **FAST)
+        publish(
+            checkpoint.path,
+            settings=down,
+            name=name,
+            output_dir=tmp_path,
+            progress=stop_mlflow_once_uploaded,
+            **FAST,
+        )
 
     error = failure.value
     uploaded = error.existing.get("uploaded", "")
     assert error.step == "register"
     assert uploaded.startswith(f"s3://{s3_bucket}/{PREFIX}") and uploaded.endswith(".onnx")
     assert uploaded in str(error)
-    assert "did not answer" in error.reason
+    assert "nothing listens at" in error.reason or "did not answer" in error.reason
     stored = objects(mlflow_server, s3_bucket)
     upload_key = uploaded.removeprefix(f"s3://{s3_bucket}/")
     assert upload_key in stored
