@@ -219,9 +219,13 @@ def _champion(
         return None, None
     try:
         return evaluate(f"models:/{name}/{holder}"), None
-    except HeimdallError:
-        # Whatever the evaluator made of it; only the registry's own check of the bytes decides.
-        problem = registry.bytes_problem(name, holder, store=store, settings=settings)
+    except HeimdallError as failed:
+        # Whatever the evaluator made of it; only the registry's own check of the bytes decides,
+        # and when that check cannot read them either, the evaluator's error says it first.
+        try:
+            problem = registry.bytes_problem(name, holder, store=store, settings=settings)
+        except HeimdallError:
+            raise failed from failed.__cause__
         if problem is None:
             raise
     log.warning("gates.champion_altered", name=name, version=holder, problem=problem)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from heimdall.config import Settings
-from heimdall.errors import InputError
+from heimdall.errors import InputError, StorageError
 from heimdall.gates import GatePolicy, HeldOut, HeldOutSet, check_override, judge, promote
+from heimdall.storage import LocalStore
 
 
 def held_out(median: float, baseline: float = 100.0, version: str | None = None) -> HeldOut:
@@ -87,3 +89,31 @@ def test_promote_refuses_a_version_that_is_no_number_before_evaluating(
     with pytest.raises(InputError, match=message or "version number"):
         promote("heimdall-x", version, evaluate=evaluate, settings=settings)
     assert not (tmp_path / "mlflow.db").exists()  # nothing opened, nothing written
+
+
+@pytest.mark.parametrize(
+    ("check", "outcome"),
+    [
+        (lambda: "model.onnx now has sha256 0…", ("1", "model.onnx now has sha256 0…")),
+        (lambda: None, "store down"),  # intact bytes: the evaluator's own failure stands
+        (lambda: (_ for _ in ()).throw(StorageError("cannot read")), "store down"),
+    ],
+)
+def test_a_champion_that_cannot_be_measured_is_skipped_only_when_its_bytes_are_altered(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, check: Any, outcome: object
+) -> None:
+    from heimdall import gates
+
+    def evaluate(uri: str) -> HeldOut:
+        raise StorageError("store down")
+
+    monkeypatch.setattr(gates.registry, "bytes_problem", lambda *_, **__: check())
+    settings = Settings(data_dir=tmp_path, tracking_uri=None)
+    if isinstance(outcome, str):
+        with pytest.raises(StorageError, match=outcome):
+            gates._champion("m", "2", "1", evaluate, LocalStore(tmp_path), settings)
+    else:
+        assert gates._champion("m", "2", "1", evaluate, LocalStore(tmp_path), settings) == (
+            None,
+            outcome,
+        )
