@@ -426,7 +426,9 @@ def _score_on_ray(
     try:
         if started_here:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the caller shows progress
+        # Progress goes to the caller, and a failure reaches it as one HeimdallError: Ray Data's
+        # own log lines (tracebacks included) would only repeat them.
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # OUTPUT in the single-process order
@@ -450,13 +452,22 @@ def _score_on_ray(
     except Exception as exc:  # Ray wraps a worker's error in its own types
         cause = _heimdall_cause(exc)
         if cause is not None:
-            raise cause from None
+            raise _first_line(cause) from None
         raise StorageError(
             f"the Ray scoring job failed: {' '.join(str(exc).split())[:500]}"
         ) from exc
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
+
+
+def _first_line(error: HeimdallError) -> HeimdallError:
+    """``error`` with its first line only: Ray appends its retry notes on lines of their own."""
+    lines = str(error).splitlines()
+    try:
+        return type(error)(lines[0]) if len(lines) > 1 else error
+    except TypeError:  # a subclass with arguments of its own: keep it whole
+        return error
 
 
 def _heimdall_cause(exc: BaseException) -> HeimdallError | None:

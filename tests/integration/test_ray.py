@@ -144,6 +144,27 @@ def test_score_on_ray_over_both_nodes_equals_one_process(
         np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-5)
 
 
+def test_score_on_ray_reports_a_bad_sample_in_one_line_and_writes_nothing(
+    ray_cluster: RayCluster, published: Published, tmp_path: Path
+) -> None:
+    source = archive(tmp_path / "in", files=2, samples=4)
+    bad = np.load(source / "rec-001.npy")
+    bad[2, 0, 0, 0] = np.inf
+    np.save(source / "rec-001.npy", bad)
+    output = tmp_path / "out.parquet"
+    uri = f"models:/{published.name}/{published.versions[0]}"
+    result = ray_cluster.run(
+        [HEIMDALL, "score", uri, source, "-o", output, "--ray", "--actors", "1"],
+        env=published.env(),
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "rec-001.npy: features hold NaN or infinite" in errors[0]
+    assert errors[0].endswith("in sample(s) [2]")
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_score_on_ray_scores_every_sample_once_when_a_worker_dies(
     ray_cluster: RayCluster, published: Published, tmp_path: Path
 ) -> None:
