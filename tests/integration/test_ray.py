@@ -209,6 +209,8 @@ def ray_server(ray_cluster: RayCluster, published: Published) -> Iterator[Manage
         "heimdall-serve-ray",
         [
             HEIMDALL,
+            "--log-level",
+            "INFO",
             "serve",
             f"models:/{published.name}@production",
             "--ray",
@@ -225,6 +227,8 @@ def ray_server(ray_cluster: RayCluster, published: Published) -> Iterator[Manage
     if not server.wait_until(ready, timeout=240):  # False at once if the server exits
         server.stop()
         pytest.fail(f"heimdall serve --ray was not ready in 240 s:\n{server.log_tail()}")
+    # The driver reports what the replicas serve, asked through a deployment handle.
+    assert server.wait_until(lambda: "serving.ray_ready" in server.log_tail(20000), timeout=60)
     yield server
     server.stop(grace=30)
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from heimdall.serving.app import create_app
 from heimdall.serving.backend import Inferred, Limits, Served
 from heimdall.serving.follower import Follower
 from heimdall.serving.metrics import Metrics
+from heimdall.serving.server import Ready
 
 log = structlog.get_logger(__name__)
 
@@ -159,6 +160,14 @@ class Replica:
                 start = stop
         return [r for r in results if r is not None]
 
+    def describe(self) -> dict[str, str | None]:
+        """What this replica serves now (for the driver's ready line)."""
+        served = self.follower.current
+        if served is None:
+            return {}
+        fields = ("name", "version", "sha256", "alias", "source")
+        return {field: getattr(served, field) for field in fields}
+
     def notify(self, name: str, alias: str) -> None:
         """A webhook reached this replica: wake its follower and, through the actor, the rest."""
         if (name, alias) != (self.follower.name, self.follower.alias):
@@ -251,10 +260,12 @@ def serve_on_ray(
     limits: Limits,
     providers: Sequence[str] | None,
     address: str | None = None,
+    on_ready: Callable[[Ready], None] | None = None,
 ) -> None:
     """Run the app on Ray Serve until SIGINT or SIGTERM, then delete it from the cluster.
 
     ``address`` None lets Ray choose: ``RAY_ADDRESS`` when set, else a new local Ray.
+    ``on_ready`` hears what one replica serves once every replica has loaded its model.
     """
     stop = threading.Event()
     started_here = not ray.is_initialized()
@@ -284,8 +295,12 @@ def serve_on_ray(
             raise HeimdallError(
                 f"Ray Serve could not start {redact_uri(uri)}: {' '.join(str(exc).split())[:400]}"
             ) from None
-        del handle
-        log.info("serving.ray_ready", uri=redact_uri(uri), replicas=replicas, port=port)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        served = handle.describe.remote().result(timeout_s=60)
+        report = Ready(**served, url=url)
+        log.info("serving.ray_ready", replicas=replicas, **report.to_dict())
+        if on_ready is not None:
+            on_ready(report)
         while not stop.wait(1.0):
             pass
     finally:
