@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from heimdall.config import Settings, redact_uri
-from heimdall.errors import HeimdallError, PublishError
+from heimdall.errors import HeimdallError, InputError, PublishError
 
 # Messages on stderr are one line each, whatever the width: a log or a pipe reads them whole.
 console = Console(stderr=True, soft_wrap=True)
@@ -312,17 +312,37 @@ def errors(as_json: bool) -> Iterator[None]:
     try:
         yield
     except HeimdallError as exc:
-        message = redact_uri(str(exc))
-        if as_json:
-            document: dict[str, Any] = {"error": type(exc).__name__, "message": message}
-            if isinstance(exc, PublishError):
-                document.update(step=exc.step, existing=exc.existing, steps=exc.steps)
-            out.print_json(json.dumps(document, default=str))
-        else:
-            # One line: a message quoting a third-party error may hold newlines of its own.
-            line = Text(" ".join(message.split()))
-            console.print(Text.assemble(("error", "red"), f" ({type(exc).__name__}): ", line))
-        raise typer.Exit(1) from None
+        _print_error(exc, as_json)
+    except Exception as exc:
+        # Library calls that can allocate much turn this into their own line already
+        # (machine.memory_errors); this catches the rest, where a traceback would end it.
+        # Imported here: machine loads onnxruntime, which the registry commands never need.
+        from heimdall.machine import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        _print_error(
+            InputError(
+                "out of memory: ask for less (smaller --samples, --batch-sizes, --calibration "
+                "or --chunk-size) or free memory, then run the command again"
+            ),
+            as_json,
+        )
+
+
+def _print_error(exc: HeimdallError, as_json: bool) -> None:
+    """The one line (or JSON document) of a failed command, then exit code 1."""
+    message = redact_uri(str(exc))
+    if as_json:
+        document: dict[str, Any] = {"error": type(exc).__name__, "message": message}
+        if isinstance(exc, PublishError):
+            document.update(step=exc.step, existing=exc.existing, steps=exc.steps)
+        out.print_json(json.dumps(document, default=str))
+    else:
+        # One line: a message quoting a third-party error may hold newlines of its own.
+        line = Text(" ".join(message.split()))
+        console.print(Text.assemble(("error", "red"), f" ({type(exc).__name__}): ", line))
+    raise typer.Exit(1) from None
 
 
 def progress_bar() -> Progress:

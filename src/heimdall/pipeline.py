@@ -125,7 +125,7 @@ def publish(
     )
     options.check(settings)
     # The stores answer, accept the keys and hold the bucket, before any heavy step.
-    preflight(settings, bucket=settings.bucket, create_bucket=options.create_bucket)
+    preflight(settings, bucket=settings.bucket, create_bucket=options.create_bucket, store=store)
     run = Run(progress, settings.secret_values())
     loaded = _load_step(run, source)
     work = Work(options, settings, run, source, loaded, _output_dir(options, settings, loaded))
@@ -376,7 +376,7 @@ def alias_note(change: AliasChange, forced: str | None) -> str:
     failed = [g.name for g in change.gates if not g.passed]
     verdict = f"{', '.join(failed)} failed" if failed else "gates passed"
     why = f"{verdict}; forced: {forced}" if forced is not None else verdict
-    return f"{change.name}@{change.alias} → version {change.version} ({why})"
+    return f"{change.line()} ({why})"
 
 
 def _alias_for(alias: str | None, variant: str) -> str | None:

@@ -35,7 +35,7 @@ from heimdall.optimize import Variant, VariantResult, build_variant
 from heimdall.registry import (
     check_registration,
 )
-from heimdall.registry.names import check_override
+from heimdall.registry.names import canonical_stage, check_override
 from heimdall.storage import check_bucket
 from heimdall.validate import ValidationResult, validate_onnx_model
 from heimdall.verify import DEFAULT_BATCH_SIZES as DEFAULT_VERIFY_BATCH_SIZES
@@ -138,6 +138,13 @@ class PublishOptions:
 
     def check(self, settings: Settings) -> None:
         check_registration(self.name, self.alias, self.stage)
+        staged = bool(self.stage) and canonical_stage(str(self.stage)) == "Staging"
+        if settings.sync_stages and staged and self.alias != "staging":
+            raise InputError(
+                f"--stage Staging with alias {self.alias!r}: the Staging stage follows "
+                "@staging, and a second version there would disagree with it; publish with "
+                "--alias staging, or set HEIMDALL_SYNC_STAGES=false to set stages by hand"
+            )
         check_bucket(settings.bucket)
         check_override(self.force, self.reason)
         for variant in self.variants:

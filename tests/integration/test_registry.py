@@ -417,9 +417,7 @@ def test_mlflow_down_fails_fast_naming_the_uploaded_uri_and_no_password(
     elapsed = time.monotonic() - started
 
     message = str(failure.value)
-    assert (
-        "did not answer within the deadline" in message and "HEIMDALL_MLFLOW_TIMEOUT_S" in message
-    )
+    assert "nothing listens at http://***@127.0.0.1:" in message
     assert uri in message and "nothing needs to be uploaded again" in message
     assert password not in message and password not in json.dumps(logs, default=str)
     assert elapsed < 30, f"gave up after {elapsed:.1f} s"

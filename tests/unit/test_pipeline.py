@@ -435,6 +435,8 @@ HOSTILE = {
         "invalid alias 'aaaa",
     ),
     "report-path-too-long": ({"output_dir": "LONG"}, "report"),
+    # With stages synced, Staging follows @staging: a second version there would disagree.
+    "stage-of-another-alias": ({"alias": "candidate", "stage": "Staging"}, "follows @staging"),
 }
 
 
@@ -645,4 +647,4 @@ def test_the_alias_step_says_which_gates_a_forced_move_overruled(
         gates=(Gate("ready", True, ""), Gate("baseline", baseline_passed, "")),
     )
 
-    assert pipeline.alias_note(change, forced) == f"m@staging → version 2 {detail}"
+    assert pipeline.alias_note(change, forced) == f"m@staging: version 1 → version 2 {detail}"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,35 +22,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-class _Failing(BaseHTTPRequestHandler):
-    """A misconfigured MLflow server: every request gets HTTP 500 with MLflow's JSON error."""
-
-    def _fail(self) -> None:
-        body = json.dumps({"error_code": "INTERNAL_ERROR", "message": "database is gone"})
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    do_GET = do_POST = do_DELETE = _fail
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def failing_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def settings(tmp_path: Path, **values: object) -> Settings:

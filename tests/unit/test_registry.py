@@ -454,3 +454,29 @@ def test_moving_to_altered_bytes_advises_a_publish_not_a_registration(store: Loc
     message = str(refused.value)
     assert "now has sha256" in message and "publish the checkpoint again" in message
     assert "register again" not in message and "register the model again" not in message
+
+
+def test_a_registry_server_answering_500_is_reported_with_its_status_not_as_silent(
+    failing_server: str, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, tracking_uri=failing_server, mlflow_timeout_s=6)
+
+    with pytest.raises(RegistryError) as caught:
+        registry.list_models(settings=settings)
+
+    message = str(caught.value)
+    assert f"the MLflow server at {failing_server} answered HTTP 500" in message
+    assert "did not answer" not in message and "\n" not in message
+
+
+def test_a_refused_registry_connection_says_nothing_listens_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(data_dir=tmp_path, tracking_uri=url, mlflow_timeout_s=4)
+
+    with pytest.raises(RegistryError) as caught:
+        registry.list_models(settings=settings)
+
+    assert f"nothing listens at {url}" in str(caught.value)
+    assert "Retrying" not in capsys.readouterr().err

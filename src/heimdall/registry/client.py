@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from heimdall.config import MLFLOW_ENVIRONMENT, QUIET_MLFLOW, Settings, redact_uri, scrub_secrets
 from heimdall.errors import LockTimeoutError, RegistryError
 from heimdall.retry import Backoff, retry, wait_for
-from heimdall.tracking import http_policy, open_client
+from heimdall.tracking import describe_failure, http_policy, open_client, quiet_retries
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -51,7 +51,9 @@ _T = TypeVar("_T")
 def session(settings: Settings, action: str, *, stored: str = "") -> Iterator[MlflowClient]:
     """An MlflowClient for ``settings``; MLflow, database and HTTP failures become RegistryError."""
     policy = http_policy(settings.mlflow_timeout_s)
-    with MLFLOW_ENVIRONMENT.applied({**settings.mlflow_s3_env(), **policy, **QUIET_MLFLOW}):
+    environment = {**settings.mlflow_s3_env(), **policy, **QUIET_MLFLOW}
+    # urllib3's "Retrying ..." lines would precede the one line that says what happened.
+    with MLFLOW_ENVIRONMENT.applied(environment), quiet_retries():
         try:
             if reason := _unreachable_database(settings):
                 raise RegistryError(f"cannot {action}: {reason}{stored}")
@@ -125,7 +127,11 @@ def explain(settings: Settings, action: str, exc: BaseException) -> str:
     where = _where(settings)
     message = str(exc)
     timed_out = isinstance(exc, requests.Timeout) or "timed out" in message.lower()
-    if timed_out or "Max retries exceeded" in message or "Connection refused" in message:
+    # What the server answered (a status), or that nothing listens, before "no answer".
+    described = None if timed_out else describe_failure(message, where)
+    if described is not None:
+        reason = described
+    elif timed_out or "Max retries exceeded" in message:
         reason = (
             f"the MLflow server at {where} did not answer within the deadline "
             f"({settings.mlflow_timeout_s:g} s, retries included); is it running and reachable? "
