@@ -87,6 +87,7 @@ def serve(
                 poll_interval_s=poll_interval,
                 limits=limits,
                 providers=chosen,
+                on_ready=announce,
             )
             return
         run_server(

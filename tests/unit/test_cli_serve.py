@@ -112,6 +112,7 @@ def test_ray_gets_every_option(
     (call,) = calls
     assert (call["uri"], call["replicas"], call["port"]) == (str(atto_onnx.path), 3, 9000)
     assert call["limits"].max_batch == 32  # type: ignore[attr-defined]
+    assert callable(call["on_ready"])  # --ray prints the same ready line
 
 
 def test_a_first_load_that_fails_stops_the_server_with_its_one_line(

@@ -110,6 +110,7 @@ class Replica:
             settings=config.settings,
             providers=config.providers,
             poll_interval_s=config.poll_interval_s,
+            warm_batch=config.limits.max_batch,
             on_swap=self.metrics.on_swap,
             on_refused=self.metrics.on_refused,
         )
