@@ -12,12 +12,14 @@ Parquet tool and lets pyarrow check every row's length; a binary column would hi
 
 OUTPUT is Parquet, one row per sample (``source``, ``row``, ``lat``, ``lon``, ``sigma_x``,
 ``sigma_y``, ``model_version``, ``sha256``), written row group by row group to a temporary name
-in OUTPUT's folder and renamed at the end: a killed job leaves no half output. An existing OUTPUT
+in OUTPUT's folder (``.NAME.PID.partial``) and renamed at the end: a killed job leaves no half
+output, and the next job for the same OUTPUT removes the partial files whose PID is no longer
+alive on this host (a folder shared by several hosts may keep another host's). An existing OUTPUT
 is refused unless ``overwrite=True`` (rows are never appended to, nor silently duplicated in, an
 earlier result).
 
 With ``use_ray=True`` the samples are cut into parts (a chunk of an ``.npy``, a Parquet row
-group) that a Ray Data actor pool scores (``map_batches`` with a class: each actor loads the
+group) that a Ray Data actor pool scores (``heimdall.scoring_workers``; each actor loads the
 verified bytes once); the results stream back to this process, which writes them. A part whose
 actor dies is retried by Ray Data and only completed parts are written, so every sample is scored
 exactly once; the row count is checked against the plan before OUTPUT appears. The input must be
@@ -26,45 +28,40 @@ readable at the same path on every node.
 
 from __future__ import annotations
 
-import logging
+import glob
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from heimdall import registry
-from heimdall.config import Settings, redact_uri
+from heimdall.config import Settings
 from heimdall.contract import INPUT_SHAPE
-from heimdall.errors import HeimdallError, InputError, RegistryError, StorageError
-from heimdall.inference import LocalizationModel, check_features
+from heimdall.errors import InputError, RegistryError, StorageError
+from heimdall.inference import LocalizationModel
 from heimdall.registry.names import parse_models_uri
-
-if TYPE_CHECKING:
-    from heimdall.inference import Prediction
-
-FEATURES_COLUMN = "features"
-SAMPLE_VALUES = math.prod(INPUT_SHAPE)
-MAX_BATCH_SIZE = 8192
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("row", pa.int64()),
-        ("lat", pa.float32()),
-        ("lon", pa.float32()),
-        ("sigma_x", pa.float32()),
-        ("sigma_y", pa.float32()),
-        ("model_version", pa.string()),
-        ("sha256", pa.string()),
-    ]
+from heimdall.scoring_workers import (
+    FEATURES_COLUMN,
+    OUTPUT_SCHEMA,
+    SAMPLE_VALUES,
+    Part,
+    Pinned,
+    load_pinned,
+    read_part,
+    result_batch,
+    score_on_ray,
 )
+
+MAX_BATCH_SIZE = 8192
 
 ScoreProgress = Callable[[int, int, str], None]
 """``progress(done, total, source)``: samples scored so far, of ``total``; ``source`` the file
@@ -85,26 +82,6 @@ class ScoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "output": str(self.output)}
-
-
-@dataclass(frozen=True)
-class Pinned:
-    """The one model a job scores with: what every worker loads, and what it must hash to."""
-
-    uri: str  # models:/NAME/VERSION, or the path / s3:// URI as given
-    version: str  # "" when the URI names no registered version
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Part:
-    """Samples ``[start, stop)`` of one input file: a unit of work for one worker."""
-
-    source: str  # the file's name, as written in OUTPUT
-    path: str
-    start: int
-    stop: int
-    row_group: int = -1  # the Parquet row group holding these rows; -1 for .npy
 
 
 def score(
@@ -133,21 +110,22 @@ def score(
     pinned, model = pin(uri, settings, providers, load=not use_ray)
     total = sum(p.stop - p.start for p in parts)
     temp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    _remove_stale_partials(target)
     try:
-        with pq.ParquetWriter(temp, OUTPUT_SCHEMA) as writer:
-            if model is not None:
-                batches = _score_here(model, pinned, parts, batch_size)
-            else:
-                batches = _score_on_ray(
-                    pinned, parts, batch_size, settings, providers, actors, ray_address
-                )
-            rows = _write(writer, batches, total, progress)
+        if model is not None:
+            batches = _score_here(model, pinned, parts, batch_size)
+        else:
+            batches = score_on_ray(
+                pinned, parts, batch_size, settings, providers, actors, ray_address
+            )
+        rows = _write(temp, target, batches, total, progress)
         if rows != total:
             raise StorageError(
                 f"scored {rows} samples but {source} holds {total}; {target} was not written. "
                 "Run the job again."
             )
-        os.replace(temp, target)
+        with _writing(target):
+            os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
     files = len({p.path for p in parts})
@@ -190,9 +168,9 @@ def _check_arguments(
         raise InputError(f"output must be a .parquet file, got {target}")
     if target.resolve() == source.resolve():
         raise InputError(f"output {target} is the input; choose another path")
-    parent = target.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {target}: {parent} is not a writable folder")
+    if target.exists() and not target.is_file():
+        raise InputError(f"{target} exists and is not a file; choose another path")
+    _check_writable(target)
     if target.exists() and not overwrite:
         raise InputError(
             f"{target} already exists; pass --overwrite to replace it or choose a new path "
@@ -282,45 +260,6 @@ def _parquet_groups(path: Path) -> list[int]:
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
-def read_part(part: Part, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, float32 features)`` of ``part``, ``batch_size`` samples at a time."""
-    try:
-        for start, raw in _raw_chunks(part, batch_size):
-            yield start, check_features(raw)
-    except InputError as exc:
-        raise InputError(f"{part.source}: {exc}") from None
-
-
-def _raw_chunks(part: Part, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    if part.row_group < 0:
-        # A memory map: only the slice being scored is ever read into memory.
-        array = np.load(part.path, mmap_mode="r", allow_pickle=False)
-        for start in range(part.start, part.stop, batch_size):
-            yield start, array[start : min(start + batch_size, part.stop)]
-        return
-    file = pq.ParquetFile(part.path)
-    start = part.start
-    for batch in file.iter_batches(
-        batch_size=batch_size, row_groups=[part.row_group], columns=[FEATURES_COLUMN]
-    ):
-        yield start, _list_values(batch.column(0), start)
-        start += batch.num_rows
-
-
-def _list_values(column: pa.Array, start: int) -> np.ndarray:
-    if column.null_count:
-        raise InputError(f"rows from {start} hold a null {FEATURES_COLUMN!r}")
-    lengths = pc.list_value_length(column)
-    short = pc.not_equal(lengths, SAMPLE_VALUES)
-    if pc.any(short).as_py():
-        row = start + int(pc.index(short, True).as_py())
-        raise InputError(
-            f"row {row} holds a {FEATURES_COLUMN!r} list of the wrong length; "
-            f"every row needs {SAMPLE_VALUES} values (3×128×32)"
-        )
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, *INPUT_SHAPE)
-
-
 def pin(
     uri: str, settings: Settings, providers: Sequence[str] | None, *, load: bool
 ) -> tuple[Pinned, LocalizationModel | None]:
@@ -337,33 +276,6 @@ def pin(
     return Pinned(uri, "", model.sha256), model
 
 
-def load_pinned(
-    pinned: Pinned, settings: Settings, providers: Sequence[str] | None
-) -> LocalizationModel:
-    """The pinned model, refused unless its bytes hash to the pinned sha256."""
-    model = LocalizationModel.load(pinned.uri, settings=settings, providers=providers)
-    if model.sha256 != pinned.sha256:
-        raise RegistryError(
-            f"{redact_uri(pinned.uri)} now has sha256 {model.sha256}, but this job started with "
-            f"{pinned.sha256}; one job never mixes models. Run it again."
-        )
-    return model
-
-
-def result_batch(pinned: Pinned, source: str, start: int, prediction: Prediction) -> pa.RecordBatch:
-    """The OUTPUT rows of one scored chunk."""
-    positions, sigmas = prediction.positions, prediction.uncertainties
-    count = len(positions)
-    columns = [
-        pa.array([source] * count, pa.string()),
-        pa.array(np.arange(start, start + count, dtype=np.int64)),
-        *(pa.array(np.asarray(a, dtype=np.float32)) for a in (*positions.T, *sigmas.T)),
-        pa.array([pinned.version] * count, pa.string()),
-        pa.array([pinned.sha256] * count, pa.string()),
-    ]
-    return pa.RecordBatch.from_arrays(columns, schema=OUTPUT_SCHEMA)
-
-
 def _score_here(
     model: LocalizationModel, pinned: Pinned, parts: list[Part], batch_size: int
 ) -> Iterator[pa.RecordBatch]:
@@ -373,112 +285,70 @@ def _score_here(
 
 
 def _write(
-    writer: pq.ParquetWriter,
+    temp: Path,
+    target: Path,
     batches: Iterator[pa.RecordBatch | pa.Table],
     total: int,
     progress: ScoreProgress | None,
 ) -> int:
+    """Write ``batches`` to ``temp``; only the writes are storage errors (not the scoring)."""
     rows = 0
-    for batch in batches:
-        if not batch.num_rows:
-            continue
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        writer.write_table(table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
-        rows += batch.num_rows
-        if progress is not None:
-            progress(rows, total, str(table.column("source")[0]))
+    with _writing(target):
+        writer = pq.ParquetWriter(temp, OUTPUT_SCHEMA)
+    try:
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+            with _writing(target):
+                writer.write_table(table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+            rows += batch.num_rows
+            if progress is not None:
+                progress(rows, total, str(table.column("source")[0]))
+    finally:
+        with _writing(target):
+            writer.close()
     return rows
 
 
-class _Scorer:
-    """A Ray Data actor: loads the pinned model once, then scores the parts it is given."""
-
-    def __init__(
-        self, pinned: Pinned, settings: Settings, batch_size: int, providers: Sequence[str] | None
-    ) -> None:
-        self.pinned = pinned
-        self.batch_size = batch_size
-        self.model = load_pinned(pinned, settings, providers)
-
-    def __call__(self, parts: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-        for values in zip(*(parts[name] for name in Part.__dataclass_fields__), strict=True):
-            part = Part(*(v.item() if isinstance(v, np.generic) else v for v in values))
-            for start, features in read_part(part, self.batch_size):
-                prediction = self.model.predict(features)
-                yield pa.Table.from_batches(
-                    [result_batch(self.pinned, part.source, start, prediction)]
-                )
-
-
-def _score_on_ray(
-    pinned: Pinned,
-    parts: list[Part],
-    batch_size: int,
-    settings: Settings,
-    providers: Sequence[str] | None,
-    actors: int | None,
-    address: str | None,
-) -> Iterator[pa.Table]:
-    import ray
-    import ray.data
-
-    started_here = not ray.is_initialized()
+@contextmanager
+def _writing(target: Path) -> Iterator[None]:
     try:
-        if started_here:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        # Progress goes to the caller, and a failure reaches it as one HeimdallError: Ray Data's
-        # own log lines (tracebacks included) would only repeat them.
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.execution_options.preserve_order = True  # OUTPUT in the single-process order
-        pool = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        dataset = ray.data.from_items(
-            [asdict(p) for p in parts], override_num_blocks=len(parts)
-        ).map_batches(
-            _Scorer,
-            batch_size=1,  # one part per call: a part is already a batch's worth of samples
-            compute=ray.data.ActorPoolStrategy(size=pool),
-            num_cpus=1,
-            batch_format="numpy",
-            fn_constructor_kwargs={
-                "pinned": pinned,
-                "settings": settings,
-                "batch_size": batch_size,
-                "providers": providers,
-            },
-        )
-        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
-    except Exception as exc:  # Ray wraps a worker's error in its own types
-        cause = _heimdall_cause(exc)
-        if cause is not None:
-            raise _first_line(cause) from None
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        detail = " ".join(str(exc).split())[:300]
         raise StorageError(
-            f"the Ray scoring job failed: {' '.join(str(exc).split())[:500]}"
-        ) from exc
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
+            f"could not write {target}: {detail}; check the folder's space and permissions, "
+            "then run the job again"
+        ) from None
 
 
-def _first_line(error: HeimdallError) -> HeimdallError:
-    """``error`` with its first line only: Ray appends its retry notes on lines of their own."""
-    lines = str(error).splitlines()
+def _check_writable(target: Path) -> None:
+    """Create a file where the output will go: os.access tells root nothing (/proc, ro mounts)."""
+    folder = target.absolute().parent
     try:
-        return type(error)(lines[0]) if len(lines) > 1 else error
-    except TypeError:  # a subclass with arguments of its own: keep it whole
-        return error
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {target}: {folder} is not a writable folder ({exc.strerror})"
+        ) from None
 
 
-def _heimdall_cause(exc: BaseException) -> HeimdallError | None:
-    """The HeimdallError a Ray worker raised, if that is what ``exc`` carries."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        inner = getattr(seen, "cause", None)  # a RayTaskError carries the worker's exception
-        if isinstance(inner, BaseException) and inner is not seen:
-            seen = inner
-            continue
-        if seen is None or isinstance(seen, HeimdallError):
-            return seen
-        seen = seen.__cause__
-    return None
+def _remove_stale_partials(target: Path) -> None:
+    """Remove the partial files of killed jobs; a live PID's may be another job's, kept."""
+    prefix, suffix = f".{target.name}.", ".partial"
+    for path in target.absolute().parent.glob(f"{glob.escape(prefix)}*{suffix}"):
+        pid = path.name[len(prefix) : -len(suffix)]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True

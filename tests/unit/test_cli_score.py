@@ -72,3 +72,26 @@ def test_the_cli_and_single_process_scoring_never_import_ray(
     listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.strip() == "[]"
+
+
+def test_an_unwritable_output_folder_is_refused_in_one_line_before_scoring(
+    atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    # /proc refuses new files even to root, which os.access would not tell.
+    args = ("score", atto_onnx.path, archive(tmp_path), "-o", "/proc/x.parquet", "--json")
+    result = heimdall(tmp_path, *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    document = json.loads(result.stdout)
+    assert document["error"] == "InputError" and "/proc" in document["message"]
+
+
+def test_a_folder_at_the_output_path_is_refused_in_one_line_even_with_overwrite(
+    atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    output = tmp_path / "out.parquet"
+    output.mkdir()
+    args = ("score", atto_onnx.path, archive(tmp_path), "-o", output, "--overwrite")
+    result = heimdall(tmp_path, *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.count("\n") == 1 and "not a file" in result.stderr, result.output
+    assert output.is_dir()

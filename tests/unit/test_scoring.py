@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 
 from heimdall.config import Settings
 from heimdall.data import generate
-from heimdall.errors import InputError
+from heimdall.errors import InputError, StorageError
 from heimdall.export import ExportResult, export_to_onnx
 from heimdall.inference import LocalizationModel
 from heimdall.model import LocalizationNet, ModelConfig
@@ -251,3 +254,59 @@ def register(
         store=store,
         validator=validate_onnx_model,
     ).version.version
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_nothing_is_scored_when_the_output_folder_refuses_new_files(
+    atto_onnx: ExportResult, archive: Path, tmp_path: Path
+) -> None:
+    seen: list[int] = []
+    with pytest.raises(InputError, match="not a writable folder"):
+        score(
+            str(atto_onnx.path),
+            archive,
+            Path("/proc/x.parquet"),
+            settings=settings_for(tmp_path),
+            progress=lambda done, *_: seen.append(done),
+        )
+    assert seen == []
+
+
+def test_a_write_failing_midway_is_one_storage_error_and_leaves_nothing(
+    atto_onnx: ExportResult, archive: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def remove_the_folder(done: int, total: int, source: str) -> None:
+        shutil.rmtree(folder, ignore_errors=True)  # the temporary file stays open; the rename then fails
+
+    with pytest.raises(StorageError, match="could not write") as caught:
+        score(
+            str(atto_onnx.path),
+            archive,
+            folder / "out.parquet",
+            settings=settings_for(tmp_path),
+            progress=remove_the_folder,
+        )
+    assert "\n" not in str(caught.value) and not folder.exists()
+
+
+def test_a_killed_jobs_partial_file_is_removed_and_a_running_jobs_is_kept(
+    atto_onnx: ExportResult, archive: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out.parquet"
+    stale = tmp_path / f".out.parquet.{dead_pid()}.partial"
+    running = tmp_path / f".out.parquet.{os.getppid()}.partial"
+    other = tmp_path / f".other.parquet.{dead_pid()}.partial"
+    for path in (stale, running, other):
+        path.write_bytes(b"half a result")
+    score(str(atto_onnx.path), archive, output, settings=settings_for(tmp_path))
+    assert not stale.exists() and running.exists() and other.exists()
+    assert pq.read_metadata(output).num_rows == 8
