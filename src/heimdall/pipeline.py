@@ -23,7 +23,7 @@ import structlog
 from heimdall.bench import BenchmarkResult
 from heimdall.checkpoint import LoadedCheckpoint, load_checkpoint
 from heimdall.config import Settings, load_settings
-from heimdall.errors import GateError, InputError
+from heimdall.errors import CheckpointError, GateError, InputError
 from heimdall.gates import GatePolicy, judge, move_alias_gated
 from heimdall.heldout import HeldOut
 from heimdall.inference import evaluate_heldout
@@ -124,9 +124,12 @@ def publish(
         reason=reason,
     )
     options.check(settings)
+    run = Run(progress, settings.secret_values())
+    if isinstance(source, str | Path) and not Path(source).is_file():
+        with run.step("load"):  # before the preflight, which may create a bucket or probe
+            raise CheckpointError(f"checkpoint not found: {source}")
     # The stores answer, accept the keys and hold the bucket, before any heavy step.
     preflight(settings, bucket=settings.bucket, create_bucket=options.create_bucket, store=store)
-    run = Run(progress, settings.secret_values())
     loaded = _load_step(run, source)
     work = Work(options, settings, run, source, loaded, _output_dir(options, settings, loaded))
     del loaded  # work holds the only reference: the export step may free the weights

@@ -138,13 +138,15 @@ class PublishOptions:
 
     def check(self, settings: Settings) -> None:
         check_registration(self.name, self.alias, self.stage)
-        staged = bool(self.stage) and canonical_stage(str(self.stage)) == "Staging"
-        if settings.sync_stages and staged and self.alias != "staging":
-            raise InputError(
-                f"--stage Staging with alias {self.alias!r}: the Staging stage follows "
-                "@staging, and a second version there would disagree with it; publish with "
-                "--alias staging, or set HEIMDALL_SYNC_STAGES=false to set stages by hand"
-            )
+        if settings.sync_stages and self.stage:
+            # Stages follow the staging/production aliases: any other would disagree with them.
+            implied = "Staging" if self.alias == "staging" else None
+            if canonical_stage(self.stage) != implied:
+                raise InputError(
+                    f"--stage {self.stage} with alias {self.alias!r}: MLflow stages follow the "
+                    "staging and production aliases (Staging is set with --alias staging); "
+                    "leave --stage out, or set HEIMDALL_SYNC_STAGES=false to set stages by hand"
+                )
         check_bucket(settings.bucket)
         check_override(self.force, self.reason)
         for variant in self.variants:

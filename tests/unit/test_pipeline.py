@@ -436,7 +436,8 @@ HOSTILE = {
     ),
     "report-path-too-long": ({"output_dir": "LONG"}, "report"),
     # With stages synced, Staging follows @staging: a second version there would disagree.
-    "stage-of-another-alias": ({"alias": "candidate", "stage": "Staging"}, "follows @staging"),
+    "stage-of-another-alias": ({"alias": "candidate", "stage": "Staging"}, "stages follow"),
+    "stage-other-than-the-alias": ({"stage": "Archived"}, "stages follow"),
 }
 
 
@@ -476,6 +477,18 @@ def test_publish_runs_the_preflight_before_loading_or_exporting(
         publish(atto_checkpoint.path, settings=settings)
 
     assert not (tmp_path / "data" / "exports").exists()
+
+
+def test_a_missing_checkpoint_is_refused_before_the_preflight_touches_any_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The preflight may create a bucket (--create-bucket) or a probe model on a server.
+    monkeypatch.setattr(pipeline, "preflight", lambda *a, **k: pytest.fail("preflight ran"))
+
+    with pytest.raises(PublishError, match="checkpoint not found") as failure:
+        publish(tmp_path / "missing.safetensors", settings=Settings(data_dir=tmp_path / "d"))
+
+    assert failure.value.step == "load"
 
 
 def test_evaluate_heldout_refuses_an_empty_sample(tmp_path: Path) -> None:

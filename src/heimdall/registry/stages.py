@@ -69,17 +69,31 @@ def sync_stages(client: MlflowClient, name: str) -> tuple[StageMove, ...]:
         for v, stage in sorted(stages.items(), key=lambda item: int(item[0]))
         if stage in synced and v not in wanted
     ]
-    done = []
+    done: list[StageMove] = []
     for version, stage in moves:
-        transition_stage(client, name, version, stage)
+        if any(m.version == version for m in done):
+            continue  # archived already, by a holder's move into its stage
+        # A holder's move archives the others in its stage in the same call (one transaction
+        # on a SQL store), so models:/NAME/Production never names two versions in between.
+        held = wanted.get(version) == stage
+        transition_stage(client, name, version, stage, archive_others=held)
         done.append(StageMove(version, stage, stages.get(version, "None")))
+        if held:
+            done += [
+                StageMove(other, ARCHIVED, was)
+                for other, was in sorted(stages.items(), key=lambda item: int(item[0]))
+                if was == stage and other != version and other not in wanted
+            ]
     if done:
         log.info("registry.stages_synced", name=name, moves=[m.to_dict() for m in done])
     return tuple(done)
 
 
-def transition_stage(client: MlflowClient, name: str, version: str, stage: str) -> None:
-    """Set one version's stage, nothing else (other versions in it are archived by the caller)."""
+def transition_stage(
+    client: MlflowClient, name: str, version: str, stage: str, *, archive_others: bool = False
+) -> None:
+    """Set one version's stage; ``archive_others`` archives the other versions in that stage
+    in the same call."""
     # Stages are deprecated since MLflow 2.9 (a FutureWarning on every call), yet loaders still
     # read them: the transition is made and the warning replaced by our own event.
     with warnings.catch_warnings():
@@ -89,6 +103,6 @@ def transition_stage(client: MlflowClient, name: str, version: str, stage: str) 
             name,
             version,
             stage,
-            archive_existing_versions=False,
+            archive_existing_versions=archive_others,
         )
     log.info("registry.legacy_stage_set", name=name, version=version, stage=stage)
