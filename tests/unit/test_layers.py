@@ -63,7 +63,7 @@ ORCHESTRATION = frozenset(
     }
 )
 # The inference side: HTTP serving that follows the registry, and batch scoring; torch-free.
-SERVING = frozenset({"serving", "scoring"})
+SERVING = frozenset({"serving", "scoring", "scoring_workers"})
 CLI = frozenset({"cli", "cli_registry", "cli_measure", "cli_serve", "cli_score", "display"})
 LAYERS = {
     "core": CORE,
