@@ -74,6 +74,7 @@ def serve(
             limits=limits,
             providers=chosen,
             replicas=replicas,
+            settings=settings,
         )
         if replicas != 1 and not ray:
             raise InputError("--replicas is for Ray Serve: add --ray, or leave --replicas out")

@@ -15,6 +15,10 @@ class InputError(HeimdallError, ValueError):
     """An argument or an input array does not match what the function expects."""
 
 
+class ResourceError(HeimdallError):
+    """The machine ran out of a resource; retrying later or asking for less may work."""
+
+
 class CheckpointError(HeimdallError):
     """A checkpoint cannot be read, is unsafe, or does not fit the model."""
 

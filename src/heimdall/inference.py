@@ -311,6 +311,11 @@ def _fetch(
     and the sha256 of the bytes as they arrived (None for a file already on this machine)."""
     if uri.startswith("models:/"):
         version = registry.resolve_model_uri(uri, settings=settings)
+        if version.sha256 is None:  # nothing to check its bytes against: never served unchecked
+            raise RegistryError(
+                f"version {version.version} of {version.name} has no sha256 tag: it was not "
+                "registered by heimdall; publish it with heimdall publish"
+            )
         local, _, arrived = _local_model(version.source, tmp, settings)
         return local, version.sha256, version.version, arrived
     local, recorded, arrived = _local_model(uri, tmp, settings)

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
-from heimdall.errors import InputError
+from heimdall.errors import InputError, ResourceError
 
 # ISA extensions that decide which MLAS/oneDNN kernels run (fp32 FMA width, int8 dot products).
 ISA_FLAGS = (
@@ -247,7 +247,7 @@ _ALLOCATION = re.compile(r"bad_alloc|allocat|out of memory", re.IGNORECASE)
 
 @contextmanager
 def memory_errors(what: str, fix: str) -> Iterator[None]:
-    """Turn running out of memory inside the block into one InputError line saying ``fix``.
+    """Turn running out of memory inside the block into one ResourceError line saying ``fix``.
 
     Python's MemoryError and the allocation failures ONNX Runtime and PyTorch raise as their
     own exception types would otherwise end a command in a traceback.
@@ -259,7 +259,7 @@ def memory_errors(what: str, fix: str) -> Iterator[None]:
             raise
         available = available_memory()
         now = f"; {_bytes(available)} is available now" if available is not None else ""
-        raise InputError(f"{what} ran out of memory{now}; {fix}") from exc
+        raise ResourceError(f"{what} ran out of memory{now}; {fix}") from exc
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

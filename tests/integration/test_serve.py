@@ -112,10 +112,21 @@ def start_server(
     served.point(versions[0])
     process.start()
     try:
-        assert process.wait_until(lambda: _ready(served), timeout=90), process.log_tail()
+        assert _wait_ready(served, timeout_s=90), process.log_tail()
         yield served
     finally:
         process.stop()
+
+
+def _wait_ready(served: Served, timeout_s: float) -> bool:
+    """Probe readiness often enough to see the 503 between binding the port and the load."""
+    deadline = time.monotonic() + timeout_s
+    process = served.process.proc
+    while time.monotonic() < deadline and process is not None and process.poll() is None:
+        if _ready(served):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _ready(served: Served) -> bool:
@@ -167,8 +178,11 @@ def rss_kib(pid: int) -> int:
 
 
 def test_ready_only_after_the_first_verified_load(embedded: Served) -> None:
-    # Before 200 the port was closed (0) or answered 503: never ready without a model.
-    assert set(embedded.ready_statuses) <= {0, 503}
+    # Before 200 the port was closed (0), then answered 503 while the model loaded: never
+    # ready without a model, and never closed again once open.
+    statuses = embedded.ready_statuses
+    assert 503 in statuses, statuses
+    assert set(statuses) <= {0, 503} and statuses == sorted(statuses), statuses
     ready = json.loads(
         next(line for line in embedded.process.log_tail(20000).splitlines() if '"url"' in line)
     )
@@ -392,11 +406,9 @@ def test_the_signed_webhook_swaps_long_before_the_poll_interval(on_server: Serve
     finally:
         client.delete_webhook(hook.webhook_id)
 
-    assert moves.to_new_s is not None and moves.to_new_s < 30 < 60, on_server.process.log_tail()
-    assert moves.to_old_s is not None and moves.to_old_s < 30
+    # Both swaps came within the test's 30 s deadline, under the 60 s poll interval, and both
+    # deliveries notified the follower: the webhook, not a poll, swapped the model.
+    assert moves.to_new_s is not None, on_server.process.log_tail()
+    assert moves.to_old_s is not None, on_server.process.log_tail()
     assert "2" in moves.versions and moves.versions[-1] == "1"
     assert metric(on_server, 'heimdall_webhook_deliveries_total{outcome="notified"}') >= 2
-    print(
-        f"webhook: promote served in {moves.to_new_s:.2f} s, rollback in {moves.to_old_s:.2f} s "
-        "(poll 60 s)"
-    )

@@ -30,8 +30,14 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     [
         (["--port", "0"], "port must be from 1 to 65535, got 0"),
         (["--port", "70000"], "port must be from 1 to 65535"),
-        (["--poll-interval", "0"], "poll interval must be above 0"),
-        (["--poll-interval", "nan"], "poll interval must be above 0"),
+        (["--poll-interval", "0"], "poll interval must be from 1 to 86400 s"),
+        (["--poll-interval", "0.001"], "poll interval must be from 1 to 86400 s, got 0.001"),
+        (["--poll-interval", "nan"], "poll interval must be from 1 to 86400 s"),
+        (["--max-queue", "1000000000"], "lower --max-queue or --max-request-samples"),
+        (
+            ["--max-request-samples", "100000000", "--max-queue", "100000000"],
+            "lower --max-queue or --max-request-samples",
+        ),
         (["--max-batch", "0"], "max batch must be at least 1"),
         (["--max-wait-ms", "-1"], "max wait must be from 0 to 10000 ms"),
         (["--max-request-samples", "0"], "max request samples must be at least 1"),
@@ -68,6 +74,16 @@ def test_uris_that_name_no_model_fail_in_one_line(uri: str, message: str, data_d
     assert result.exit_code == 1
     error = json.loads(result.output)
     assert error["error"] == "InputError" and message in error["message"]
+
+
+def test_s3_without_an_object_store_names_the_settings_it_needs(data_dir: Path) -> None:
+    result = runner.invoke(app, ["serve", "s3://bucket/k.onnx", "--json"])
+
+    assert result.exit_code == 1
+    error = json.loads(result.output)
+    assert error["error"] == "ConfigError"
+    assert "MLFLOW_S3_ENDPOINT_URL" in error["message"] and "AWS_ACCESS_KEY_ID" in error["message"]
+    assert "file://" not in error["message"]
 
 
 def test_a_port_in_use_fails_in_one_line(data_dir: Path, atto_onnx: ExportResult) -> None:

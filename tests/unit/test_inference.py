@@ -15,9 +15,10 @@ import pytest
 from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
+from benchmarks.serve_load import publish
 from heimdall.config import Settings
 from heimdall.data import generate
-from heimdall.errors import InputError
+from heimdall.errors import InputError, RegistryError, ResourceError
 from heimdall.export import ExportResult
 from heimdall.inference import (
     LocalizationModel,
@@ -28,6 +29,8 @@ from heimdall.inference import (
     predict_file,
 )
 from heimdall.runtime import CPU, SessionSettings
+from heimdall.storage import open_store
+from tests.unit.test_serving_follower import register_without_sha256
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +342,7 @@ def test_altered_bytes_advise_a_rollback_or_a_fresh_publish(uri: str, advice: st
     assert "register the model again" not in message
 
 
-def test_onnx_runtime_running_out_of_memory_is_one_input_error_line(
+def test_onnx_runtime_running_out_of_memory_is_one_resource_error_line(
     atto_onnx: ExportResult,
 ) -> None:
     session = _CountingSession(ort.InferenceSession(str(atto_onnx.path)))
@@ -351,7 +354,7 @@ def test_onnx_runtime_running_out_of_memory_is_one_input_error_line(
     model = LocalizationModel(session, uri="m.onnx", sha256="0" * 64)  # type: ignore[arg-type]
 
     with pytest.raises(
-        InputError, match=r"^ONNX Runtime on 3 samples ran out of memory.*chunk_size"
+        ResourceError, match=r"^ONNX Runtime on 3 samples ran out of memory.*chunk_size"
     ):
         model.predict(generate(3, seed=1)[0])
 
@@ -379,3 +382,19 @@ def test_predict_over_a_mapped_file_keeps_none_of_it_resident(
     model.predict(features, chunk_size=64)
 
     assert _mapped_kib(path) <= 64 * 49152 // 1024  # at most one chunk's pages, not 12 MiB
+
+
+def test_a_registered_version_without_a_sha256_tag_is_refused_not_served_unchecked(
+    atto_onnx: ExportResult, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, tracking_uri=None, s3_endpoint_url=None)
+    version = publish(atto_onnx.path, "untagged", settings, open_store(settings))
+    bare = register_without_sha256(settings, "untagged", version)
+
+    with pytest.raises(RegistryError) as refused:
+        LocalizationModel.load(f"models:/untagged/{bare}", settings=settings)
+
+    assert str(refused.value) == (
+        f"version {bare} of untagged has no sha256 tag: it was not registered by heimdall; "
+        "publish it with heimdall publish"
+    )

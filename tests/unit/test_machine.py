@@ -12,6 +12,7 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
 from heimdall import machine
+from heimdall.errors import ResourceError
 
 
 def test_fingerprint_names_cpu_versions_and_providers() -> None:
@@ -118,8 +119,8 @@ def test_a_size_that_fits_or_an_unknown_amount_of_memory_passes(
     ],
     ids=["python", "ort-runtime-exception", "ort-fail", "torch"],
 )
-def test_running_out_of_memory_becomes_one_input_error_line(failure: BaseException) -> None:
-    with pytest.raises(machine.InputError) as refused, machine.memory_errors("verify", "use less"):
+def test_running_out_of_memory_becomes_one_resource_error_line(failure: BaseException) -> None:
+    with pytest.raises(ResourceError) as refused, machine.memory_errors("verify", "use less"):
         raise failure
 
     message = str(refused.value)

@@ -3,6 +3,7 @@ routes, their answers to bad input, readiness, versions, overload, metrics and t
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -10,17 +11,20 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import requests
 import uvicorn
 from fastapi import FastAPI
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+from pydantic import SecretStr
 
 from heimdall.data import generate
 from heimdall.export import ExportResult
 from heimdall.inference import LocalizationModel
-from heimdall.serving.app import _InFlight, create_app
+from heimdall.serving.app import JSON_DECODE_FACTOR, _InFlight, create_app, in_flight_budget
 from heimdall.serving.backend import Inferred, Limits, Served
 from heimdall.serving.batching import Batcher, Overloaded
 from heimdall.serving.metrics import Metrics
@@ -44,7 +48,7 @@ class TestBackend:
     def __init__(self) -> None:
         self.metrics = Metrics()
         self.limits = LIMITS
-        self.webhook_secret: str | None = SECRET
+        self.webhook_secret: SecretStr | None = SecretStr(SECRET)
         self.batcher = Batcher(LIMITS, self.metrics)
         self.served: Served | None = None
         self.fault: Exception | None = None
@@ -113,7 +117,7 @@ def url(running: tuple[str, TestBackend], backend: TestBackend) -> str:
 @pytest.fixture
 def backend(running: tuple[str, TestBackend], served: Served) -> TestBackend:
     backend = running[1]
-    backend.served, backend.fault, backend.webhook_secret = served, None, SECRET
+    backend.served, backend.fault, backend.webhook_secret = served, None, SecretStr(SECRET)
     backend.notified.clear()
     return backend
 
@@ -406,3 +410,68 @@ def test_bodies_in_flight_are_bounded_and_released() -> None:
         with in_flight.reserve(40):
             assert in_flight.used == 100
     assert in_flight.used == 0
+
+
+class _OutOfMemory:
+    """A session that cannot allocate: ONNX Runtime's bad_alloc on every run."""
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._session, name)
+
+    def run(self, *_args: object) -> None:
+        raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+
+
+def test_running_out_of_memory_is_503_with_retry_after_not_bad_input(
+    url: str, backend: TestBackend, model: LocalizationModel, features: np.ndarray
+) -> None:
+    starved = LocalizationModel(_OutOfMemory(model.session), uri="m.onnx", sha256=model.sha256)  # type: ignore[arg-type]
+    backend.served = Served(starved, NAME, "3", model.sha256, "production", "models:/x@production")
+
+    response = requests.post(f"{url}/v2/models/{NAME}/infer", json=_json_request(features))
+
+    assert "ran out of memory" in _error(response, 503)
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_a_header_length_in_non_ascii_digits_is_a_400_line(url: str, features: np.ndarray) -> None:
+    body, _ = _binary_request(features[:1])
+    address = urlparse(url)
+    connection = http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
+    connection.putrequest("POST", f"/v2/models/{NAME}/infer")
+    connection.putheader(HEADER_LENGTH, "\u00b2")  # '²': str.isdigit() says yes, int() says no
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body)
+    response = connection.getresponse()
+
+    assert response.status == 400
+    error = json.loads(response.read())["error"]
+    assert HEADER_LENGTH in error and "\n" not in error
+    connection.close()
+
+
+def test_a_json_body_reserves_its_decoding_cost_in_the_in_flight_budget(
+    served: Served, features: np.ndarray
+) -> None:
+    backend = TestBackend()
+    backend.served = served
+    app = create_app(backend)
+    body = json.dumps(_json_request(features[:1])).encode()
+    raw, headers = _binary_request(features[:1])
+    # Room for several times the JSON body, but not for what decoding it costs.
+    app.state.in_flight = _InFlight(in_flight_budget(LIMITS))
+    app.state.in_flight.used = app.state.in_flight.budget - 4 * len(body)
+    with serving(app) as base:
+        as_json = requests.post(
+            f"{base}/v2/models/{NAME}/infer",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        as_binary = requests.post(f"{base}/v2/models/{NAME}/infer", data=raw, headers=headers)
+
+    assert "busy" in _error(as_json, 503)
+    assert as_binary.status_code == 200, as_binary.text
+    assert JSON_DECODE_FACTOR * len(body) > 4 * len(body) > len(raw)

@@ -14,8 +14,8 @@ from heimdall.data import generate
 from heimdall.errors import ConfigError, InputError
 from heimdall.export import ExportResult
 from heimdall.inference import LocalizationModel
-from heimdall.serving.backend import Limits, Served
-from heimdall.serving.batching import Batcher, Outputs, Overloaded
+from heimdall.serving.backend import Limits, Outputs, Served
+from heimdall.serving.batching import Batcher, Overloaded
 from heimdall.serving.metrics import Metrics
 
 
@@ -82,6 +82,35 @@ def test_a_request_bigger_than_max_batch_runs_in_chunks(
     chunks = [model.predict(features[i : i + 4]) for i in (0, 4, 8)]
     np.testing.assert_array_equal(positions, np.concatenate([c.positions for c in chunks]))
     np.testing.assert_array_equal(uncertainties, np.concatenate([c.uncertainties for c in chunks]))
+
+
+class _SessionCalls:
+    """An ONNX Runtime session that records the batch size of every ``run``."""
+
+    def __init__(self, session: object) -> None:
+        self._session = session
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._session, name)
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> object:
+        self.batches.extend(len(v) for v in feed.values())
+        return self._session.run(outputs, feed)  # type: ignore[attr-defined]
+
+
+def test_a_merged_batch_above_64_samples_is_one_onnx_runtime_call(
+    model: LocalizationModel,
+) -> None:
+    session = _SessionCalls(model.session)
+    counted = LocalizationModel(session, uri="m.onnx", sha256=model.sha256)  # type: ignore[arg-type]
+    served = Served(counted, "localization", "1", model.sha256, None, "test")
+    batch = generate(100, seed=4)[0]
+
+    ((positions, _),) = asyncio.run(_all(_batcher(max_batch=128, max_wait_ms=0), [(served, batch)]))
+
+    assert session.batches == [100]
+    np.testing.assert_array_equal(positions, model.predict(batch).positions)
 
 
 def test_a_batch_never_mixes_two_served_models(

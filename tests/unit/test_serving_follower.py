@@ -56,6 +56,13 @@ def tamper(version: str, name: str, settings: Settings, store: ObjectStore, othe
     store.put_bytes(bucket, key, data, metadata=metadata, if_absent=False)
 
 
+def register_without_sha256(settings: Settings, name: str, version: str) -> str:
+    """Register ``version``'s source again as a plain MLflow client would: no sha256 tag."""
+    client = MlflowClient(settings.resolved_tracking_uri)
+    source = client.get_model_version(name, version).source
+    return str(client.create_model_version(name, source).version)
+
+
 @dataclass(frozen=True)
 class Registry:
     settings: Settings
@@ -196,6 +203,23 @@ def test_a_refused_version_is_tried_again_after_its_back_off(
     assert not [e for e in logs if e["event"] == "serving.version_refused"]  # said once
 
 
+def test_a_short_poll_interval_still_backs_off_at_least_ten_seconds_from_a_refused_version(
+    registry: Registry,
+) -> None:
+    registry.point(registry.versions[0])
+    quick = Follower(registry.uri, settings=registry.settings, poll_interval_s=1, warm_batch=4)
+    quick.load()
+    registry.point(registry.versions[2])
+    tamper(
+        registry.versions[2], registry.name, registry.settings, registry.store, registry.files[0]
+    )
+
+    assert quick.refresh() is False
+
+    refused = quick.refused
+    assert refused is not None and refused.retry_at - time.monotonic() >= 10 * 0.8 - 1
+
+
 def test_a_tampered_version_behind_the_alias_fails_the_first_load_in_one_line(
     registry: Registry,
 ) -> None:
@@ -313,10 +337,9 @@ def test_a_version_without_a_sha256_tag_is_never_served(
     follower: Follower, registry: Registry, refusals: list[str]
 ) -> None:
     follower.load()
+    bare = register_without_sha256(registry.settings, registry.name, registry.versions[1])
     client = MlflowClient(registry.settings.resolved_tracking_uri)
-    source = client.get_model_version(registry.name, registry.versions[1]).source
-    bare = client.create_model_version(registry.name, source)  # as a plain MLflow client would
-    client.set_registered_model_alias(registry.name, ALIAS, bare.version)
+    client.set_registered_model_alias(registry.name, ALIAS, bare)
 
     assert follower.refresh() is False
 

@@ -13,13 +13,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from heimdall.config import Settings
-from heimdall.errors import HeimdallError
+from heimdall.errors import ConfigError, HeimdallError, InputError
 from heimdall.export import ExportResult
 from heimdall.inference import LocalizationModel
 from heimdall.retry import wait_for
 from heimdall.serving import follower as follower_module
+from heimdall.serving.app import JSON_DECODE_FACTOR, in_flight_budget
 from heimdall.serving.backend import Limits
-from heimdall.serving.server import build_app
+from heimdall.serving.protocol import max_body_bytes
+from heimdall.serving.server import build_app, check_options
 from tests.fixtures.process import free_port
 
 
@@ -116,3 +118,50 @@ def test_the_backend_wires_swaps_and_refusals_into_its_metrics(tmp_path: Path) -
     assert 'heimdall_refused_versions_total{reason="sha256"} 1.0' in text
     assert backend.follower.on_swap == backend.metrics.on_swap
     assert backend.current is None  # nothing loads before the app starts
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(max_request_samples=1024, max_queue_samples=10**9),
+        Limits(max_request_samples=10**8, max_queue_samples=10**8),
+    ],
+)
+def test_queue_limits_beyond_the_memory_available_are_refused(
+    atto_onnx: ExportResult, limits: Limits
+) -> None:
+    with pytest.raises(InputError, match="lower --max-queue or --max-request-samples") as refused:
+        check_options(str(atto_onnx.path), port=8080, poll_interval_s=10, limits=limits)
+    assert "\n" not in str(refused.value) and "is available" in str(refused.value)
+
+
+def test_the_in_flight_budget_holds_the_largest_json_request_decoded() -> None:
+    limits = Limits(max_request_samples=32, max_queue_samples=64)
+    budget = in_flight_budget(limits)
+    assert budget >= JSON_DECODE_FACTOR * max_body_bytes(32)
+    assert budget >= 2 * max_body_bytes(64)
+    check_options("models:/m@live", port=8080, poll_interval_s=10, limits=limits)  # fits
+
+
+def test_a_poll_interval_under_one_second_is_refused() -> None:
+    with pytest.raises(InputError, match=r"poll interval must be from 1 to 86400 s, got 0\.001"):
+        check_options("models:/m@live", port=8080, poll_interval_s=0.001, limits=Limits())
+
+
+def test_s3_without_an_object_store_says_which_settings_it_needs(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, s3_endpoint_url=None, tracking_uri=None)
+    with pytest.raises(ConfigError, match="MLFLOW_S3_ENDPOINT_URL") as refused:
+        check_options(
+            "s3://bucket/k.onnx", port=8080, poll_interval_s=10, limits=Limits(), settings=settings
+        )
+    assert "AWS_SECRET_ACCESS_KEY" in str(refused.value)
+
+
+def test_the_webhook_secret_never_shows_in_the_backend_or_its_settings(tmp_path: Path) -> None:
+    secret = "do-not-print-me-0123"
+    settings = Settings(data_dir=tmp_path, webhook_secret=secret)
+    backend = build_app("models:/follow-me@live", settings=settings).state.backend
+
+    shown = [repr(backend), repr(vars(backend)), repr(settings), str(backend.webhook_secret)]
+    assert not [text for text in shown if secret in text]
+    assert backend.webhook_secret.get_secret_value() == secret

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
+from pydantic import SecretStr
 
 from heimdall.serving.webhook import (
     DELIVERY_ID_HEADER,
@@ -20,6 +21,7 @@ from heimdall.serving.webhook import (
 )
 
 SECRET = "s3cr3t-webhook-key"
+KEY = SecretStr(SECRET)
 NOW = 1_800_000_000
 
 
@@ -52,7 +54,7 @@ def delivery(
 
 def refused(body: bytes, headers: dict[str, str], now: float = NOW) -> WebhookRefused:
     with pytest.raises(WebhookRefused) as caught:
-        verify_delivery(body, headers, SECRET, now=now)
+        verify_delivery(body, headers, KEY, now=now)
     message = str(caught.value)
     assert "\n" not in message and SECRET not in message
     return caught.value
@@ -60,10 +62,10 @@ def refused(body: bytes, headers: dict[str, str], now: float = NOW) -> WebhookRe
 
 def test_a_delivery_signed_by_mlflow_is_accepted_and_names_the_alias() -> None:
     body, headers = delivery()
-    payload = verify_delivery(body, headers, SECRET, now=NOW + 5)
+    payload = verify_delivery(body, headers, KEY, now=NOW + 5)
     assert alias_moved(payload) == ("loc", "prod")
     lowered = {k.lower(): v for k, v in headers.items()}  # as an HTTP server hands them over
-    assert verify_delivery(body, lowered, SECRET, now=NOW) == payload
+    assert verify_delivery(body, lowered, KEY, now=NOW) == payload
 
 
 def test_our_signature_is_mlflows() -> None:
@@ -99,7 +101,7 @@ def test_stale_and_future_deliveries_are_refused() -> None:
     body, headers = delivery(sent=NOW + 301)
     assert refused(body, headers).reason == "stale"
     body, headers = delivery(sent=NOW - 299)
-    assert verify_delivery(body, headers, SECRET, now=NOW)["action"] == "created"
+    assert verify_delivery(body, headers, KEY, now=NOW)["action"] == "created"
 
 
 def test_a_signed_body_that_is_not_a_json_object_is_refused_as_bad_payload() -> None:

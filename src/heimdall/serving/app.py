@@ -10,6 +10,7 @@ server and each Ray Serve replica set it, so both serve this same app. Every ans
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -22,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heimdall.config import heimdall_version, redact_uri
-from heimdall.errors import ConfigError, HeimdallError, InputError
-from heimdall.serving.backend import Backend, Served
+from heimdall.errors import ConfigError, HeimdallError, InputError, ResourceError
+from heimdall.serving.backend import Backend, Limits, Served
 from heimdall.serving.batching import Overloaded
 from heimdall.serving.protocol import (
     HEADER_LENGTH,
@@ -42,6 +43,9 @@ SERVER_NAME = "heimdall"
 EXTENSIONS = ["binary_tensor_data"]
 # Bodies above this are decoded in a worker thread so the event loop keeps serving others.
 _THREAD_DECODE_BYTES = 256 * 1024  # one sample as JSON, about 5 as binary
+# Decoding JSON costs about 11x its size in Python objects (50 MB of JSON: +557 MB resident).
+JSON_DECODE_FACTOR = 12
+RETRY_AFTER_S = 1
 
 Handler = Callable[..., Awaitable[Response]]
 router = APIRouter()
@@ -132,9 +136,10 @@ async def infer(request: Request, name: str) -> Response:
     _serving(backend, name, version)
     limit = backend.limits.max_request_samples
     cap = max_body_bytes(limit)
-    with _in_flight(request, backend).reserve(_body_size(request, cap)):
+    header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
+    size = reservation(_body_size(request, cap), binary=header_length is not None)
+    with _in_flight(request, backend).reserve(size):
         body = await _read_body(request, cap)
-        header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
         decode = functools.partial(
             parse_infer_request, body, header_length, max_request_samples=limit
         )
@@ -238,10 +243,26 @@ class _InFlight:
             self.used -= size
 
 
+def in_flight_budget(limits: Limits) -> int:
+    """Bytes that request bodies in progress may cost together, decoding included.
+
+    Room for two full queues of binary bodies, and at least for the largest JSON body decoded.
+    """
+    return max(
+        2 * max_body_bytes(limits.max_queue_samples),
+        reservation(max_body_bytes(limits.max_request_samples), binary=False),
+    )
+
+
+def reservation(body_bytes: int, *, binary: bool) -> int:
+    """What a body of ``body_bytes`` costs in memory until it is decoded."""
+    return body_bytes if binary else JSON_DECODE_FACTOR * body_bytes
+
+
 def _in_flight(request: Request, backend: Backend) -> _InFlight:
     state = request.app.state
     if not hasattr(state, "in_flight"):
-        state.in_flight = _InFlight(2 * max_body_bytes(backend.limits.max_queue_samples))
+        state.in_flight = _InFlight(in_flight_budget(backend.limits))
     in_flight: _InFlight = state.in_flight
     return in_flight
 
@@ -254,7 +275,7 @@ def _body_size(request: Request, limit: int) -> int:
     declared = request.headers.get("content-length")
     if declared is None:
         return limit
-    if not declared.strip().isdigit():
+    if not re.fullmatch(r"[0-9]+", declared.strip()):  # isdigit() takes non-ASCII digits
         raise ProtocolError("Content-Length is not a number")
     if int(declared) > limit:
         raise _too_large(limit)
@@ -290,6 +311,8 @@ def _failure(exc: Exception, request: Request) -> Response:
         return _error(exc.status, str(exc))
     if isinstance(exc, Overloaded):
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, ResourceError):  # out of memory: a later or smaller request may fit
+        return _error(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, InputError):
         return _error(400, str(exc))
     if isinstance(exc, HeimdallError):

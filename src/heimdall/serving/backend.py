@@ -7,10 +7,14 @@ the one hosting it through ``request.app.state.backend`` and knows nothing else 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+from pydantic import SecretStr
+
+from heimdall.errors import HeimdallError
 
 if TYPE_CHECKING:
     from heimdall.inference import LocalizationModel
@@ -29,8 +33,11 @@ class Served:
     source: str  # the URI, credentials redacted
 
     def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions and uncertainties of an already checked float32 (B, 3, 128, 32) batch."""
-        prediction = self.model.predict(features)
+        """Positions and uncertainties of an already checked float32 (B, 3, 128, 32) batch.
+
+        One ONNX Runtime call: the batcher already bounds the batch at ``max_batch`` samples.
+        """
+        prediction = self.model.predict(features, chunk_size=max(len(features), 1))
         return prediction.positions, prediction.uncertainties
 
 
@@ -41,6 +48,22 @@ class Inferred:
     served: Served
     positions: np.ndarray
     uncertainties: np.ndarray
+
+
+Outputs = tuple[np.ndarray, np.ndarray]
+
+
+async def infer_pinned(
+    served: Served | None,
+    features: np.ndarray,
+    run: Callable[[Served, np.ndarray], Awaitable[Outputs]],
+) -> Inferred:
+    """``run`` ``features`` on ``served``, the model current when the request came: the whole
+    request runs on it, whatever swaps meanwhile, so one answer never mixes versions."""
+    if served is None:
+        raise HeimdallError("no verified model is loaded yet; retry when ready")
+    positions, uncertainties = await run(served, features)
+    return Inferred(served, positions, uncertainties)
 
 
 @dataclass(frozen=True)
@@ -56,7 +79,7 @@ class Backend(Protocol):
 
     metrics: Metrics
     limits: Limits
-    webhook_secret: str | None  # None: the webhook route answers 404
+    webhook_secret: SecretStr | None  # None: the webhook route answers 404
 
     @property
     def current(self) -> Served | None:

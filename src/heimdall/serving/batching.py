@@ -18,12 +18,10 @@ import numpy as np
 import structlog
 
 from heimdall.errors import ConfigError, HeimdallError
-from heimdall.serving.backend import Limits, Served
+from heimdall.serving.backend import Limits, Outputs, Served
 from heimdall.serving.metrics import Metrics
 
 log = structlog.get_logger(__name__)
-
-Outputs = tuple[np.ndarray, np.ndarray]
 
 
 class Overloaded(HeimdallError):

@@ -45,7 +45,9 @@ from heimdall.serving.backend import Served
 
 log = structlog.get_logger(__name__)
 
-# A refused version is tried again after this back-off (poll interval first, doubling to 600 s).
+# A refused version is tried again after a back-off: the poll interval but at least 10 s (a
+# short interval must not re-download a bad version every second), doubling to 600 s.
+REFUSED_MIN_S = 10.0
 REFUSED_MAX_S = 600.0
 _JITTER = 0.1  # ± of the poll interval, so replicas started together do not poll together
 
@@ -217,7 +219,8 @@ class Follower:
         earlier = self._refused
         again = earlier is not None and (earlier.version, earlier.sha256) == (version, sha256)
         failures = earlier.failures + 1 if again and earlier is not None else 1
-        backoff = Backoff(first_s=self.poll_interval_s, max_s=max(REFUSED_MAX_S, 1.0), jitter=0.2)
+        first = max(self.poll_interval_s, REFUSED_MIN_S)
+        backoff = Backoff(first_s=first, max_s=max(REFUSED_MAX_S, first), jitter=0.2)
         self._refused = Refusal(
             version=version,
             sha256=sha256,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ def parse_header_length(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]+", text):  # isdigit() takes '²', which int() refuses
         raise ProtocolError(f"{HEADER_LENGTH} must be a number of bytes, got {value[:40]!r}")
     return int(text)
 

@@ -23,16 +23,19 @@ import onnxruntime as ort
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from heimdall.config import Settings, redact_uri
-from heimdall.errors import HeimdallError, InputError
+from heimdall.errors import ConfigError, HeimdallError, InputError
+from heimdall.machine import check_memory
 from heimdall.registry.names import parse_models_uri
 from heimdall.retry import wait_for
-from heimdall.serving.app import create_app
-from heimdall.serving.backend import Inferred, Limits, Served
+from heimdall.serving.app import create_app, in_flight_budget
+from heimdall.serving.backend import Inferred, Limits, Served, infer_pinned
 from heimdall.serving.batching import Batcher
 from heimdall.serving.follower import Follower
 from heimdall.serving.metrics import Metrics
+from heimdall.serving.protocol import SAMPLE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +61,7 @@ class LocalBackend:
     """A follower's model behind a batcher: the backend of the single-machine app."""
 
     def __init__(
-        self, follower: Follower, *, limits: Limits, webhook_secret: str | None = None
+        self, follower: Follower, *, limits: Limits, webhook_secret: SecretStr | None = None
     ) -> None:
         self.follower = follower
         self.limits = limits
@@ -74,11 +77,7 @@ class LocalBackend:
         return self.follower.current
 
     async def infer(self, features: np.ndarray) -> Inferred:
-        served = self.follower.current  # taken once: the whole request runs on this model
-        if served is None:
-            raise HeimdallError("no verified model is loaded yet; retry when ready")
-        positions, uncertainties = await self.batcher.run(served, features)
-        return Inferred(served, positions, uncertainties)
+        return await infer_pinned(self.follower.current, features, self.batcher.run)
 
     def notify(self, name: str, alias: str) -> None:
         if (name, alias) == (self.follower.name, self.follower.alias):
@@ -130,8 +129,7 @@ def build_app(
         poll_interval_s=poll_interval_s,
         warm_batch=limits.max_batch,
     )
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    backend = LocalBackend(follower, limits=limits, webhook_secret=secret)
+    backend = LocalBackend(follower, limits=limits, webhook_secret=settings.webhook_secret)
     app = create_app(backend)
 
     @asynccontextmanager
@@ -164,7 +162,12 @@ def serve(
 ) -> None:
     """Serve ``uri`` on ``host:port`` until SIGTERM or SIGINT; HeimdallError if it cannot."""
     check_options(
-        uri, port=port, poll_interval_s=poll_interval_s, limits=limits, providers=providers
+        uri,
+        port=port,
+        poll_interval_s=poll_interval_s,
+        limits=limits,
+        providers=providers,
+        settings=settings,
     )
     sock = bind(host, port)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -221,14 +224,17 @@ def check_options(
     limits: Limits,
     providers: Sequence[str] | None = None,
     replicas: int = 1,
+    settings: Settings | None = None,
 ) -> None:
-    """InputError, in one line, for the first option ``serve`` would fail on later."""
-    _check_uri(uri)
+    """InputError (ConfigError for missing settings), in one line, for the first option
+    ``serve`` would fail on later; with ``settings``, also what the URI needs of them."""
+    _check_uri(uri, settings)
     problems = [
         (not 1 <= port <= 65535, f"port must be from 1 to 65535, got {port}"),
         (
-            not 0 < poll_interval_s <= 86400,
-            f"poll interval must be above 0 and at most 86400 s, got {poll_interval_s:g}",
+            # Faster polling only loads the registry: webhooks are the way to hear at once.
+            not 1 <= poll_interval_s <= 86400,
+            f"poll interval must be from 1 to 86400 s, got {poll_interval_s:g}",
         ),
         (limits.max_batch < 1, f"max batch must be at least 1, got {limits.max_batch}"),
         (
@@ -253,9 +259,22 @@ def check_options(
     for failed, message in problems:
         if failed:
             raise InputError(message)
+    _check_memory(limits)
 
 
-def _check_uri(uri: str) -> None:
+def _check_memory(limits: Limits) -> None:
+    """Refuse limits whose worst case (bodies in flight, a full queue) would not fit."""
+    queued = limits.max_queue_samples
+    worst = in_flight_budget(limits) + queued * SAMPLE_BYTES
+    check_memory(
+        f"serving with --max-queue {queued} and --max-request-samples {limits.max_request_samples}",
+        queued,
+        -(-worst // queued),
+        fix="lower --max-queue or --max-request-samples",
+    )
+
+
+def _check_uri(uri: str, settings: Settings | None) -> None:
     if uri.startswith("models:/"):
         parse_models_uri(uri)
         return
@@ -263,6 +282,11 @@ def _check_uri(uri: str) -> None:
     if scheme == "s3":
         if not urlparse(uri).netloc or not urlparse(uri).path.strip("/"):
             raise InputError(f"{redact_uri(uri)!r} names no object: use s3://BUCKET/KEY")
+        if settings is not None and not settings.s3_endpoint_url:
+            raise ConfigError(
+                f"{redact_uri(uri)!r} needs an object store: set MLFLOW_S3_ENDPOINT_URL and the "
+                "S3 keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+            )
     elif scheme in ("", "file"):
         path = Path(unquote(urlparse(uri).path)) if scheme == "file" else Path(uri)
         if not path.exists():

@@ -16,6 +16,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import SecretStr
+
 from heimdall.errors import HeimdallError
 
 SIGNATURE_HEADER = "X-MLflow-Signature"
@@ -37,20 +39,20 @@ class WebhookRefused(HeimdallError):
 
 
 def sign(body: bytes, secret: str, delivery_id: str, timestamp: str) -> str:
-    """The ``X-MLflow-Signature`` value MLflow sends for ``body``."""
-    digest = _digest(body, secret, delivery_id, timestamp)
+    """The ``X-MLflow-Signature`` value MLflow sends for ``body`` (the sender's side)."""
+    digest = _digest(body, secret.encode(), delivery_id, timestamp)
     return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
 
 
-def _digest(body: bytes, secret: str, delivery_id: str, timestamp: str) -> bytes:
+def _digest(body: bytes, key: bytes, delivery_id: str, timestamp: str) -> bytes:
     signed = f"{delivery_id}.{timestamp}.".encode() + body
-    return hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    return hmac.new(key, signed, hashlib.sha256).digest()
 
 
 def verify_delivery(
     body: bytes,
     headers: Mapping[str, str],
-    secret: str,
+    secret: SecretStr,
     *,
     now: float,
     max_age_s: float = 300,
@@ -70,7 +72,9 @@ def verify_delivery(
         raise WebhookRefused(
             f"delivery lacks {DELIVERY_ID_HEADER} or {TIMESTAMP_HEADER}", reason="unsigned"
         )
-    if not _signed_by(signature, _digest(body, secret, delivery_id, timestamp)):
+    # The one place the secret is read: everywhere else it stays masked (reprs, logs).
+    secret_key = secret.get_secret_value().encode()
+    if not _signed_by(signature, _digest(body, secret_key, delivery_id, timestamp)):
         raise WebhookRefused(
             f"wrong {SIGNATURE_HEADER}: the webhook's secret is not this server's "
             "HEIMDALL_WEBHOOK_SECRET, or the delivery was altered",
