@@ -127,7 +127,7 @@ class Follower:
         with self._refresh_lock:
             if self.alias is not None:
                 found = resolve_model_uri(self.uri, settings=self.settings)
-                served = self._open_version(found.version, found.sha256)
+                served = self._open_version(found.version)
             else:
                 served = self._open_fixed()
             self._swap(served)
@@ -144,7 +144,7 @@ class Follower:
             if self._is_served(target.version, target.sha256):
                 return False
             try:
-                served = self._open_version(target.version, target.sha256)
+                served = self._open_version(target.version)
             except Exception as exc:  # any failure means: do not serve it
                 self._refuse(target.version, target.sha256, exc)
                 return False
@@ -242,13 +242,9 @@ class Follower:
         if self.on_refused is not None:
             self.on_refused(self._refused.reason)
 
-    def _open_version(self, version: str, sha256: str | None) -> Served:
-        """Load the registered version by number (so an alias move mid-load changes nothing)."""
-        if sha256 is None:
-            raise RegistryError(
-                f"{self.name} version {version} has no sha256 tag, so its bytes cannot be "
-                "checked: register it with heimdall (publish, or upload and register)"
-            )
+    def _open_version(self, version: str) -> Served:
+        """Load the registered version by number (so an alias move mid-load changes nothing);
+        the load refuses a version without a sha256 tag, whose bytes nothing could check."""
         uri = f"models:/{self.name}/{version}"
         model = LocalizationModel.load(uri, providers=self.providers, settings=self.settings)
         self._warm_up(model)
