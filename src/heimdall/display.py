@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from heimdall.config import Settings, redact_uri
-from heimdall.errors import HeimdallError, InputError, PublishError
+from heimdall.errors import HeimdallError, PublishError, ResourceError
 
 # Messages on stderr are one line each, whatever the width: a log or a pipe reads them whole.
 console = Console(stderr=True, soft_wrap=True)
@@ -322,7 +322,7 @@ def errors(as_json: bool) -> Iterator[None]:
         if not is_out_of_memory(exc):
             raise
         _print_error(
-            InputError(
+            ResourceError(
                 "out of memory: ask for less (smaller --samples, --batch-sizes, --calibration "
                 "or --chunk-size) or free memory, then run the command again"
             ),

@@ -30,7 +30,7 @@ from heimdall.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from heimdall.errors import CheckpointError, InputError
+from heimdall.errors import CheckpointError, ResourceError
 from heimdall.model import BACKBONES, ConvNeXt, LocalizationNet, ModelConfig
 
 # Two spinning PyTorch threads on a shared two-core machine are much slower than one.
@@ -734,5 +734,5 @@ def test_a_checkpoint_too_large_for_memory_is_said_to_be_so_not_corrupt(
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
 
     monkeypatch.setattr(torch, "load", out_of_memory)
-    with pytest.raises(InputError, match=r"weights\.pt ran out of memory.*larger machine"):
+    with pytest.raises(ResourceError, match=r"weights\.pt ran out of memory.*larger machine"):
         read_state_dict(path)
