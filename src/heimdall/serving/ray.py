@@ -35,12 +35,14 @@ from typing import Any
 import numpy as np
 import ray
 import structlog
+from pydantic import SecretStr
 from ray import serve
 
 from heimdall.config import Settings, load_settings, redact_uri
 from heimdall.errors import ConfigError, HeimdallError
+from heimdall.retry import Backoff, wait_for
 from heimdall.serving.app import create_app
-from heimdall.serving.backend import Inferred, Limits, Served
+from heimdall.serving.backend import Inferred, Limits, Outputs, Served, infer_pinned
 from heimdall.serving.follower import Follower
 from heimdall.serving.metrics import Metrics
 from heimdall.serving.server import Ready
@@ -61,7 +63,7 @@ class ReplicaConfig:
     limits: Limits
     poll_interval_s: float
     providers: tuple[str, ...] | None
-    webhook_secret: str | None
+    webhook_secret: SecretStr | None  # kept wrapped: a repr or log of the config shows ***
     notices: str  # the name of the fan-out actor
 
 
@@ -120,6 +122,9 @@ class Replica:
         batcher.set_max_batch_size(config.limits.max_batch)
         batcher.set_batch_wait_timeout_s(config.limits.max_wait_ms / 1000)
         self._notices_name = config.notices
+        # The listener's handle on the fan-out actor, shared so that a webhook never waits on a
+        # GCS lookup in the replica's event loop (None until found, or after the actor is lost).
+        self._fanout: Any = None
         self._stopping = threading.Event()
         if self.follower.follows:
             threading.Thread(target=self._listen, name="heimdall-notices", daemon=True).start()
@@ -132,15 +137,14 @@ class Replica:
         return self.follower.current
 
     async def infer(self, features: np.ndarray) -> Inferred:
-        served = self.follower.current  # taken once: the whole request runs on this model
-        if served is None:
-            raise HeimdallError("no verified model is loaded yet; retry when ready")
+        return await infer_pinned(self.follower.current, features, self._run_chunks)
+
+    async def _run_chunks(self, served: Served, features: np.ndarray) -> Outputs:
+        """``features`` through ``serve.batch``, at most ``max_batch`` samples an item."""
         step = self.limits.max_batch
         chunks = [features[i : i + step] for i in range(0, len(features), step)]
         parts = await asyncio.gather(*(self._run_batch((served, chunk)) for chunk in chunks))
-        positions = np.concatenate([p for p, _ in parts])
-        uncertainties = np.concatenate([u for _, u in parts])
-        return Inferred(served, positions, uncertainties)
+        return np.concatenate([p for p, _ in parts]), np.concatenate([u for _, u in parts])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_samples)
     async def _run_batch(
@@ -174,9 +178,12 @@ class Replica:
         if (name, alias) != (self.follower.name, self.follower.alias):
             return
         self.follower.notify()
+        fanout = self._fanout
+        if fanout is None:  # not found yet: polling still reaches the other replicas
+            return
         try:
-            _notices(self._notices_name).bump.remote()
-        except Exception as exc:  # polling still reaches the other replicas
+            fanout.bump.remote()  # submitted, not awaited
+        except Exception as exc:
             log.warning("serving.ray_fanout_failed", error=str(exc))
 
     def _listen(self) -> None:
@@ -184,9 +191,12 @@ class Replica:
         seen: int | None = None
         while not self._stopping.is_set():
             try:
-                handle = _notices(self._notices_name)
-                count = ray.get(handle.wait.remote(seen, NOTICE_WAIT_S), timeout=NOTICE_WAIT_S + 10)
+                if self._fanout is None:
+                    self._fanout = _notices(self._notices_name)
+                wait = self._fanout.wait.remote(seen, NOTICE_WAIT_S)
+                count = ray.get(wait, timeout=NOTICE_WAIT_S + 10)
             except Exception:  # the actor's node went away: make it again after a pause
+                self._fanout = None
                 self._stopping.wait(1.0)
                 continue
             if seen is not None and count != seen:
@@ -209,7 +219,6 @@ def application(
     name: str = APP_NAME,
 ) -> Any:
     """The bound Serve application (``serve.run`` it, or return it from a builder)."""
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     config = ReplicaConfig(
         uri=uri,
         # Replicas run elsewhere: a relative data dir must mean the same folder there.
@@ -217,15 +226,25 @@ def application(
         limits=limits,
         poll_interval_s=poll_interval_s,
         providers=tuple(providers) if providers else None,
-        webhook_secret=secret,
+        webhook_secret=settings.webhook_secret,
         notices=f"heimdall-notices-{name}",
     )
-    return Replica.options(  # type: ignore[attr-defined]
-        num_replicas=replicas,
-        # Beyond these, Serve answers 503 itself: the queue stays bounded as on one machine.
-        max_ongoing_requests=max(2 * limits.max_batch, 8),
-        max_queued_requests=limits.max_queue_samples,
-    ).bind(config)
+    options = deployment_options(replicas, limits)
+    return Replica.options(**options).bind(config)  # type: ignore[attr-defined]
+
+
+def deployment_options(replicas: int, limits: Limits) -> dict[str, int]:
+    """Serve's bounds for ``limits``: beyond them Serve answers 503 itself.
+
+    Serve counts queued requests, not samples: the queue holds as many requests of the
+    largest size as ``max_queue_samples`` allows (at least one), so its memory stays bounded
+    as on one machine.
+    """
+    return {
+        "num_replicas": replicas,
+        "max_ongoing_requests": max(2 * limits.max_batch, 8),
+        "max_queued_requests": max(1, limits.max_queue_samples // limits.max_request_samples),
+    }
 
 
 def app_builder(args: dict[str, str]) -> Any:
@@ -262,11 +281,14 @@ def serve_on_ray(
     providers: Sequence[str] | None,
     address: str | None = None,
     on_ready: Callable[[Ready], None] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> None:
     """Run the app on Ray Serve until SIGINT or SIGTERM, then delete it from the cluster.
 
     ``address`` None lets Ray choose: ``RAY_ADDRESS`` when set, else a new local Ray.
-    ``on_ready`` hears what one replica serves once every replica has loaded its model.
+    ``on_ready`` hears what one replica serves once every replica has loaded its model;
+    replicas not all running within ``start_timeout_s`` (more than the nodes, say: one replica
+    per node) end it with one HeimdallError, the app deleted.
     """
     stop = threading.Event()
     started_here = not ray.is_initialized()
@@ -290,12 +312,7 @@ def serve_on_ray(
             limits=limits,
             providers=providers,
         )
-        try:
-            handle = serve.run(app, name=APP_NAME, route_prefix="/")
-        except RuntimeError as exc:
-            raise HeimdallError(
-                f"Ray Serve could not start {redact_uri(uri)}: {' '.join(str(exc).split())[:400]}"
-            ) from None
+        handle = _start(app, redact_uri(uri), replicas, start_timeout_s)
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         served = handle.describe.remote().result(timeout_s=60)
         report = Ready(**served, url=url)
@@ -308,6 +325,57 @@ def serve_on_ray(
         _shut_down(started_here)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start(app: Any, uri: str, replicas: int, timeout_s: float) -> Any:
+    """Deploy ``app``; its handle once every replica runs, within ``timeout_s``.
+
+    ``serve.run`` would wait without end for a replica that can never be placed.
+    """
+    target = serve.RunTarget(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run_many([target], wait_for_applications_running=False)
+    except RuntimeError as exc:
+        raise HeimdallError(f"Ray Serve could not start {uri}: {_one_line(exc)}") from None
+
+    def running() -> bool | None:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise HeimdallError(f"Ray Serve could not start {uri}: {_one_line(status.message)}")
+        return True if status is not None and status.status == "RUNNING" else None
+
+    def late() -> HeimdallError:
+        return HeimdallError(
+            f"Ray Serve did not start {replicas} replicas of {uri} within {timeout_s:.0f} s: "
+            f"{_placement()}"
+        )
+
+    wait_for(running, deadline_s=timeout_s, timeout=late, backoff=Backoff(0.2, 2.0))
+    return serve.get_app_handle(APP_NAME)
+
+
+def _placement() -> str:
+    """Why replicas are pending, as far as Serve and Ray tell."""
+    try:
+        status = serve.status().applications[APP_NAME]
+        states = {
+            str(k.value if hasattr(k, "value") else k): n
+            for d in status.deployments.values()
+            for k, n in d.replica_states.items()
+        }
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    except Exception as exc:  # the cluster itself is in trouble: say so
+        return f"the cluster did not answer ({_one_line(exc)[:200]})"
+    running = states.pop("RUNNING", 0)
+    others = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
+    return (
+        f"{running} running, {others or 'none pending'}; replicas go one per node and "
+        f"{nodes} node(s) are alive, each needing a free CPU. Add nodes or lower --replicas."
+    )
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())[:400]
 
 
 def _shut_down(started_here: bool) -> None:
