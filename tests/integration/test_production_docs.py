@@ -23,7 +23,7 @@ from tests.integration.test_registry import Export, atto, register  # noqa: F401
 pytestmark = pytest.mark.integration
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = ("## Production: MinIO, PostgreSQL and `mlflow server`\n", "\n## Reliability")
+SECTION = "## Production: MinIO, PostgreSQL and `mlflow server`\n"  # up to the next "## "
 BLOCK = re.compile(r"^```bash\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 EXPORT = re.compile(r"^export (\w+)=(\S+)", re.MULTILINE)
 WEBHOOK = {
@@ -48,7 +48,8 @@ PREFLIGHT = (
 def production_blocks() -> dict[str, dict[str, str]]:
     """Each block's exports, by the party its command names: mlflow, heimdall, client."""
     text = README.read_text()
-    section = text[text.index(SECTION[0]) : text.index(SECTION[1])]
+    start = text.index(SECTION)
+    section = text[start : text.index("\n## ", start)]
     parties: dict[str, dict[str, str]] = {}
     for code in BLOCK.findall(section):
         party = (
