@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.process import ManagedProcess  # noqa: E402
 from tests.fixtures.ray_cluster import SERVE_PORT, RayCluster, make_cluster, read_load  # noqa: E402
+from tests.fixtures.registered import publish_random  # noqa: E402
 
 HEIMDALL = str(Path(sys.executable).parent / "heimdall")
 URL = f"http://127.0.0.1:{SERVE_PORT}"
@@ -56,31 +57,15 @@ class Point:
 
 
 def publish(workdir: Path, backbone: str) -> tuple[dict[str, str], str]:
-    """Register a random-weights model; its environment and ``models:/NAME@production``."""
-    import torch
-
+    """Register a random-weights model; its environment and ``models:/NAME@staging``."""
     from heimdall.config import Settings
-    from heimdall.export import export_to_onnx
-    from heimdall.model import LocalizationNet, ModelConfig
-    from heimdall.registry import register_model, set_alias
-    from heimdall.storage import open_store, upload_model
-    from heimdall.validate import validate_onnx_model
+    from heimdall.registry import set_alias
+    from heimdall.storage import open_store
 
     settings = Settings(data_dir=workdir / "data", tracking_uri=None)
     store = open_store(settings)
-    torch.manual_seed(0)
-    path = workdir / f"{backbone}.onnx"
-    export_to_onnx(LocalizationNet(ModelConfig(backbone=backbone)).eval(), path)
-    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
     name = f"ray-scale-{os.urandom(3).hex()}"
-    version = register_model(
-        uploaded.uri,
-        name=name,
-        metadata={"parity": {"passed": True}},
-        settings=settings,
-        store=store,
-        validator=validate_onnx_model,
-    ).version.version
+    version = publish_random(workdir, name, settings, store, seed=0, backbone=backbone)
     set_alias(name, version, "staging", settings=settings, store=store)
     return {"HEIMDALL_DATA_DIR": str(settings.data_dir)}, f"models:/{name}@staging"
 

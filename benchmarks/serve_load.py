@@ -35,11 +35,14 @@ import requests
 
 if TYPE_CHECKING:
     from heimdall.config import Settings
-    from heimdall.objects import ObjectStore
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the servers and the registration come from tests/fixtures
+
+from tests.fixtures.registered import publish  # noqa: E402
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 WEBHOOK_SECRET = "serve-load-webhook-secret"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- clients (also used by tests/integration/test_serve.py) ----------------------------------
@@ -181,27 +184,6 @@ def load(send: Callable[[requests.Session], Answer], clients: int) -> Iterator[C
 
 
 # --- the models and the servers ----------------------------------------------------------------
-
-
-def publish(path: Path, name: str, settings: Settings, store: ObjectStore) -> str:
-    """Upload and register an ONNX file as a verified version; its version number.
-
-    The parity record stands in for ``heimdall publish``'s verification (random weights, so the
-    quality gates would refuse the alias; only the integrity gates apply to ``set_alias``).
-    """
-    from heimdall.registry import register_model
-    from heimdall.storage import upload_model
-    from heimdall.validate import validate_onnx_model
-
-    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
-    return register_model(
-        uploaded.uri,
-        name=name,
-        metadata={"parity": {"passed": True}},
-        settings=settings,
-        store=store,
-        validator=validate_onnx_model,
-    ).version.version
 
 
 def build_models(workdir: Path, backbone: str, calibration: int) -> dict[str, Path]:
@@ -505,7 +487,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(argv)
-    sys.path.insert(0, str(ROOT))  # the servers come from tests/fixtures, as bench_upload's do
     from heimdall.storage import open_store
 
     load_start = os.getloadavg()[0]

@@ -11,15 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from heimdall.data import generate
-from heimdall.export import export_to_onnx
-from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.registry import register_model, set_alias
-from heimdall.storage import upload_model
-from heimdall.validate import validate_onnx_model
+from heimdall.registry import set_alias
 from tests.fixtures.mlflow_server import MlflowBackend
+from tests.fixtures.registered import publish_random
 
 pytestmark = pytest.mark.integration
 
@@ -41,21 +37,10 @@ app()
 @pytest.fixture(scope="module")
 def published(embedded_mlflow: MlflowBackend, tmp_path_factory: pytest.TempPathFactory) -> str:
     """``models:/NAME@staging`` of an atto export registered on the embedded store."""
-    torch.manual_seed(11)
-    path = tmp_path_factory.mktemp("serving") / "atto.onnx"
-    export_to_onnx(LocalizationNet(ModelConfig(backbone="atto")).eval(), path)
     settings, store = embedded_mlflow.settings(), embedded_mlflow.store()
-    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
-    name = f"serving-{os.urandom(3).hex()}"
-    version = register_model(
-        uploaded.uri,
-        name=name,
-        metadata={"parity": {"passed": True}},
-        settings=settings,
-        store=store,
-        validator=validate_onnx_model,
-    ).version
-    set_alias(name, version.version, "staging", settings=settings, store=store)
+    name, folder = f"serving-{os.urandom(3).hex()}", tmp_path_factory.mktemp("serving")
+    version = publish_random(folder, name, settings, store, seed=11)
+    set_alias(name, version, "staging", settings=settings, store=store)
     return f"models:/{name}@staging"
 
 

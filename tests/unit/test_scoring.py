@@ -13,19 +13,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import InputError, StorageError
-from heimdall.export import ExportResult, export_to_onnx
+from heimdall.export import ExportResult
 from heimdall.inference import LocalizationModel
-from heimdall.model import LocalizationNet, ModelConfig
-from heimdall.registry import register_model, resolve_model_uri, set_alias
+from heimdall.registry import resolve_model_uri, set_alias
 from heimdall.scoring import FEATURES_COLUMN, OUTPUT_SCHEMA, score
-from heimdall.storage import upload_model
-from heimdall.validate import validate_onnx_model
 from tests.fixtures.mlflow_server import MlflowBackend
+from tests.fixtures.registered import publish_random
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +214,8 @@ def test_one_job_scores_with_the_version_the_alias_named_when_it_started(
 ) -> None:
     settings = embedded_mlflow.settings()
     name = f"scoring-{os.urandom(3).hex()}"
-    versions = [register(settings, embedded_mlflow, name, seed, tmp_path) for seed in (1, 2)]
+    store = embedded_mlflow.store()
+    versions = [publish_random(tmp_path, name, settings, store, seed=s) for s in (1, 2)]
     set_alias(name, versions[0], "staging", settings=settings, store=embedded_mlflow.store())
 
     def move_alias(done: int, total: int, source: str) -> None:
@@ -236,24 +234,6 @@ def test_one_job_scores_with_the_version_the_alias_named_when_it_started(
     assert result.model_version == versions[0]
     assert set(table.column("model_version").to_pylist()) == {versions[0]}
     assert set(table.column("sha256").to_pylist()) == {result.sha256}
-
-
-def register(
-    settings: Settings, backend: MlflowBackend, name: str, seed: int, tmp_path: Path
-) -> str:
-    torch.manual_seed(seed)
-    path = tmp_path / f"atto-{seed}.onnx"
-    export_to_onnx(LocalizationNet(ModelConfig(backbone="atto")).eval(), path)
-    store = backend.store()
-    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
-    return register_model(
-        uploaded.uri,
-        name=name,
-        metadata={"parity": {"passed": True}},
-        settings=settings,
-        store=store,
-        validator=validate_onnx_model,
-    ).version.version
 
 
 def dead_pid() -> int:
@@ -285,7 +265,9 @@ def test_a_write_failing_midway_is_one_storage_error_and_leaves_nothing(
     folder.mkdir()
 
     def remove_the_folder(done: int, total: int, source: str) -> None:
-        shutil.rmtree(folder, ignore_errors=True)  # the temporary file stays open; the rename then fails
+        shutil.rmtree(
+            folder, ignore_errors=True
+        )  # the temporary file stays open; the rename then fails
 
     with pytest.raises(StorageError, match="could not write") as caught:
         score(
