@@ -13,16 +13,18 @@ from heimdall.serving.backend import Limits
 
 
 def test_the_queue_bound_counts_requests_of_the_largest_size_not_samples() -> None:
-    limits = Limits(max_request_samples=256, max_batch=32, max_queue_samples=1024)
+    limits = Limits(max_request_samples=256, max_batch=32, max_queue_samples=65536)
     options = serving_ray.deployment_options(replicas=2, limits=limits)
-    # Serve counts queued requests: 1024 samples are 4 requests of 256 samples.
-    assert options["max_queued_requests"] == 4
+    # Serve counts queued requests: 65536 samples are 256 requests of 256 samples.
+    assert options["max_queued_requests"] == 256
     assert options["num_replicas"] == 2 and options["max_ongoing_requests"] == 64
 
 
-def test_a_queue_smaller_than_one_request_still_queues_one() -> None:
-    limits = Limits(max_request_samples=1024, max_batch=32, max_queue_samples=100)
-    assert serving_ray.deployment_options(replicas=1, limits=limits)["max_queued_requests"] == 1
+def test_the_queue_holds_at_least_the_requests_a_replica_takes_at_once() -> None:
+    # Requests count as queued while Serve picks a replica: a queue of 1 refuses concurrent ones.
+    limits = Limits(max_request_samples=1024, max_batch=32, max_queue_samples=1024)
+    options = serving_ray.deployment_options(replicas=1, limits=limits)
+    assert options["max_queued_requests"] == options["max_ongoing_requests"] == 64
 
 
 @dataclass

@@ -236,14 +236,16 @@ def application(
 def deployment_options(replicas: int, limits: Limits) -> dict[str, int]:
     """Serve's bounds for ``limits``: beyond them Serve answers 503 itself.
 
-    Serve counts queued requests, not samples: the queue holds as many requests of the
-    largest size as ``max_queue_samples`` allows (at least one), so its memory stays bounded
-    as on one machine.
+    Serve counts queued requests, not samples, and its proxy holds each queued body: the queue
+    holds as many requests of the largest size as ``max_queue_samples`` allows. It never holds
+    fewer than ``max_ongoing_requests``, though: Serve counts a request as queued while its
+    replica is being picked, so a queue of one answered 503 to a webhook under 8 clients.
     """
+    ongoing = max(2 * limits.max_batch, 8)
     return {
         "num_replicas": replicas,
-        "max_ongoing_requests": max(2 * limits.max_batch, 8),
-        "max_queued_requests": max(1, limits.max_queue_samples // limits.max_request_samples),
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": max(ongoing, limits.max_queue_samples // limits.max_request_samples),
     }
 
 
