@@ -27,7 +27,7 @@ import requests
 import torch
 from mlflow import MlflowClient
 
-from benchmarks.serve_load import ClosedLoop, heimdall_sender, load, publish
+from benchmarks.serve_load import ClosedLoop, heimdall_sender, load
 from heimdall.data import generate
 from heimdall.export import export_to_onnx
 from heimdall.inference import LocalizationModel
@@ -35,6 +35,7 @@ from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.registry import rollback, set_alias
 from tests.fixtures.mlflow_server import MlflowBackend
 from tests.fixtures.process import ManagedProcess, free_port, http_ok
+from tests.fixtures.registered import publish
 from tests.unit.test_serving_follower import tamper, variant
 
 pytestmark = pytest.mark.integration

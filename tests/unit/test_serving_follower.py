@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 from onnx import numpy_helper
 from structlog.testing import capture_logs
 
-from benchmarks.serve_load import publish
 from heimdall.config import Settings
 from heimdall.data import generate
 from heimdall.errors import HeimdallError
@@ -28,6 +27,7 @@ from heimdall.serving import follower as follower_module
 from heimdall.serving.backend import Served
 from heimdall.serving.follower import Follower
 from heimdall.storage import open_store
+from tests.fixtures.registered import publish
 
 ALIAS = "live"
 
