@@ -23,8 +23,7 @@ from heimdall.export import export_to_onnx
 from heimdall.inference import evaluate_heldout
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.pipeline import publish
-from heimdall.storage import upload_model
-from heimdall.validate import validate_onnx_model
+from tests.fixtures import registered
 from tests.fixtures.mlflow_server import MlflowBackend
 
 pytestmark = pytest.mark.integration
@@ -62,16 +61,7 @@ def settings_for(backend: MlflowBackend, fraction: float = 0.5) -> Settings:
 
 
 def register(backend: MlflowBackend, settings: Settings, path: Path, name: str) -> str:
-    store = backend.store()
-    uploaded = upload_model(path, store, settings.bucket, create_bucket=True)
-    return registry.register_model(
-        uploaded.uri,
-        name=name,
-        metadata={"parity": {"passed": True}},
-        settings=settings,
-        store=store,
-        validator=validate_onnx_model,
-    ).version.version
+    return registered.publish(path, name, settings, backend.store())
 
 
 def served(settings: Settings) -> gates.Evaluator:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -13,15 +12,10 @@ from heimdall.config import Settings
 from heimdall.errors import ConfigError, RegistryError, StorageError
 from heimdall.preflight import check_pairing, check_server, preflight
 from heimdall.storage import open_store
+from tests.fixtures.process import free_port
 
 DEADLINE_S = 6.0
 MARGIN_S = 10.0  # a correctness bound on a loaded 2-core machine, not a benchmark
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def settings(tmp_path: Path, **values: object) -> Settings:

@@ -18,6 +18,7 @@ from heimdall.config import Settings
 from heimdall.errors import InputError, StorageError
 from heimdall.export import ExportResult
 from heimdall.storage import MiB, S3Store, open_store, upload_model
+from tests.fixtures.process import free_port
 
 DEADLINE_S = 5.0
 # A correctness bound, not a benchmark: the old client waited 3 x 60 s.
@@ -230,12 +231,6 @@ def test_an_s3_error_hides_a_secret_key_of_any_length() -> None:
 
     message = str(store._translate("upload", failure))
     assert "refused" in message and "k3y" not in message
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_a_refused_s3_connection_says_nothing_listens_there_within_the_deadline() -> None:
